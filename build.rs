@@ -1,0 +1,26 @@
+//! Makes the `probunet` binary (and the test binaries) run without `LD_LIBRARY_PATH`
+//! and find CUDA on a GPU machine.
+//!
+//! torch-sys links `libtorch_cuda`, but rustc passes `--as-needed` to the linker and no
+//! symbol of ours references that library directly, so it is dropped and libtorch then
+//! reports no CUDA device. We re-add it between `--no-as-needed` / `--as-needed`, and set
+//! an rpath to the libtorch `lib/` folder that torch-sys built against.
+use std::env;
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    let Some(lib) = env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
+        panic!(
+            "torch-sys did not report its libtorch folder; build through `scripts/setup.sh` and \
+             `source scripts/env.sh` (or run scripts/test.sh)"
+        );
+    };
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    let cuda = lib.join("libtorch_cuda.so");
+    if cuda.exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg={}", cuda.display());
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+}

@@ -1,0 +1,138 @@
+//! Convolutions with the seed's initialisers.
+//!
+//! tch's `nn::conv2d` draws its own initial values; the Probabilistic U-Net needs three
+//! specific schemes (Kaiming-normal weights with tiny truncated-normal biases, a unit-normal
+//! bias on the latent head, orthogonal 1x1 weights in fcomb), so the layers here create
+//! their variables through the `Path` with exactly those values.
+use tch::nn::{self, Init};
+use tch::Tensor;
+
+/// How a convolution's weight and bias are initialised (spec/model.md, "Initialisation").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvInit {
+    /// U-Net and encoder convs: Kaiming normal (fan-in, ReLU gain), bias truncated normal std 0.001.
+    KaimingTruncated,
+    /// The 1x1 mu/log-sigma head: Kaiming normal weights, bias plain normal std 1.
+    KaimingUnitBias,
+    /// Fcomb: orthogonal weights (gain 1), bias truncated normal std 0.001.
+    OrthogonalTruncated,
+}
+
+/// Standard deviation of the seed's truncated-normal biases.
+const BIAS_STD: f64 = 0.001;
+
+/// A 2-D convolution with "same" padding (odd kernel, stride 1).
+#[derive(Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    padding: i64,
+}
+
+impl Conv2d {
+    pub fn new(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, init: ConvInit) -> Self {
+        let dims = [c_out, c_in, kernel, kernel];
+        let weight = match init {
+            ConvInit::KaimingTruncated | ConvInit::KaimingUnitBias => {
+                p.var("weight", &dims, nn::init::DEFAULT_KAIMING_NORMAL)
+            }
+            ConvInit::OrthogonalTruncated => {
+                // tch's orthogonal init returns the flattened [out, in*k*k] matrix.
+                let flat = nn::init::init(
+                    Init::Orthogonal { gain: 1.0 },
+                    &[c_out, c_in * kernel * kernel],
+                    p.device(),
+                );
+                p.var_copy("weight", &flat.view(dims))
+            }
+        };
+        let bias = match init {
+            ConvInit::KaimingUnitBias => p.var(
+                "bias",
+                &[c_out],
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            ),
+            ConvInit::KaimingTruncated | ConvInit::OrthogonalTruncated => {
+                let bias = p.zeros("bias", &[c_out]);
+                tch::no_grad(|| truncated_normal_(&bias, BIAS_STD));
+                bias
+            }
+        };
+        Self {
+            weight,
+            bias,
+            padding: kernel / 2,
+        }
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.conv2d(
+            &self.weight,
+            Some(&self.bias),
+            [1, 1],
+            [self.padding, self.padding],
+            [1, 1],
+            1,
+        )
+    }
+
+    /// The weight and bias, in that order (for the l2 term and parameter counts).
+    pub fn parameters(&self) -> [&Tensor; 2] {
+        [&self.weight, &self.bias]
+    }
+}
+
+/// Fills `t` in place with a normal(0, std) truncated at two standard deviations, by
+/// inverse-CDF sampling as `torch.nn.init.trunc_normal_` does (no rejection loop).
+pub fn truncated_normal_(t: &Tensor, std: f64) {
+    // erf(2 / sqrt 2): the truncation point in the uniform domain of erfinv.
+    let edge = Tensor::from(std::f64::consts::SQRT_2)
+        .erf()
+        .double_value(&[]);
+    let mut t = t.shallow_clone();
+    let _ = t.uniform_(-edge, edge);
+    let _ = t.erfinv_();
+    let _ = t.g_mul_scalar_(std * std::f64::consts::SQRT_2);
+    let _ = t.clamp_(-2.0 * std, 2.0 * std);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn truncated_normal_stays_within_two_std_with_the_truncated_spread() {
+        tch::manual_seed(1);
+        let t = Tensor::zeros([200_000], (Kind::Float, Device::Cpu));
+        truncated_normal_(&t, 0.001);
+        assert!(t.abs().max().double_value(&[]) <= 0.002);
+        // A normal truncated at +-2 sigma has std 0.8796 sigma.
+        let std = t.std(true).double_value(&[]);
+        assert!((std / 0.001 - 0.8796).abs() < 0.01, "std {std}");
+    }
+
+    #[test]
+    fn initialisers_follow_the_seed() {
+        tch::manual_seed(2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let kaiming = Conv2d::new(vs.root() / "k", 64, 128, 3, ConvInit::KaimingTruncated);
+        let expected = (2.0f64 / (64.0 * 9.0)).sqrt();
+        let std = kaiming.weight.std(true).double_value(&[]);
+        assert!(
+            (std / expected - 1.0).abs() < 0.02,
+            "kaiming std {std} vs {expected}"
+        );
+        let head = Conv2d::new(vs.root() / "h", 8, 4096, 1, ConvInit::KaimingUnitBias);
+        let std = head.bias.std(true).double_value(&[]);
+        assert!((std - 1.0).abs() < 0.05, "head bias std {std}");
+        let ortho = Conv2d::new(vs.root() / "o", 34, 32, 1, ConvInit::OrthogonalTruncated);
+        let w = ortho.weight.view([32, 34]);
+        let gram = w.matmul(&w.tr());
+        let identity = Tensor::eye(32, (Kind::Float, Device::Cpu));
+        assert!((gram - identity).abs().max().double_value(&[]) < 1e-5);
+    }
+}

@@ -1,0 +1,389 @@
+//! The whole model: U-Net, prior, posterior and fcomb, the ELBO and prior sampling.
+use super::fcomb::Fcomb;
+use super::gaussian::{AxisAlignedConvGaussian, DiagonalGaussian};
+use super::unet::UNet;
+use super::{ModelConfig, ModelError, Reduction};
+use tch::{nn, Kind, Tensor};
+
+#[derive(Debug)]
+pub struct ProbUNet {
+    config: ModelConfig,
+    pub unet: UNet,
+    pub prior: AxisAlignedConvGaussian,
+    pub posterior: AxisAlignedConvGaussian,
+    pub fcomb: Fcomb,
+}
+
+/// Every term of one ELBO evaluation. The scalars stay on the device (no host sync); the
+/// training loop reads them when it logs.
+#[derive(Debug)]
+pub struct ElboTerms {
+    /// `-elbo + l2_weight * reg`: what the optimiser minimises.
+    pub loss: Tensor,
+    /// `-(reconstruction + beta * kl)`.
+    pub elbo: Tensor,
+    /// KL(posterior || prior), summed over latent dims, averaged over the batch.
+    pub kl: Tensor,
+    /// BCE-with-logits of the reconstruction, reduced as the config says.
+    pub reconstruction: Tensor,
+    /// Sum of the L2 norms of the prior, posterior and fcomb hidden parameters.
+    pub reg: Tensor,
+    pub prior: DiagonalGaussian,
+    pub posterior: DiagonalGaussian,
+    /// `[B, classes, H, W]` logits of the reconstruction.
+    pub logits: Tensor,
+}
+
+/// Trainable parameter counts per part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParameterCounts {
+    pub unet: i64,
+    pub prior: i64,
+    pub posterior: i64,
+    pub fcomb: i64,
+}
+
+impl ParameterCounts {
+    pub fn total(&self) -> i64 {
+        self.unet + self.prior + self.posterior + self.fcomb
+    }
+}
+
+fn numel<'a>(params: impl Iterator<Item = &'a Tensor>) -> i64 {
+    params.map(|t| t.numel() as i64).sum()
+}
+
+impl ProbUNet {
+    /// Builds the model under `p` (variables named `unet.*`, `prior.*`, `posterior.*`,
+    /// `fcomb.*`, the names the PyTorch parity script uses).
+    pub fn new(p: &nn::Path, config: ModelConfig) -> Result<Self, ModelError> {
+        config.validate()?;
+        let c = &config;
+        let unet = UNet::new(p / "unet", c.input_channels, &c.filters);
+        let prior = AxisAlignedConvGaussian::new(
+            p / "prior",
+            c.input_channels,
+            &c.filters,
+            c.latent_dim,
+            c.log_sigma_clamp,
+        );
+        let posterior = AxisAlignedConvGaussian::new(
+            p / "posterior",
+            c.input_channels + c.num_classes,
+            &c.filters,
+            c.latent_dim,
+            c.log_sigma_clamp,
+        );
+        let fcomb = Fcomb::new(
+            p / "fcomb",
+            c.filters[0],
+            c.latent_dim,
+            c.fcomb_convs,
+            c.num_classes,
+        );
+        Ok(Self {
+            config,
+            unet,
+            prior,
+            posterior,
+            fcomb,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn parameter_counts(&self) -> ParameterCounts {
+        ParameterCounts {
+            unet: numel(self.unet.parameters()),
+            prior: numel(self.prior.parameters()),
+            posterior: numel(self.posterior.parameters()),
+            fcomb: numel(self.fcomb.parameters()),
+        }
+    }
+
+    /// Refuses inputs the layers would mangle: wrong rank or channels, or H and W not
+    /// divisible by 2^(levels-1) (pooling would round and the skips would not line up).
+    pub fn check_image(&self, image: &Tensor) -> Result<(), ModelError> {
+        let size = image.size();
+        let channels = self.config.input_channels;
+        if size.len() != 4 || size[1] != channels {
+            return Err(ModelError::Shape {
+                what: "image",
+                expected: format!("[B, {channels}, H, W]"),
+                got: size,
+            });
+        }
+        let divisor = self.config.size_divisor();
+        if size[2] % divisor != 0 || size[3] % divisor != 0 || size[2] == 0 || size[3] == 0 {
+            return Err(ModelError::InputSize {
+                height: size[2],
+                width: size[3],
+                divisor,
+                levels: self.config.filters.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_mask(&self, image: &Tensor, mask: &Tensor) -> Result<(), ModelError> {
+        let (i, m) = (image.size(), mask.size());
+        if m.len() != 4 || m[0] != i[0] || m[1] != self.config.num_classes || m[2..] != i[2..] {
+            return Err(ModelError::Shape {
+                what: "mask",
+                expected: format!(
+                    "[{}, {}, {}, {}]",
+                    i[0], self.config.num_classes, i[2], i[3]
+                ),
+                got: m,
+            });
+        }
+        Ok(())
+    }
+
+    /// The ELBO with z drawn from the posterior (reparameterised), as in training.
+    pub fn elbo(&self, image: &Tensor, mask: &Tensor) -> Result<ElboTerms, ModelError> {
+        self.elbo_terms(image, mask, None)
+    }
+
+    /// The ELBO at a given latent `z` (`[B, latent_dim]`): deterministic, for parity checks.
+    pub fn elbo_at(
+        &self,
+        image: &Tensor,
+        mask: &Tensor,
+        z: &Tensor,
+    ) -> Result<ElboTerms, ModelError> {
+        self.elbo_terms(image, mask, Some(z))
+    }
+
+    fn elbo_terms(
+        &self,
+        image: &Tensor,
+        mask: &Tensor,
+        z: Option<&Tensor>,
+    ) -> Result<ElboTerms, ModelError> {
+        self.check_image(image)?;
+        self.check_mask(image, mask)?;
+        let prior = self.prior.forward(image);
+        let posterior = self.posterior.forward(&Tensor::cat(&[image, mask], 1));
+        let features = self.unet.forward(image);
+        let z = match z {
+            Some(z) => z.shallow_clone(),
+            None => posterior.rsample(),
+        };
+        let logits = self.fcomb.forward(&features, &z);
+        let bce = logits.binary_cross_entropy_with_logits::<Tensor>(
+            mask,
+            None,
+            None,
+            tch::Reduction::None,
+        );
+        let reconstruction = match self.config.reconstruction {
+            Reduction::Sum => bce.sum(Kind::Float),
+            Reduction::BatchMean => bce
+                .sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float)
+                .mean(Kind::Float),
+        };
+        let kl = posterior.kl(&prior).mean(Kind::Float);
+        let elbo = -(&reconstruction + self.config.beta * &kl);
+        let reg = self.reg();
+        let loss = -&elbo + self.config.l2_weight * &reg;
+        Ok(ElboTerms {
+            loss,
+            elbo,
+            kl,
+            reconstruction,
+            reg,
+            prior,
+            posterior,
+            logits,
+        })
+    }
+
+    /// Sum of the (unsquared) L2 norms of every parameter of the posterior, the prior and
+    /// fcomb's hidden layers, as the seed's `l2_regularisation` calls.
+    pub fn reg(&self) -> Tensor {
+        let norms: Vec<Tensor> = self
+            .posterior
+            .parameters()
+            .chain(self.prior.parameters())
+            .chain(self.fcomb.hidden_parameters())
+            .map(|t| t.norm())
+            .collect();
+        Tensor::stack(&norms, 0).sum(Kind::Float)
+    }
+
+    /// Logits `[B, n, classes, H, W]` of `n` prior samples per image: prior and U-Net run
+    /// once per image, fcomb once per sample.
+    pub fn sample(&self, image: &Tensor, n: i64) -> Result<Tensor, ModelError> {
+        self.check_image(image)?;
+        let prior = self.prior.forward(image);
+        let features = self.unet.forward(image);
+        Ok(self.fcomb.forward_samples(&features, &prior.rsample_n(n)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn::OptimizerConfig;
+    use tch::Device;
+
+    fn build(config: ModelConfig) -> (nn::VarStore, ProbUNet) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = ProbUNet::new(&vs.root(), config).unwrap();
+        (vs, model)
+    }
+
+    fn small() -> ModelConfig {
+        ModelConfig {
+            filters: vec![8, 16, 32],
+            ..ModelConfig::default()
+        }
+    }
+
+    #[test]
+    fn parameter_counts_match_the_seed() {
+        for (latent_dim, prior, posterior, fcomb, total) in [
+            (2, 1_366_276, 1_366_564, 3_265, 4_996_233),
+            (6, 1_367_820, 1_368_108, 3_393, 4_999_449),
+        ] {
+            let (vs, model) = build(ModelConfig {
+                latent_dim,
+                ..ModelConfig::default()
+            });
+            let counts = model.parameter_counts();
+            assert_eq!(
+                counts,
+                ParameterCounts {
+                    unet: 2_260_128,
+                    prior,
+                    posterior,
+                    fcomb
+                }
+            );
+            assert_eq!(counts.total(), total);
+            let stored: i64 = vs
+                .trainable_variables()
+                .iter()
+                .map(|t| t.numel() as i64)
+                .sum();
+            assert_eq!(
+                stored, total,
+                "every parameter is a trainable variable, none twice"
+            );
+        }
+    }
+
+    #[test]
+    fn output_shapes_at_batch_one_and_five() {
+        tch::manual_seed(0);
+        let (_vs, model) = build(ModelConfig::default());
+        for batch in [1, 5] {
+            let image = Tensor::rand([batch, 1, 128, 128], (Kind::Float, Device::Cpu));
+            let mask = image.gt(0.5).to_kind(Kind::Float);
+            let terms = tch::no_grad(|| model.elbo(&image, &mask)).unwrap();
+            assert_eq!(terms.logits.size(), [batch, 1, 128, 128]);
+            assert_eq!(terms.prior.mu.size(), [batch, 2]);
+            assert_eq!(terms.posterior.log_sigma.size(), [batch, 2]);
+            for scalar in [
+                &terms.loss,
+                &terms.elbo,
+                &terms.kl,
+                &terms.reconstruction,
+                &terms.reg,
+            ] {
+                assert_eq!(scalar.size(), Vec::<i64>::new());
+                assert!(scalar.double_value(&[]).is_finite());
+            }
+            let samples = tch::no_grad(|| model.sample(&image, 3)).unwrap();
+            assert_eq!(samples.size(), [batch, 3, 1, 128, 128]);
+        }
+    }
+
+    #[test]
+    fn sizes_not_divisible_by_eight_are_refused() {
+        let (_vs, model) = build(ModelConfig::default());
+        let image = Tensor::zeros([1, 1, 100, 128], (Kind::Float, Device::Cpu));
+        let err = model.sample(&image, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("100x128") && err.contains("divisible by 8"),
+            "{err}"
+        );
+        let err = model.elbo(&image, &image).unwrap_err().to_string();
+        assert!(err.contains("divisible by 8"), "{err}");
+        let flat = Tensor::zeros([1, 128, 128], (Kind::Float, Device::Cpu));
+        let err = model.sample(&flat, 1).unwrap_err().to_string();
+        assert!(err.contains("[B, 1, H, W]"), "{err}");
+    }
+
+    #[test]
+    fn mask_of_another_shape_is_refused() {
+        let (_vs, model) = build(small());
+        let image = Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let mask = Tensor::zeros([2, 1, 16, 32], (Kind::Float, Device::Cpu));
+        let err = model.elbo(&image, &mask).unwrap_err().to_string();
+        assert!(
+            err.contains("mask") && err.contains("[2, 1, 32, 32]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sampling_reuses_features_but_equals_fcomb_per_sample() {
+        tch::manual_seed(4);
+        let (_vs, model) = build(ModelConfig {
+            latent_dim: 3,
+            ..small()
+        });
+        let image = Tensor::rand([2, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let features = model.unet.forward(&image);
+        let z = Tensor::randn([2, 4, 3], (Kind::Float, Device::Cpu));
+        let fast = model.fcomb.forward_samples(&features, &z);
+        for s in 0..4 {
+            let slow = model.fcomb.forward(&features, &z.select(1, s));
+            let diff = (fast.select(1, s) - slow).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "sample {s} differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn reconstruction_reduction_is_a_setting() {
+        tch::manual_seed(5);
+        let image = Tensor::rand([4, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let mask = image.gt(0.5).to_kind(Kind::Float);
+        let z = Tensor::zeros([4, 2], (Kind::Float, Device::Cpu));
+        tch::manual_seed(6);
+        let (_a, sum) = build(small());
+        tch::manual_seed(6);
+        let (_b, mean) = build(ModelConfig {
+            reconstruction: Reduction::BatchMean,
+            ..small()
+        });
+        let sum = tch::no_grad(|| sum.elbo_at(&image, &mask, &z)).unwrap();
+        let mean = tch::no_grad(|| mean.elbo_at(&image, &mask, &z)).unwrap();
+        let ratio = sum.reconstruction.double_value(&[]) / mean.reconstruction.double_value(&[]);
+        assert!(
+            (ratio - 4.0).abs() < 1e-4,
+            "sum over the batch is 4x the batch mean: {ratio}"
+        );
+    }
+
+    #[test]
+    fn loss_halves_in_a_hundred_cpu_steps() {
+        tch::manual_seed(11);
+        let (vs, model) = build(small());
+        let mut opt = nn::Adam::default().build(&vs, 1e-3).unwrap();
+        let image = Tensor::rand([4, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let mask = image.gt(0.5).to_kind(Kind::Float);
+        let mut losses = Vec::new();
+        for _ in 0..100 {
+            let terms = model.elbo(&image, &mask).unwrap();
+            opt.backward_step(&terms.loss);
+            losses.push(terms.loss.double_value(&[]));
+        }
+        let (first, last) = (losses[0], losses[99]);
+        assert!(last <= 0.5 * first, "loss went from {first} to {last}");
+    }
+}

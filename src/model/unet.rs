@@ -1,0 +1,145 @@
+//! The U-Net feature extractor and the encoder (its down path) shared with the prior and
+//! posterior nets.
+use super::layers::{Conv2d, ConvInit};
+use tch::{nn, Tensor};
+
+/// Three 3x3 convolutions with ReLU, after an optional 2x2 average pool.
+#[derive(Debug)]
+struct DownBlock {
+    pool: bool,
+    convs: Vec<Conv2d>,
+}
+
+/// Convolutions per block, as in the seed.
+const CONVS_PER_BLOCK: i64 = 3;
+
+impl DownBlock {
+    fn new(p: nn::Path, c_in: i64, c_out: i64, pool: bool) -> Self {
+        let convs = (0..CONVS_PER_BLOCK)
+            .map(|i| {
+                let c_in = if i == 0 { c_in } else { c_out };
+                Conv2d::new(&p / i, c_in, c_out, 3, ConvInit::KaimingTruncated)
+            })
+            .collect();
+        Self { pool, convs }
+    }
+
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let mut xs = if self.pool {
+            xs.avg_pool2d([2, 2], [2, 2], [0, 0], true, true, None::<i64>)
+        } else {
+            xs.shallow_clone()
+        };
+        for conv in &self.convs {
+            xs = conv.forward(&xs).relu();
+        }
+        xs
+    }
+
+    fn parameters(&self) -> impl Iterator<Item = &Tensor> {
+        self.convs.iter().flat_map(Conv2d::parameters)
+    }
+}
+
+/// The down path: one `DownBlock` per filter count, pooling before every block but the
+/// first. Returns every level's output (the U-Net needs them as skips).
+#[derive(Debug)]
+pub struct Encoder {
+    blocks: Vec<DownBlock>,
+}
+
+impl Encoder {
+    pub fn new(p: nn::Path, input_channels: i64, filters: &[i64]) -> Self {
+        let blocks = filters
+            .iter()
+            .enumerate()
+            .map(|(i, &c_out)| {
+                let c_in = if i == 0 {
+                    input_channels
+                } else {
+                    filters[i - 1]
+                };
+                DownBlock::new(&p / i, c_in, c_out, i != 0)
+            })
+            .collect();
+        Self { blocks }
+    }
+
+    /// Outputs of every level, finest first.
+    pub fn forward_levels(&self, xs: &Tensor) -> Vec<Tensor> {
+        let mut levels: Vec<Tensor> = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let next = block.forward(levels.last().unwrap_or(xs));
+            levels.push(next);
+        }
+        levels
+    }
+
+    /// The coarsest level's output.
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        self.blocks
+            .iter()
+            .fold(xs.shallow_clone(), |xs, block| block.forward(&xs))
+    }
+
+    pub fn parameters(&self) -> impl Iterator<Item = &Tensor> {
+        self.blocks.iter().flat_map(DownBlock::parameters)
+    }
+}
+
+/// Bilinear x2 upsampling (align_corners), concatenation with the skip, then a `DownBlock`
+/// without pooling.
+#[derive(Debug)]
+struct UpBlock {
+    block: DownBlock,
+}
+
+impl UpBlock {
+    fn new(p: nn::Path, c_in: i64, c_out: i64) -> Self {
+        Self {
+            block: DownBlock::new(p, c_in, c_out, false),
+        }
+    }
+
+    fn forward(&self, xs: &Tensor, skip: &Tensor) -> Tensor {
+        let (h, w) = (skip.size()[2], skip.size()[3]);
+        let up = xs.upsample_bilinear2d([h, w], true, None, None);
+        self.block
+            .forward(&Tensor::cat(&[up, skip.shallow_clone()], 1))
+    }
+}
+
+/// The U-Net without its last layer: full-resolution features with `filters[0]` channels.
+#[derive(Debug)]
+pub struct UNet {
+    encoder: Encoder,
+    up: Vec<UpBlock>,
+}
+
+impl UNet {
+    pub fn new(p: nn::Path, input_channels: i64, filters: &[i64]) -> Self {
+        let encoder = Encoder::new(&p / "down", input_channels, filters);
+        let up_path = &p / "up";
+        let up = (0..filters.len().saturating_sub(1))
+            .rev()
+            .enumerate()
+            .map(|(k, i)| UpBlock::new(&up_path / k, filters[i + 1] + filters[i], filters[i]))
+            .collect();
+        Self { encoder, up }
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        let mut levels = self.encoder.forward_levels(xs);
+        let mut out = levels.pop().expect("the encoder has at least one level");
+        for (block, skip) in self.up.iter().zip(levels.iter().rev()) {
+            out = block.forward(&out, skip);
+        }
+        out
+    }
+
+    pub fn parameters(&self) -> impl Iterator<Item = &Tensor> {
+        self.encoder
+            .parameters()
+            .chain(self.up.iter().flat_map(|u| u.block.parameters()))
+    }
+}

@@ -1,0 +1,60 @@
+//! The binary as a user runs it.
+use std::process::{Command, Output};
+
+fn probunet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_probunet"))
+        .args(args)
+        .output()
+        .expect("running probunet")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn help_lists_every_subcommand_with_a_description() {
+    let out = probunet(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for (command, words) in [
+        ("prepare", "LIDC pickle"),
+        ("train", "experiment spec"),
+        ("eval", "GED"),
+        ("sweep", "sweep"),
+        ("doctor", "installation"),
+    ] {
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with(command))
+            .unwrap_or_else(|| panic!("no line for {command} in:\n{help}"));
+        assert!(line.contains(words), "{command}: {line}");
+    }
+}
+
+#[test]
+fn doctor_builds_the_seed_model_and_times_a_step() {
+    let out = probunet(&["doctor", "--device", "cpu", "--steps", "1", "--batch", "1"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("total 4996233 parameters"), "{stdout}");
+    assert!(stdout.contains("ms/step"), "{stdout}");
+}
+
+#[test]
+fn a_missing_cuda_device_is_an_error_not_a_cpu_fallback() {
+    let out = probunet(&["doctor", "--device", "cuda:7", "--steps", "0"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("cuda:7"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = probunet(&["doctor", "--device", "tpu"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("\"tpu\""),
+        "{}",
+        text(&out.stderr)
+    );
+}

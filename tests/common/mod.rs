@@ -1,0 +1,39 @@
+//! Helpers shared by the end-to-end tests.
+#![allow(dead_code)]
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The Python that has torch, numpy and tensorboard: `$PROBUNET_PYTHON`, else the
+/// project's `.venv`. Missing is a failure, not a skip: the README's test command sets it up.
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("PROBUNET_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"));
+    assert!(
+        path.exists(),
+        "no Python environment at {}: run scripts/setup.sh (or set PROBUNET_PYTHON)",
+        path.display()
+    );
+    path
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs a script from `scripts/` with the project's Python and returns its stdout;
+/// a non-zero exit fails the test with the script's stderr.
+pub fn run_script(script: &str, args: &[&std::ffi::OsStr]) -> String {
+    let output = Command::new(python())
+        .arg(repo().join("scripts").join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running scripts/{script}: {e}"));
+    assert!(
+        output.status.success(),
+        "scripts/{script} failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8 output")
+}
