@@ -2,4 +2,5 @@
 //! medical segmentation.
 pub mod device;
 pub mod doctor;
+pub mod metrics;
 pub mod model;

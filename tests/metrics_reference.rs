@@ -1,0 +1,184 @@
+//! Checks `probunet::metrics` against the independent numpy implementation in
+//! `scripts/metrics_reference.py` on seeded random cases, under both IoU conventions.
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use probunet::metrics::{BitMask, EmptyConvention, ImageMetrics, Summary};
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64;
+use serde_json::{json, Value};
+
+const SIDE: usize = 16;
+const M: usize = 4;
+const TOL: f64 = 1e-9;
+
+struct Case {
+    annotations: Vec<Vec<u8>>,
+    samples: Vec<Vec<f32>>,
+}
+
+/// A jittered square around (`cy`, `cx`), or an empty mask with probability 1/4.
+fn blob(rng: &mut Pcg64, cy: usize, cx: usize) -> Vec<bool> {
+    if rng.gen_bool(0.25) {
+        return vec![false; SIDE * SIDE];
+    }
+    let (y0, y1) = (cy - rng.gen_range(1..4), cy + rng.gen_range(1..4));
+    let (x0, x1) = (cx - rng.gen_range(1..4), cx + rng.gen_range(1..4));
+    (0..SIDE * SIDE)
+        .map(|p| (y0..y1).contains(&(p / SIDE)) && (x0..x1).contains(&(p % SIDE)))
+        .collect()
+}
+
+/// Probabilities are multiples of 1/1024, exact in f32, f64 and JSON, so both sides see the
+/// same numbers; 0, 1/2 and 1 occur, which exercises the threshold and the CE clamp.
+fn dyadic(rng: &mut Pcg64, foreground: bool) -> f32 {
+    let k = if foreground {
+        rng.gen_range(480..=1024)
+    } else {
+        rng.gen_range(0..=512)
+    };
+    k as f32 / 1024.0
+}
+
+fn random_case(rng: &mut Pcg64, n: usize) -> Case {
+    let (cy, cx) = (rng.gen_range(4..12), rng.gen_range(4..12));
+    let annotations = (0..M)
+        .map(|_| blob(rng, cy, cx).into_iter().map(u8::from).collect())
+        .collect();
+    let samples = (0..n)
+        .map(|_| {
+            let shape = blob(rng, cy, cx);
+            shape.into_iter().map(|fg| dyadic(rng, fg)).collect()
+        })
+        .collect();
+    Case {
+        annotations,
+        samples,
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let mut rng = Pcg64::seed_from_u64(2018);
+    let mut cases: Vec<Case> = [4, 8]
+        .iter()
+        .flat_map(|&n| (0..6).map(move |_| n))
+        .map(|n| random_case(&mut rng, n))
+        .collect();
+    // Everything empty: NaN under KohlNan, and a constant uncertainty map.
+    cases.push(Case {
+        annotations: vec![vec![0; SIDE * SIDE]; M],
+        samples: vec![vec![0.0; SIDE * SIDE]; 4],
+    });
+    // Samples equal to the annotations, as 0/1 probabilities.
+    let twin = random_case(&mut rng, M);
+    cases.push(Case {
+        samples: twin
+            .annotations
+            .iter()
+            .map(|y| y.iter().map(|&v| f32::from(v)).collect())
+            .collect(),
+        annotations: twin.annotations,
+    });
+    cases
+}
+
+fn run_reference(cases: &[Case]) -> Value {
+    let input = json!({
+        "cases": cases
+            .iter()
+            .map(|c| json!({ "annotations": c.annotations, "samples": c.samples }))
+            .collect::<Vec<_>>(),
+    });
+    let script = common::repo().join("scripts/metrics_reference.py");
+    let python = common::python();
+    let mut child = Command::new(&python)
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+const METRICS: [&str; 5] = ["ged", "hm_iou", "diversity", "ncc", "mean_pred_iou"];
+
+fn value(metrics: &ImageMetrics, metric: &str) -> f64 {
+    match metric {
+        "ged" => metrics.ged,
+        "hm_iou" => metrics.hm_iou,
+        "diversity" => metrics.diversity,
+        "ncc" => metrics.ncc,
+        "mean_pred_iou" => metrics.mean_pred_iou,
+        _ => unreachable!("unknown metric {metric}"),
+    }
+}
+
+/// JSON null stands for NaN.
+fn assert_agrees(what: &str, actual: f64, expected: &Value) {
+    match expected.as_f64() {
+        None => assert!(actual.is_nan(), "{what}: {actual}, reference NaN"),
+        Some(expected) => assert!(
+            (actual - expected).abs() <= TOL,
+            "{what}: {actual}, reference {expected}"
+        ),
+    }
+}
+
+#[test]
+fn metrics_agree_with_numpy_reference() {
+    let cases = cases();
+    let reference = run_reference(&cases);
+    for convention in [EmptyConvention::PhiSeg, EmptyConvention::KohlNan] {
+        let name = convention.as_str();
+        let per_image: Vec<ImageMetrics> = cases
+            .iter()
+            .map(|c| {
+                let annotations: Vec<BitMask> = c
+                    .annotations
+                    .iter()
+                    .map(|y| BitMask::from_pixels(y))
+                    .collect();
+                ImageMetrics::compute(&annotations, &c.samples, convention).unwrap()
+            })
+            .collect();
+        for (i, metrics) in per_image.iter().enumerate() {
+            for metric in METRICS {
+                assert_agrees(
+                    &format!("case {i}, {name}, {metric}"),
+                    value(metrics, metric),
+                    &reference["cases"][i][name][metric],
+                );
+            }
+        }
+        for metric in METRICS {
+            let values: Vec<f64> = per_image.iter().map(|m| value(m, metric)).collect();
+            let summary = Summary::from_values(&values, 200, 0);
+            let expected = &reference["summary"][name][metric];
+            let what = format!("summary, {name}, {metric}");
+            assert_agrees(&format!("{what}, mean"), summary.mean, &expected["mean"]);
+            assert_agrees(&format!("{what}, std"), summary.std, &expected["std"]);
+            assert_eq!(Some(summary.n as u64), expected["n"].as_u64(), "{what}, n");
+            assert_eq!(
+                Some(summary.n_nan as u64),
+                expected["n_nan"].as_u64(),
+                "{what}, n_nan"
+            );
+        }
+    }
+}
