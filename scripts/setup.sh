@@ -18,7 +18,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 
 missing=()
-"$venv/bin/python" - "$torch_version" <<'PY' || missing+=("torch==$torch_version")
+"$venv/bin/python" - "$torch_version" 2>/dev/null <<'PY' || missing+=("torch==$torch_version")
 import sys
 import torch
 sys.exit(0 if torch.__version__.split("+")[0] == sys.argv[1] else 1)
