@@ -4,3 +4,4 @@ pub mod device;
 pub mod doctor;
 pub mod metrics;
 pub mod model;
+pub mod tensorboard;
