@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    record_git_commit();
     let Some(lib) = env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
         panic!(
             "torch-sys did not report its libtorch folder; build through `scripts/setup.sh` and \
@@ -22,5 +23,23 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg={}", cuda.display());
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+}
+
+/// Records the commit being built (run folders note it) when this is a git checkout.
+fn record_git_commit() {
+    for path in [".git/HEAD", ".git/refs/heads", ".git/packed-refs"] {
+        if std::path::Path::new(path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok());
+    if let Some(commit) = commit {
+        println!("cargo:rustc-env=PROBUNET_GIT_COMMIT={}", commit.trim());
     }
 }

@@ -3,8 +3,10 @@ use std::fmt;
 use std::str::FromStr;
 use tch::{Cuda, Device};
 
-/// Where to run, as the user asked for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Where to run, as the user asked for it; written `auto`, `cpu`, `cuda` or `cuda:N` in
+/// specs and on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum DeviceSpec {
     /// The first CUDA device if there is one, else the CPU.
     #[default]
@@ -38,6 +40,20 @@ impl FromStr for DeviceSpec {
     }
 }
 
+impl TryFrom<String> for DeviceSpec {
+    type Error = DeviceError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
+    }
+}
+
 impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -59,6 +75,36 @@ impl DeviceSpec {
             Self::Cuda(n) if n < count => Ok(Device::Cuda(n)),
             Self::Cuda(_) => Err(DeviceError::Unavailable { asked: self, count }),
         }
+    }
+}
+
+/// Arithmetic precision of training and sampling.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Plain float32 everywhere.
+    #[default]
+    Fp32,
+    /// bfloat16 autocast on CUDA (weights and optimiser state stay float32).
+    Bf16,
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        })
     }
 }
 

@@ -1,7 +1,11 @@
 //! probunet: train and evaluate the Probabilistic U-Net (Kohl et al. 2018) on ambiguous
 //! medical segmentation.
+pub mod config;
+pub mod data;
 pub mod device;
 pub mod doctor;
+pub mod eval;
 pub mod metrics;
 pub mod model;
 pub mod tensorboard;
+pub mod train;

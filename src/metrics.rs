@@ -520,6 +520,19 @@ pub struct ImageMetrics {
 }
 
 impl ImageMetrics {
+    /// The scores of an image whose samples are not finite (a diverged model): all NaN,
+    /// which aggregation counts and skips.
+    pub fn not_finite() -> Self {
+        let nan = f64::NAN;
+        Self {
+            ged: nan,
+            hm_iou: nan,
+            diversity: nan,
+            ncc: nan,
+            mean_pred_iou: nan,
+        }
+    }
+
     /// Everything on the CPU; samples are binarised at `p > 0.5`.
     pub fn compute<P: AsRef<[f32]>>(
         annotations: &[BitMask],

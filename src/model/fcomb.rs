@@ -46,7 +46,11 @@ impl Fcomb {
     /// Logits for one latent sample per image: `features` `[B, F, H, W]`, `z` `[B, L]`.
     pub fn forward(&self, features: &Tensor, z: &Tensor) -> Tensor {
         let (h, w) = (features.size()[2], features.size()[3]);
-        let tiled = z.unsqueeze(-1).unsqueeze(-1).expand([-1, -1, h, w], false);
+        let tiled = z
+            .to_kind(features.kind())
+            .unsqueeze(-1)
+            .unsqueeze(-1)
+            .expand([-1, -1, h, w], false);
         let mut xs = Tensor::cat(&[features.shallow_clone(), tiled], 1);
         for conv in &self.hidden {
             xs = conv.forward(&xs).relu();

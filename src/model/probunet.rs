@@ -3,6 +3,7 @@ use super::fcomb::Fcomb;
 use super::gaussian::{AxisAlignedConvGaussian, DiagonalGaussian};
 use super::unet::UNet;
 use super::{ModelConfig, ModelError, Reduction};
+use crate::device::Precision;
 use tch::{nn, Kind, Tensor};
 
 #[derive(Debug)]
@@ -12,6 +13,8 @@ pub struct ProbUNet {
     pub prior: AxisAlignedConvGaussian,
     pub posterior: AxisAlignedConvGaussian,
     pub fcomb: Fcomb,
+    /// The precision of the convolutions; the loss terms are always float32.
+    compute_kind: Kind,
 }
 
 /// Every term of one ELBO evaluation. The scalars stay on the device (no host sync); the
@@ -87,11 +90,34 @@ impl ProbUNet {
             prior,
             posterior,
             fcomb,
+            compute_kind: Kind::Float,
         })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// bf16 runs the convolutions in bfloat16 (autocast-style); fp32 runs everything in float32.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.compute_kind = match precision {
+            Precision::Fp32 => Kind::Float,
+            Precision::Bf16 => Kind::BFloat16,
+        };
+    }
+
+    /// The latent Gaussian of `net` for `input`, with float32 parameters whatever the
+    /// compute precision.
+    fn latent(&self, net: &AxisAlignedConvGaussian, input: &Tensor) -> DiagonalGaussian {
+        let g = net.forward(&input.to_kind(self.compute_kind));
+        DiagonalGaussian {
+            mu: g.mu.to_kind(Kind::Float),
+            log_sigma: g.log_sigma.to_kind(Kind::Float),
+        }
+    }
+
+    fn features(&self, image: &Tensor) -> Tensor {
+        self.unet.forward(&image.to_kind(self.compute_kind))
     }
 
     pub fn parameter_counts(&self) -> ParameterCounts {
@@ -165,14 +191,14 @@ impl ProbUNet {
     ) -> Result<ElboTerms, ModelError> {
         self.check_image(image)?;
         self.check_mask(image, mask)?;
-        let prior = self.prior.forward(image);
-        let posterior = self.posterior.forward(&Tensor::cat(&[image, mask], 1));
-        let features = self.unet.forward(image);
+        let prior = self.latent(&self.prior, image);
+        let posterior = self.latent(&self.posterior, &Tensor::cat(&[image, mask], 1));
+        let features = self.features(image);
         let z = match z {
             Some(z) => z.shallow_clone(),
             None => posterior.rsample(),
         };
-        let logits = self.fcomb.forward(&features, &z);
+        let logits = self.fcomb.forward(&features, &z).to_kind(Kind::Float);
         let bce = logits.binary_cross_entropy_with_logits::<Tensor>(
             mask,
             None,
@@ -218,9 +244,12 @@ impl ProbUNet {
     /// once per image, fcomb once per sample.
     pub fn sample(&self, image: &Tensor, n: i64) -> Result<Tensor, ModelError> {
         self.check_image(image)?;
-        let prior = self.prior.forward(image);
-        let features = self.unet.forward(image);
-        Ok(self.fcomb.forward_samples(&features, &prior.rsample_n(n)))
+        let prior = self.latent(&self.prior, image);
+        let features = self.features(image);
+        Ok(self
+            .fcomb
+            .forward_samples(&features, &prior.rsample_n(n))
+            .to_kind(Kind::Float))
     }
 }
 

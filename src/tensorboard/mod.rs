@@ -209,6 +209,18 @@ impl EventWriter {
         self.write_hparams(SESSION_END_INFO_TAG, HParamsData::SessionEndInfo(info))
     }
 
+    /// Marks a restart at `step` (a run resumed from its checkpoint): TensorBoard then
+    /// discards what the interrupted process logged at this step and after, so no step is
+    /// shown twice.
+    pub fn add_restart(&mut self, step: i64, checkpoint: &str) -> Result<(), TensorboardError> {
+        let log = proto::SessionLog {
+            status: 1,
+            checkpoint_path: checkpoint.to_owned(),
+            msg: String::new(),
+        };
+        self.write_event(step, proto::event::What::SessionLog(log))
+    }
+
     /// Writes buffered events to the file and fsyncs it, so they survive a
     /// crash or power loss after this returns.
     pub fn flush(&mut self) -> Result<(), TensorboardError> {

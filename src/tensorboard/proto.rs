@@ -20,7 +20,7 @@ pub struct Event {
     pub wall_time: f64,
     #[prost(int64, tag = "2")]
     pub step: i64,
-    #[prost(oneof = "event::What", tags = "3, 5")]
+    #[prost(oneof = "event::What", tags = "3, 5, 6")]
     pub what: Option<event::What>,
 }
 
@@ -31,7 +31,22 @@ pub mod event {
         FileVersion(String),
         #[prost(message, tag = "5")]
         Summary(super::Summary),
+        #[prost(message, tag = "6")]
+        SessionLog(super::SessionLog),
     }
+}
+
+/// `tensorflow.SessionLog`: a START at step s tells readers to drop everything an earlier
+/// process logged at steps >= s (the restart after a crash).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SessionLog {
+    /// 1 = START.
+    #[prost(int32, tag = "1")]
+    pub status: i32,
+    #[prost(string, tag = "2")]
+    pub checkpoint_path: String,
+    #[prost(string, tag = "3")]
+    pub msg: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -1,0 +1,38 @@
+//! Data: the LIDC pickle reader, the prepared store, the synthetic dataset, the split and
+//! the training loader.
+pub mod lidc;
+pub mod loader;
+pub mod pickle;
+pub mod prepare;
+pub mod split;
+pub mod store;
+pub mod synthetic;
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {why}", path.display())]
+    Store { path: PathBuf, why: String },
+    #[error("{}: {source}", path.display())]
+    Lidc {
+        path: PathBuf,
+        source: lidc::LidcError,
+    },
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+impl DataError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

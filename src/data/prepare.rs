@@ -1,0 +1,524 @@
+//! `probunet prepare`: an LIDC pickle (or the synthetic generator) into a store.
+use super::lidc::{parse_lidc, LidcItem};
+use super::split::{Split, SplitFractions, SplitName};
+use super::store::SourceFile;
+use super::store::{
+    read_manifest, write_arrays, DtypesSeen, IdealReference, Manifest, Source, Stats, StoreBuilder,
+    StoreShape, FORMAT,
+};
+use super::synthetic::{Synthetic, SyntheticConfig};
+use super::DataError;
+use crate::metrics::EmptyConvention;
+use memmap2::{Mmap, UncheckedAdvice};
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Samples per item for the ideal-model reference (the validation GED uses as many).
+pub const IDEAL_SAMPLES: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct PrepareOptions {
+    /// The store folder to create, e.g. `data/lidc`.
+    pub out: PathBuf,
+    /// Rebuild even if `out` already holds this input's store.
+    pub force: bool,
+    pub split: SplitFractions,
+    pub split_seed: u64,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Prepared(Summary),
+    /// `out` already holds a store of this input with this split; nothing was done.
+    AlreadyPrepared(PathBuf),
+}
+
+/// What prepare reports at the end.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub dir: PathBuf,
+    pub items: usize,
+    pub patients: usize,
+    /// (part, items, patients).
+    pub parts: Vec<(SplitName, usize, usize)>,
+    pub stats: Stats,
+    pub seconds: f64,
+    pub input_bytes: u64,
+    pub ideal: Option<IdealReference>,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "prepared {}", self.dir.display())?;
+        writeln!(f, "  items: {}, patients: {}", self.items, self.patients)?;
+        for (part, items, patients) in &self.parts {
+            writeln!(f, "  {part:>5}: {items} items, {patients} patients")?;
+        }
+        writeln!(
+            f,
+            "  image values: [{}, {}]",
+            self.stats.image_min, self.stats.image_max
+        )?;
+        let empty: Vec<String> = self
+            .stats
+            .empty_mask_fraction
+            .iter()
+            .map(|e| format!("{:.1}%", 100.0 * e))
+            .collect();
+        writeln!(f, "  empty masks per annotator: {}", empty.join(", "))?;
+        if let Some(ideal) = &self.ideal {
+            writeln!(
+                f,
+                "  ideal-model GED ({} samples, {}): val {:.4}, test {:.4}",
+                ideal.samples, ideal.convention, ideal.ged_val, ideal.ged_test
+            )?;
+        }
+        let mb = self.input_bytes as f64 / 1e6;
+        write!(f, "  time: {:.2} s", self.seconds)?;
+        if self.input_bytes > 0 {
+            write!(
+                f,
+                " ({mb:.1} MB read, {:.1} MB/s)",
+                mb / self.seconds.max(1e-9)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `dir` already holds the store that this source and split would make. A folder
+/// holding something else is an error unless `force`: prepare never silently replaces it.
+fn already_prepared(
+    dir: &Path,
+    source: &Source,
+    options: &PrepareOptions,
+) -> Result<bool, DataError> {
+    if !dir.exists() || options.force {
+        return Ok(false);
+    }
+    // The same content is the same input, wherever the file now lies.
+    let content = |s: &Source| match s {
+        Source::Pickle { files } => Source::Pickle {
+            files: files
+                .iter()
+                .map(|f| SourceFile {
+                    path: String::new(),
+                    ..f.clone()
+                })
+                .collect(),
+        },
+        other => other.clone(),
+    };
+    let same = match read_manifest(dir) {
+        Ok(m) => {
+            content(&m.source) == content(source)
+                && m.split.seed == options.split_seed
+                && m.split.fractions == options.split
+        }
+        Err(_) => false,
+    };
+    if same {
+        Ok(true)
+    } else {
+        Err(DataError::Store {
+            path: dir.to_path_buf(),
+            why: "already exists and holds another store (or another split); pass --force to replace it, or --out"
+                .into(),
+        })
+    }
+}
+
+/// Everything about a store except its arrays, gathered before they are written.
+struct Plan {
+    source: Source,
+    shape: StoreShape,
+    dtypes_seen: DtypesSeen,
+    keys: Vec<String>,
+    patients: Vec<String>,
+    series_uids: Vec<Option<String>>,
+}
+
+fn summarise(dir: PathBuf, manifest: &Manifest, seconds: f64, input_bytes: u64) -> Summary {
+    let patients_in = |idx: &[usize]| {
+        idx.iter()
+            .map(|&i| &manifest.patients[i])
+            .collect::<BTreeSet<_>>()
+            .len()
+    };
+    Summary {
+        dir,
+        items: manifest.shape.items,
+        patients: manifest.patients.iter().collect::<BTreeSet<_>>().len(),
+        parts: SplitName::ALL
+            .iter()
+            .map(|&p| {
+                let idx = manifest.split.indices(p);
+                (p, idx.len(), patients_in(idx))
+            })
+            .collect(),
+        stats: manifest.stats.clone(),
+        seconds,
+        input_bytes,
+        ideal: manifest.ideal.clone(),
+    }
+}
+
+fn manifest(options: &PrepareOptions, plan: Plan, split: Split, stats: Stats) -> Manifest {
+    Manifest {
+        format: FORMAT.to_string(),
+        name: options
+            .out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        created_at: chrono::Utc::now(),
+        probunet_version: env!("CARGO_PKG_VERSION").to_string(),
+        source: plan.source,
+        shape: plan.shape,
+        dtypes_seen: plan.dtypes_seen,
+        keys: plan.keys,
+        patients: plan.patients,
+        series_uids: plan.series_uids,
+        split,
+        stats,
+        ideal: None,
+    }
+}
+
+/// Generates the synthetic dataset into a store, with the ideal-model GED of its val and
+/// test parts in the manifest.
+pub fn prepare_synthetic(
+    config: SyntheticConfig,
+    options: &PrepareOptions,
+) -> Result<Outcome, DataError> {
+    let invalid = |why: String| DataError::Store {
+        path: options.out.clone(),
+        why,
+    };
+    if config.size < 8 || config.size % 8 != 0 {
+        return Err(invalid(format!(
+            "synthetic size {} must be a positive multiple of 8",
+            config.size
+        )));
+    }
+    if config.items == 0 || config.annotators == 0 {
+        return Err(invalid(
+            "synthetic items and annotators must be positive".into(),
+        ));
+    }
+    let source = Source::Synthetic {
+        config: config.clone(),
+    };
+    if already_prepared(&options.out, &source, options)? {
+        return Ok(Outcome::AlreadyPrepared(options.out.clone()));
+    }
+    let start = Instant::now();
+    let data = Synthetic::new(config.clone());
+    let n = data.len();
+    let plan = Plan {
+        source,
+        shape: StoreShape {
+            items: n,
+            annotators: config.annotators,
+            height: config.size,
+            width: config.size,
+        },
+        dtypes_seen: DtypesSeen {
+            image: vec!["float32".into()],
+            masks: vec!["uint8".into()],
+        },
+        keys: (0..n).map(|i| data.key(i)).collect(),
+        patients: (0..n).map(|i| data.patient(i)).collect(),
+        series_uids: vec![None; n],
+    };
+    let split = Split::by_patient(&plan.patients, options.split, options.split_seed);
+    let builder = StoreBuilder::new(&options.out)?;
+    let stats = write_arrays(
+        &builder.arrays_path(),
+        plan.shape,
+        |i, buf| {
+            buf.copy_from_slice(&data.item(i).image);
+            Ok(())
+        },
+        |i, buf| {
+            buf.copy_from_slice(&data.item(i).masks);
+            Ok(())
+        },
+    )?;
+    let convention = EmptyConvention::default();
+    let ideal = IdealReference {
+        samples: IDEAL_SAMPLES,
+        convention: convention.as_str().to_string(),
+        ged_val: data.ideal_ged(&split.val, IDEAL_SAMPLES, convention),
+        ged_test: data.ideal_ged(&split.test, IDEAL_SAMPLES, convention),
+    };
+    let manifest = Manifest {
+        ideal: Some(ideal),
+        ..manifest(options, plan, split, stats)
+    };
+    let dir = builder.commit(&manifest)?;
+    Ok(Outcome::Prepared(summarise(
+        dir,
+        &manifest,
+        start.elapsed().as_secs_f64(),
+        0,
+    )))
+}
+
+/// The pickle files behind `input`: the file itself, or a folder's `*.pickle` files in
+/// name order (merged as the seed merges them).
+fn pickle_files(input: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let meta = fs::metadata(input).map_err(|e| DataError::io(input, e))?;
+    if !meta.is_dir() {
+        return Ok(vec![input.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = fs::read_dir(input)
+        .map_err(|e| DataError::io(input, e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "pickle") && p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(DataError::Store {
+            path: input.to_path_buf(),
+            why: "holds no *.pickle files".into(),
+        });
+    }
+    Ok(files)
+}
+
+/// Size and CRC-32C of a file, read through a small buffer (not the map, so the pass does
+/// not count towards the process's resident memory).
+fn fingerprint(path: &Path) -> Result<SourceFile, DataError> {
+    let mut file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut buf = vec![0u8; 8 << 20];
+    let (mut crc, mut size) = (0u32, 0u64);
+    loop {
+        let n = file.read(&mut buf).map_err(|e| DataError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        size += n as u64;
+    }
+    Ok(SourceFile {
+        path: path.display().to_string(),
+        size,
+        crc32c: format!("{crc:08x}"),
+    })
+}
+
+/// Gives back the pages of a read-only file map once they have been consumed, so reading
+/// a file of any size keeps the resident set small. Pages are re-read from the page cache
+/// if touched again.
+struct PageRelease<'m> {
+    map: &'m Mmap,
+    released: usize,
+}
+
+impl<'m> PageRelease<'m> {
+    /// Hand back at most this often; each call is a syscall.
+    const CHUNK: usize = 64 << 20;
+
+    fn new(map: &'m Mmap) -> Self {
+        Self { map, released: 0 }
+    }
+
+    /// Everything in the map before `data` has been consumed.
+    fn consumed_before(&mut self, data: &[u8]) {
+        let base = self.map.as_ptr() as usize;
+        let at = data.as_ptr() as usize;
+        // Protocol 2 payloads are decoded copies outside the map.
+        if at < base || at >= base + self.map.len() {
+            return;
+        }
+        let page = 4096;
+        let upto = (at - base) / page * page;
+        if upto >= self.released + Self::CHUNK {
+            // SAFETY: the map is a read-only private file mapping; after MADV_DONTNEED its
+            // pages read back the file's contents, which no one modifies meanwhile.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    UncheckedAdvice::DontNeed,
+                    self.released,
+                    upto - self.released,
+                )
+            };
+            self.released = upto;
+        }
+    }
+
+    fn reset(&mut self) {
+        // SAFETY: as above.
+        let _ = unsafe { self.map.unchecked_advise(UncheckedAdvice::DontNeed) };
+        self.released = 0;
+    }
+}
+
+/// One parsed input file.
+struct Parsed<'m> {
+    path: PathBuf,
+    map: &'m Mmap,
+    items: Vec<LidcItem<'m>>,
+}
+
+/// Reads an LIDC pickle (or a folder of them) into a store. Nothing is written unless the
+/// whole input is valid: every error names the file and, where there is one, the item.
+pub fn prepare_pickle(
+    input: &Path,
+    annotators: usize,
+    options: &PrepareOptions,
+) -> Result<Outcome, DataError> {
+    if annotators == 0 {
+        return Err(DataError::Store {
+            path: input.to_path_buf(),
+            why: "the mask count must be at least 1".into(),
+        });
+    }
+    let start = Instant::now();
+    let paths = pickle_files(input)?;
+    let files = paths
+        .iter()
+        .map(|p| fingerprint(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let source = Source::Pickle {
+        files: files.clone(),
+    };
+    if already_prepared(&options.out, &source, options)? {
+        return Ok(Outcome::AlreadyPrepared(options.out.clone()));
+    }
+    let maps = paths
+        .iter()
+        .map(|p| {
+            let file = File::open(p).map_err(|e| DataError::io(p, e))?;
+            // SAFETY: read-only map of an input the user hands us; we only read it.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| DataError::io(p, e))?;
+            Ok::<_, DataError>(map)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut parsed = Vec::with_capacity(maps.len());
+    for (path, map) in paths.iter().zip(&maps) {
+        let items = parse_lidc(map, annotators).map_err(|source| DataError::Lidc {
+            path: path.clone(),
+            source,
+        })?;
+        parsed.push(Parsed {
+            path: path.clone(),
+            map,
+            items,
+        });
+    }
+    let plan = plan_pickle(&parsed, source, annotators)?;
+    let split = Split::by_patient(&plan.patients, options.split, options.split_seed);
+
+    // Items in store order, with the file each came from.
+    let items: Vec<(&Parsed, &LidcItem)> = parsed
+        .iter()
+        .flat_map(|p| p.items.iter().map(move |i| (p, i)))
+        .collect();
+    let releases: RefCell<Vec<PageRelease>> =
+        RefCell::new(parsed.iter().map(|p| PageRelease::new(p.map)).collect());
+    let file_of: Vec<usize> = parsed
+        .iter()
+        .enumerate()
+        .flat_map(|(f, p)| std::iter::repeat_n(f, p.items.len()))
+        .collect();
+    let pixels = plan.shape.pixels();
+    let builder = StoreBuilder::new(&options.out)?;
+    let lidc_error = |p: &Parsed, source| DataError::Lidc {
+        path: p.path.clone(),
+        source,
+    };
+    let stats = write_arrays(
+        &builder.arrays_path(),
+        plan.shape,
+        |i, buf| {
+            let (file, item) = items[i];
+            releases.borrow_mut()[file_of[i]].consumed_before(item.image.data());
+            item.write_image(buf).map_err(|e| lidc_error(file, e))
+        },
+        |i, buf| {
+            let (file, item) = items[i];
+            if i == 0 {
+                releases
+                    .borrow_mut()
+                    .iter_mut()
+                    .for_each(PageRelease::reset);
+            }
+            releases.borrow_mut()[file_of[i]].consumed_before(item.masks[0].data());
+            for (a, out) in buf.chunks_exact_mut(pixels).enumerate() {
+                item.write_mask(a, out).map_err(|e| lidc_error(file, e))?;
+            }
+            Ok(())
+        },
+    )?;
+    let manifest = manifest(options, plan, split, stats);
+    let dir = builder.commit(&manifest)?;
+    let input_bytes = files.iter().map(|f| f.size).sum();
+    Ok(Outcome::Prepared(summarise(
+        dir,
+        &manifest,
+        start.elapsed().as_secs_f64(),
+        input_bytes,
+    )))
+}
+
+/// Keys, patients, shapes and dtypes of the merged files; a key in two files, or files of
+/// different image shapes, is an error naming both.
+fn plan_pickle(parsed: &[Parsed], source: Source, annotators: usize) -> Result<Plan, DataError> {
+    let first = &parsed[0];
+    let shape = first.items[0].image.shape().to_vec();
+    let mut seen: HashMap<&str, &Path> = HashMap::new();
+    let mut plan = Plan {
+        source,
+        shape: StoreShape {
+            items: 0,
+            annotators,
+            height: shape[0],
+            width: shape[1],
+        },
+        dtypes_seen: DtypesSeen::default(),
+        keys: Vec::new(),
+        patients: Vec::new(),
+        series_uids: Vec::new(),
+    };
+    let (mut image_dtypes, mut mask_dtypes) = (BTreeSet::new(), BTreeSet::new());
+    for p in parsed {
+        for item in &p.items {
+            if let Some(other) = seen.insert(item.key, &p.path) {
+                return Err(DataError::Store {
+                    path: p.path.clone(),
+                    why: format!("item {:?} is also in {}", item.key, other.display()),
+                });
+            }
+            if item.image.shape() != shape.as_slice() {
+                return Err(DataError::Store {
+                    path: p.path.clone(),
+                    why: format!(
+                        "item {:?} has shape {:?} but {} has {:?}",
+                        item.key,
+                        item.image.shape(),
+                        first.path.display(),
+                        shape
+                    ),
+                });
+            }
+            image_dtypes.insert(item.image.dtype().to_string());
+            mask_dtypes.extend(item.masks.iter().map(|m| m.dtype().to_string()));
+            plan.keys.push(item.key.to_string());
+            plan.patients.push(item.patient.to_string());
+            plan.series_uids.push(item.series_uid.map(str::to_string));
+        }
+    }
+    plan.shape.items = plan.keys.len();
+    plan.dtypes_seen = DtypesSeen {
+        image: image_dtypes.into_iter().collect(),
+        masks: mask_dtypes.into_iter().collect(),
+    };
+    Ok(plan)
+}

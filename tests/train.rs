@@ -1,0 +1,409 @@
+//! `probunet train` as a user runs it: specs, run folders, TensorBoard, checkpoints,
+//! resume after SIGKILL, Ctrl-C, non-finite losses and determinism.
+mod common;
+
+use probunet::train::run::{read_rows, MetricsRow, Phase};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A small, fast experiment: 32x32 synthetic images, a two-level model.
+fn write_spec(dir: &Path, extra: &str) -> PathBuf {
+    let spec = format!(
+        r#"name = "tiny"
+[data.synthetic]
+items = 120
+size = 32
+seed = 1
+
+[model]
+filters = [8, 16]
+beta = 1.0
+reconstruction = "batch_mean"
+
+[train]
+batch = 8
+steps = 60
+lr = 1e-3
+val_every = 20
+val_samples = 4
+checkpoint_every = 10
+keep_last = 2
+device = "cpu"
+
+[log]
+every = 5
+runs_dir = "runs"
+{extra}"#
+    );
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, spec).unwrap();
+    path
+}
+
+fn probunet(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_probunet"));
+    cmd.current_dir(dir).args(args).env("OMP_NUM_THREADS", "1");
+    cmd
+}
+
+fn run_ok(dir: &Path, args: &[&str]) -> Output {
+    let out = probunet(dir, args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "probunet {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The single run folder under `dir/runs`.
+fn run_dir(dir: &Path) -> PathBuf {
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(dir.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    runs.pop().unwrap()
+}
+
+fn rows(run: &Path, phase: Phase) -> Vec<MetricsRow> {
+    read_rows(&run.join("metrics.csv"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.phase == phase)
+        .collect()
+}
+
+fn scalars(events: &Value, run: &Path, tag: &str) -> Vec<(u64, f64)> {
+    events[run.to_str().unwrap()]["scalars"][tag]
+        .as_array()
+        .unwrap_or_else(|| panic!("no scalar {tag}"))
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+        .collect()
+}
+
+fn read_events(run: &Path) -> Value {
+    serde_json::from_str(&common::run_script("read_events.py", &[run.as_os_str()])).unwrap()
+}
+
+#[test]
+fn a_run_logs_every_tag_and_checkpoints_as_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "");
+    let out = run_ok(dir.path(), &["train", spec.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let run = run_dir(dir.path());
+    assert!(
+        stdout.contains(&format!(
+            "tensorboard --logdir {}",
+            run.strip_prefix(dir.path()).unwrap().display()
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ideal-model reference"), "{stdout}");
+    // Plain progress lines, since stderr is not a terminal here.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("step 60/60"));
+
+    let spec_toml = std::fs::read_to_string(run.join("spec.toml")).unwrap();
+    assert!(
+        spec_toml.contains("batch = 8") && spec_toml.contains("tiny.toml"),
+        "{spec_toml}"
+    );
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["probunet_version"], env!("CARGO_PKG_VERSION"));
+
+    let train_steps: Vec<u64> = rows(&run, Phase::Train).iter().map(|r| r.step).collect();
+    assert_eq!(train_steps, (1..=12).map(|i| i * 5).collect::<Vec<_>>());
+    let val_steps: Vec<u64> = rows(&run, Phase::Val).iter().map(|r| r.step).collect();
+    assert_eq!(val_steps, [20, 40, 60]);
+
+    let events = read_events(&run);
+    for tag in [
+        "train_loss",
+        "train_elbo",
+        "train_kl",
+        "rec_loss",
+        "train_reg_loss",
+        "learning_rate",
+        "beta",
+        "images_per_sec",
+    ] {
+        let steps: Vec<u64> = scalars(&events, &run, tag).iter().map(|p| p.0).collect();
+        assert_eq!(steps, train_steps, "{tag}");
+    }
+    for tag in ["val_elbo", "val_kl", "val_ged", "val_hm_iou"] {
+        let steps: Vec<u64> = scalars(&events, &run, tag).iter().map(|p| p.0).collect();
+        assert_eq!(steps, val_steps, "{tag}");
+    }
+    // The CSV and TensorBoard hold the same numbers.
+    let csv_loss: Vec<f64> = rows(&run, Phase::Train)
+        .iter()
+        .map(|r| r.loss.unwrap())
+        .collect();
+    let tb_loss: Vec<f64> = scalars(&events, &run, "train_loss")
+        .iter()
+        .map(|p| p.1)
+        .collect();
+    for (a, b) in csv_loss.iter().zip(&tb_loss) {
+        assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "{a} vs {b}");
+    }
+    let lr = scalars(&events, &run, "learning_rate");
+    assert!(lr.iter().all(|p| (p.1 - 1e-3).abs() < 1e-9));
+    let grid = &events[run.to_str().unwrap()]["images"]["val_samples"][0];
+    // 4 rows of input, 4 annotations, 6 samples and the mean, 32 px tiles, 2 px gaps.
+    assert_eq!(grid["width"].as_u64().unwrap(), 12 * 32 + 11 * 2);
+    assert_eq!(grid["height"].as_u64().unwrap(), 4 * 32 + 3 * 2);
+
+    let ckpts: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut ckpts = ckpts;
+    ckpts.sort();
+    assert_eq!(
+        ckpts,
+        ["best", "step-00000050", "step-00000060"],
+        "keep_last = 2 plus best"
+    );
+}
+
+#[test]
+fn the_same_spec_and_seed_give_the_same_loss_curve() {
+    let curves: Vec<Vec<f64>> = (0..2)
+        .map(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let spec = write_spec(dir.path(), "");
+            run_ok(
+                dir.path(),
+                &["train", spec.to_str().unwrap(), "--set", "train.steps=30"],
+            );
+            rows(&run_dir(dir.path()), Phase::Train)
+                .iter()
+                .map(|r| r.loss.unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(curves[0].len(), 6);
+    assert_eq!(curves[0], curves[1]);
+}
+
+/// Waits until `path` exists (a checkpoint the process wrote), at most a minute.
+fn wait_for(path: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigkill_then_resume_loses_and_repeats_no_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "");
+    // The reference: the same run, uninterrupted.
+    let reference = tempfile::tempdir().unwrap();
+    let ref_spec = write_spec(reference.path(), "");
+    run_ok(reference.path(), &["train", ref_spec.to_str().unwrap()]);
+    let expected = rows(&run_dir(reference.path()), Phase::Train);
+
+    let mut child = probunet(dir.path(), &["train", spec.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let runs = dir.path().join("runs");
+    wait_for(&runs);
+    let start = Instant::now();
+    let run = loop {
+        if let Some(run) = std::fs::read_dir(&runs).unwrap().next() {
+            break run.unwrap().path();
+        }
+        assert!(start.elapsed() < Duration::from_secs(60));
+    };
+    wait_for(&run.join("checkpoints/step-00000030"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let out = run_ok(dir.path(), &["train", "--resume", run.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("resuming"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let got = rows(&run, Phase::Train);
+    let steps: Vec<u64> = got.iter().map(|r| r.step).collect();
+    assert_eq!(
+        steps,
+        (1..=12).map(|i| i * 5).collect::<Vec<_>>(),
+        "every logged step once"
+    );
+    for (a, b) in got.iter().zip(&expected) {
+        assert_eq!(
+            a.loss, b.loss,
+            "step {}: resumed run differs from the uninterrupted one",
+            a.step
+        );
+    }
+    let val: Vec<u64> = rows(&run, Phase::Val).iter().map(|r| r.step).collect();
+    assert_eq!(val, [20, 40, 60]);
+    let events = read_events(&run);
+    for tag in ["train_loss", "val_ged"] {
+        let steps: Vec<u64> = scalars(&events, &run, tag).iter().map(|p| p.0).collect();
+        let mut unique = steps.clone();
+        unique.dedup();
+        assert_eq!(steps, unique, "{tag} has a step twice in TensorBoard");
+    }
+    assert_eq!(scalars(&events, &run, "train_loss").len(), 12);
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_checkpoints_and_says_how_to_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "");
+    let child = probunet(
+        dir.path(),
+        &[
+            "train",
+            spec.to_str().unwrap(),
+            "--set",
+            "train.steps=100000",
+            "--set",
+            "train.checkpoint_every=0",
+            "--set",
+            "train.val_every=0",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let runs = dir.path().join("runs");
+    wait_for(&runs);
+    // Let it take some steps, then interrupt it as a terminal's Ctrl-C would.
+    std::thread::sleep(Duration::from_secs(4));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("probunet train --resume"), "{stderr}");
+    let run = run_dir(dir.path());
+    let ckpts: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .collect();
+    assert_eq!(ckpts.len(), 1, "one checkpoint, at the interrupted step");
+}
+
+#[test]
+fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "");
+    let out = probunet(
+        dir.path(),
+        &[
+            "train",
+            spec.to_str().unwrap(),
+            "--set",
+            "train.lr=1e30",
+            "--set",
+            "train.steps=10",
+        ],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("step ") && stderr.contains("non-finite"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--resume"), "{stderr}");
+    let run = run_dir(dir.path());
+    assert!(
+        !run.join("checkpoints").exists()
+            || std::fs::read_dir(run.join("checkpoints"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "no checkpoint of NaN weights"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "");
+    let out = run_ok(
+        dir.path(),
+        &[
+            "train",
+            spec.to_str().unwrap(),
+            "--set",
+            "train.lr=1e30",
+            "--set",
+            "train.steps=10",
+            "--set",
+            "train.on_nan=\"skip\"",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("batches were skipped"));
+    let skipped: u64 = rows(&run_dir(dir.path()), Phase::Train)
+        .iter()
+        .map(|r| r.skipped)
+        .sum();
+    assert!(skipped >= 8, "{skipped} skipped");
+}
+
+#[test]
+fn bad_specs_and_flags_name_the_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = probunet(dir.path(), &["train", "nope.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
+    let spec = write_spec(dir.path(), "[oops]\nx = 1\n");
+    let out = probunet(dir.path(), &["train", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("tiny.toml") && stderr.contains("oops"),
+        "{stderr}"
+    );
+    let spec = write_spec(dir.path(), "");
+    let out = probunet(
+        dir.path(),
+        &["train", spec.to_str().unwrap(), "--set", "train.batch=zero"],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("train.batch"),
+        "{stderr}"
+    );
+    let out = probunet(
+        dir.path(),
+        &["train", spec.to_str().unwrap(), "--device", "cuda:9"],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("cuda:9"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("runs").exists()
+            || std::fs::read_dir(dir.path().join("runs")).unwrap().count() <= 1
+    );
+}
