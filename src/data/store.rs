@@ -84,8 +84,16 @@ pub struct Stats {
 pub struct IdealReference {
     pub samples: usize,
     pub convention: String,
+    /// NaN for an empty split, which JSON writes as null.
+    #[serde(deserialize_with = "nan_if_null")]
     pub ged_val: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub ged_test: f64,
+}
+
+/// Reads back the null that serde_json writes for NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -333,5 +341,25 @@ impl Drop for StoreBuilder {
         if !self.committed {
             let _ = fs::remove_dir_all(&self.partial);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_split_has_a_nan_ideal_reference_that_reads_back() {
+        let ideal = IdealReference {
+            samples: 16,
+            convention: "phiseg".into(),
+            ged_val: 0.25,
+            ged_test: f64::NAN,
+        };
+        let json = serde_json::to_string(&ideal).unwrap();
+        assert!(json.contains("\"ged_test\":null"), "{json}");
+        let back: IdealReference = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.ged_val, 0.25);
+        assert!(back.ged_test.is_nan());
     }
 }
