@@ -20,7 +20,7 @@ use rand_pcg::Pcg64;
 
 /// Clamp for probabilities inside the cross-entropy, so that a sample that is exactly 0 or 1
 /// costs `-ln(1e-8)` instead of infinity (PHiSeg adds the same epsilon).
-const CE_EPS: f64 = 1e-8;
+pub const CE_EPS: f64 = 1e-8;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MetricsError {
@@ -284,6 +284,12 @@ pub fn diversity(counts: &PairCounts, convention: EmptyConvention) -> f64 {
 /// [`EmptyConvention::KohlNan`] the empty-empty matches are then left out of the mean. Every
 /// optimal assignment has the same number of empty-empty matches, so the result is unique.
 pub fn hm_iou(counts: &PairCounts, convention: EmptyConvention) -> f64 {
+    matched_iou(counts, &hm_assignment(counts), convention)
+}
+
+/// The optimal assignment of [`hm_iou`], which does not depend on the convention: for each
+/// of the `lcm(m, n)` annotation copies, the sample copy matched to it.
+fn hm_assignment(counts: &PairCounts) -> Vec<usize> {
     let (m, n) = (counts.m, counts.n);
     let size = m / gcd(m, n) * n;
     let pair = |k: usize| (k / size % m, m + k % size % n);
@@ -293,7 +299,12 @@ pub fn hm_iou(counts: &PairCounts, convention: EmptyConvention) -> f64 {
             -counts.iou(y, s, EmptyConvention::PhiSeg)
         })
         .collect();
-    let assignment = hungarian(&cost, size);
+    hungarian(&cost, size)
+}
+
+/// The mean matched IoU of an [`hm_assignment`].
+fn matched_iou(counts: &PairCounts, assignment: &[usize], convention: EmptyConvention) -> f64 {
+    let (m, n) = (counts.m, counts.n);
     nan_mean(
         assignment
             .iter()
@@ -437,13 +448,68 @@ pub fn mean_prediction_iou<P: AsRef<[f32]>>(
     sample_probs: &[P],
     convention: EmptyConvention,
 ) -> Result<f64, MetricsError> {
-    let probs = checked_probs(annotations, sample_probs)?;
-    let mean = mean_map(&probs);
-    let prediction = BitMask::from_bits(mean.len(), mean.iter().map(|&p| p > 0.5));
-    Ok(nan_mean(annotations.iter().map(|y| {
-        let intersection = prediction.intersection(y);
-        convention.iou(intersection, prediction.area() + y.area() - intersection)
-    })))
+    let prediction = PredictionCounts::from_probs(annotations, sample_probs)?;
+    let areas: Vec<u64> = annotations.iter().map(BitMask::area).collect();
+    Ok(prediction.mean_iou(&areas, convention))
+}
+
+/// The mean prediction `s_bar > 0.5` of one image as counts: its area and its intersection
+/// with each annotation. [`mean_prediction_iou`] needs nothing else besides the annotation
+/// areas, so an evaluator can count these on the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PredictionCounts {
+    pub area: u64,
+    /// One per annotation, in the annotations' order.
+    pub intersections: Vec<u64>,
+}
+
+impl PredictionCounts {
+    /// On the CPU, from the sample probability maps.
+    pub fn from_probs<P: AsRef<[f32]>>(
+        annotations: &[BitMask],
+        sample_probs: &[P],
+    ) -> Result<Self, MetricsError> {
+        let probs = checked_probs(annotations, sample_probs)?;
+        let mean = mean_map(&probs);
+        let prediction = BitMask::from_bits(mean.len(), mean.iter().map(|&p| p > 0.5));
+        Ok(Self {
+            area: prediction.area(),
+            intersections: annotations
+                .iter()
+                .map(|y| prediction.intersection(y))
+                .collect(),
+        })
+    }
+
+    /// The mean over annotations of IoU(prediction, y), from the annotation areas.
+    fn mean_iou(&self, annotation_areas: &[u64], convention: EmptyConvention) -> f64 {
+        nan_mean(
+            self.intersections
+                .iter()
+                .zip(annotation_areas)
+                .map(|(&i, &area)| convention.iou(i, self.area + area - i)),
+        )
+    }
+
+    /// Checks the counts against the annotation areas in `counts`, as [`PairCounts::new`]
+    /// checks its own.
+    fn check(&self, counts: &PairCounts) -> Result<(), MetricsError> {
+        check_len(
+            "prediction intersections",
+            counts.m,
+            self.intersections.len(),
+        )?;
+        for (y, &i) in self.intersections.iter().enumerate() {
+            if i > self.area.min(counts.sizes[y]) {
+                return Err(MetricsError::InconsistentCounts {
+                    i: y,
+                    j: y,
+                    reason: "prediction intersection exceeds a mask area",
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Checks that the sets are non-empty, all maps have one length and all probabilities lie in
@@ -520,6 +586,19 @@ pub struct ImageMetrics {
 }
 
 impl ImageMetrics {
+    /// The metrics' names, in the order of [`ImageMetrics::values`].
+    pub const NAMES: [&'static str; 5] = ["ged", "hm_iou", "diversity", "ncc", "mean_pred_iou"];
+
+    pub fn values(&self) -> [f64; 5] {
+        [
+            self.ged,
+            self.hm_iou,
+            self.diversity,
+            self.ncc,
+            self.mean_pred_iou,
+        ]
+    }
+
     /// The scores of an image whose samples are not finite (a diverged model): all NaN,
     /// which aggregation counts and skips.
     pub fn not_finite() -> Self {
@@ -557,20 +636,93 @@ impl ImageMetrics {
     ) -> Result<Self, MetricsError> {
         check_len("annotations", counts.m(), annotations.len())?;
         check_len("samples", counts.n(), sample_probs.len())?;
-        Ok(Self {
+        let ncc = ncc(annotations, sample_probs)?;
+        let prediction = PredictionCounts::from_probs(annotations, sample_probs)?;
+        Self::from_parts(counts, ncc, &prediction, convention)
+    }
+
+    /// With everything computed elsewhere: the pair counts, the [`ncc`] value and the mean
+    /// prediction's counts, e.g. all on the device, so that no probability map need come
+    /// back to the host.
+    pub fn from_parts(
+        counts: &PairCounts,
+        ncc: f64,
+        prediction: &PredictionCounts,
+        convention: EmptyConvention,
+    ) -> Result<Self, MetricsError> {
+        prediction.check(counts)?;
+        Ok(Self::with_assignment(
+            counts,
+            &hm_assignment(counts),
+            ncc,
+            prediction,
+            convention,
+        ))
+    }
+
+    fn with_assignment(
+        counts: &PairCounts,
+        assignment: &[usize],
+        ncc: f64,
+        prediction: &PredictionCounts,
+        convention: EmptyConvention,
+    ) -> Self {
+        Self {
             ged: ged(counts, convention),
-            hm_iou: hm_iou(counts, convention),
+            hm_iou: matched_iou(counts, assignment, convention),
             diversity: diversity(counts, convention),
-            ncc: ncc(annotations, sample_probs)?,
-            mean_pred_iou: mean_prediction_iou(annotations, sample_probs, convention)?,
+            ncc,
+            mean_pred_iou: prediction.mean_iou(&counts.sizes[..counts.m], convention),
+        }
+    }
+}
+
+/// An image's metrics under both conventions, as every evaluation output records them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImageScores {
+    pub phiseg: ImageMetrics,
+    pub kohl_nan: ImageMetrics,
+}
+
+impl ImageScores {
+    /// [`ImageMetrics::from_parts`] under both conventions; the HM-IoU assignment, which does
+    /// not depend on the convention, is solved once.
+    pub fn from_parts(
+        counts: &PairCounts,
+        ncc: f64,
+        prediction: &PredictionCounts,
+    ) -> Result<Self, MetricsError> {
+        prediction.check(counts)?;
+        let assignment = hm_assignment(counts);
+        let under = |convention| {
+            ImageMetrics::with_assignment(counts, &assignment, ncc, prediction, convention)
+        };
+        Ok(Self {
+            phiseg: under(EmptyConvention::PhiSeg),
+            kohl_nan: under(EmptyConvention::KohlNan),
         })
+    }
+
+    /// All NaN, for an image whose samples are not finite.
+    pub fn not_finite() -> Self {
+        Self {
+            phiseg: ImageMetrics::not_finite(),
+            kohl_nan: ImageMetrics::not_finite(),
+        }
+    }
+
+    pub fn get(&self, convention: EmptyConvention) -> &ImageMetrics {
+        match convention {
+            EmptyConvention::PhiSeg => &self.phiseg,
+            EmptyConvention::KohlNan => &self.kohl_nan,
+        }
     }
 }
 
 /// A metric over test images: NaN values are skipped and counted in `n_nan`; `n` counts the
 /// rest. `std` is the population standard deviation (numpy's default, as papers report).
 /// `[ci_low, ci_high]` is a 95% percentile bootstrap interval of the mean.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Summary {
     pub mean: f64,
     pub std: f64,
