@@ -243,12 +243,38 @@ impl ProbUNet {
     /// Logits `[B, n, classes, H, W]` of `n` prior samples per image: prior and U-Net run
     /// once per image, fcomb once per sample.
     pub fn sample(&self, image: &Tensor, n: i64) -> Result<Tensor, ModelError> {
+        self.sample_latents(image, |prior| prior.rsample_n(n))
+    }
+
+    /// As [`ProbUNet::sample`], with the standard-normal noise given: `eps` is
+    /// `[B, n, latent_dim]` and sample `j` of image `i` decodes `mu_i + sigma_i * eps[i, j]`,
+    /// so a caller can make each image's samples independent of the batch it is in.
+    pub fn sample_with_noise(&self, image: &Tensor, eps: &Tensor) -> Result<Tensor, ModelError> {
+        let (b, l) = (image.size().first().copied(), self.config.latent_dim);
+        let size = eps.size();
+        if size.len() != 3 || Some(size[0]) != b || size[2] != l {
+            return Err(ModelError::Shape {
+                what: "noise",
+                expected: format!("[{}, n, {l}]", b.unwrap_or(0)),
+                got: size,
+            });
+        }
+        self.sample_latents(image, |prior| {
+            prior.reparameterise(&eps.to_device(prior.mu.device()).to_kind(prior.mu.kind()))
+        })
+    }
+
+    fn sample_latents(
+        &self,
+        image: &Tensor,
+        z: impl FnOnce(&DiagonalGaussian) -> Tensor,
+    ) -> Result<Tensor, ModelError> {
         self.check_image(image)?;
         let prior = self.latent(&self.prior, image);
         let features = self.features(image);
         Ok(self
             .fcomb
-            .forward_samples(&features, &prior.rsample_n(n))
+            .forward_samples(&features, &z(&prior))
             .to_kind(Kind::Float))
     }
 }
@@ -375,6 +401,44 @@ mod tests {
             let diff = (fast.select(1, s) - slow).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "sample {s} differs by {diff}");
         }
+    }
+
+    #[test]
+    fn sampling_with_given_noise_decodes_mu_plus_sigma_eps() {
+        tch::manual_seed(8);
+        let (_vs, model) = build(small());
+        let image = Tensor::rand([2, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let eps = Tensor::randn([2, 3, 2], (Kind::Float, Device::Cpu));
+        let logits = tch::no_grad(|| model.sample_with_noise(&image, &eps)).unwrap();
+        assert_eq!(logits.size(), [2, 3, 1, 32, 32]);
+        let prior = model.prior.forward(&image);
+        let features = model.unet.forward(&image);
+        for s in 0..3 {
+            let z = &prior.mu + prior.sigma() * eps.select(1, s);
+            let expected = model.fcomb.forward(&features, &z);
+            let diff = (logits.select(1, s) - expected)
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(diff < 1e-5, "sample {s} differs by {diff}");
+        }
+        // One image alone gets the same samples as it does in a batch.
+        let alone =
+            tch::no_grad(|| model.sample_with_noise(&image.narrow(0, 1, 1), &eps.narrow(0, 1, 1)))
+                .unwrap();
+        let diff = (alone - logits.narrow(0, 1, 1))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-5, "{diff}");
+        let err = model
+            .sample_with_noise(
+                &image,
+                &Tensor::zeros([2, 3, 5], (Kind::Float, Device::Cpu)),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("noise") && err.contains("[2, n, 2]"), "{err}");
     }
 
     #[test]
