@@ -4,10 +4,11 @@
 use super::TrainError;
 use crate::data::loader::LoaderState;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::fs;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use tch::Tensor;
+use tch::{nn, Tensor};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -65,6 +66,84 @@ impl Checkpoint {
             state,
         })
     }
+}
+
+/// The variable shapes in a safetensors file, read from its header alone.
+fn stored_shapes(path: &Path) -> Result<BTreeMap<String, Vec<i64>>, TrainError> {
+    let bad = |why: String| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        why,
+    };
+    let mut file = File::open(path).map_err(|e| io_error(path, e))?;
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix)
+        .map_err(|_| bad("shorter than a safetensors header".into()))?;
+    let len = u64::from_le_bytes(prefix);
+    if len > 100 << 20 {
+        return Err(bad(format!(
+            "not a safetensors file (header of {len} bytes)"
+        )));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|_| bad("truncated safetensors header".into()))?;
+    #[derive(Deserialize)]
+    struct Entry {
+        shape: Vec<i64>,
+    }
+    let mut entries: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("unreadable safetensors header: {e}")))?;
+    entries.remove("__metadata__");
+    entries
+        .into_iter()
+        .map(|(name, value)| {
+            let entry: Entry =
+                serde_json::from_value(value).map_err(|e| bad(format!("tensor {name}: {e}")))?;
+            Ok((name, entry.shape))
+        })
+        .collect()
+}
+
+/// Whether `model_file` holds exactly the variables of `vs`, with the same shapes. `Ok(None)`
+/// when it does; otherwise a description of the first variable (by name) that is missing,
+/// extra or shaped differently, with both shapes, and how many differ in all.
+pub fn shape_mismatch(vs: &nn::VarStore, model_file: &Path) -> Result<Option<String>, TrainError> {
+    let stored = stored_shapes(model_file)?;
+    let model: BTreeMap<String, Vec<i64>> = vs
+        .variables()
+        .into_iter()
+        .map(|(name, t)| (name, t.size()))
+        .collect();
+    let mut names: Vec<&String> = stored.keys().chain(model.keys()).collect();
+    names.sort();
+    names.dedup();
+    let total = names.len();
+    let differences: Vec<String> = names
+        .into_iter()
+        .filter_map(|name| match (stored.get(name), model.get(name)) {
+            (Some(a), Some(b)) if a == b => None,
+            (Some(a), Some(b)) => Some(format!(
+                "variable {name} is {a:?} in the checkpoint but {b:?} in the model"
+            )),
+            (Some(a), None) => Some(format!(
+                "the checkpoint has a variable {name} {a:?} that the model lacks"
+            )),
+            (None, Some(b)) => Some(format!(
+                "the model's variable {name} {b:?} is not in the checkpoint"
+            )),
+            (None, None) => unreachable!("every name comes from one side"),
+        })
+        .collect();
+    Ok(differences.first().map(|first| {
+        if differences.len() == 1 {
+            first.clone()
+        } else {
+            format!(
+                "{first} ({} of {total} variables differ)",
+                differences.len()
+            )
+        }
+    }))
 }
 
 /// The checkpoints of a run: `root/step-<N>` (the last `keep_last`) and `root/best`.
@@ -179,5 +258,81 @@ impl Checkpoints {
             }
         }
         Ok(target)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ModelConfig, ProbUNet};
+    use tch::Device;
+
+    fn saved(config: ModelConfig, dir: &Path) -> PathBuf {
+        let vs = nn::VarStore::new(Device::Cpu);
+        ProbUNet::new(&vs.root(), config).unwrap();
+        let path = dir.join(format!("{}.safetensors", dir.read_dir().unwrap().count()));
+        vs.save(&path).unwrap();
+        path
+    }
+
+    fn model(config: ModelConfig) -> nn::VarStore {
+        let vs = nn::VarStore::new(Device::Cpu);
+        ProbUNet::new(&vs.root(), config).unwrap();
+        vs
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_shape_names_the_first_difference() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = ModelConfig {
+            filters: vec![8, 16],
+            ..ModelConfig::default()
+        };
+        let file = saved(small.clone(), dir.path());
+        assert_eq!(shape_mismatch(&model(small.clone()), &file).unwrap(), None);
+
+        let wider = ModelConfig {
+            filters: vec![8, 24],
+            ..small.clone()
+        };
+        let why = shape_mismatch(&model(wider), &file).unwrap().unwrap();
+        assert_eq!(
+            why,
+            "variable posterior.encoder.1.0.bias is [16] in the checkpoint but [24] in the \
+             model (21 of 54 variables differ)"
+        );
+        let latent = ModelConfig {
+            latent_dim: 3,
+            ..small.clone()
+        };
+        let why = shape_mismatch(&model(latent), &file).unwrap().unwrap();
+        assert_eq!(
+            why,
+            "variable fcomb.layers.0.weight is [8, 10, 1, 1] in the checkpoint but \
+             [8, 11, 1, 1] in the model (5 of 54 variables differ)"
+        );
+        let deeper = ModelConfig {
+            filters: vec![8, 16, 32],
+            ..small
+        };
+        let why = shape_mismatch(&model(deeper), &file).unwrap().unwrap();
+        assert!(
+            why.starts_with(
+                "the model's variable posterior.encoder.2.0.bias [32] is not in the checkpoint"
+            ),
+            "{why}"
+        );
+        // A shallower model than the checkpoint's: the checkpoint has variables to spare.
+        let shallower = model(ModelConfig {
+            filters: vec![8],
+            ..ModelConfig::default()
+        });
+        let why = shape_mismatch(&shallower, &file).unwrap().unwrap();
+        assert!(why.contains("that the model lacks"), "{why}");
+
+        let junk = dir.path().join("junk.safetensors");
+        std::fs::write(&junk, b"12").unwrap();
+        let err = shape_mismatch(&model(ModelConfig::default()), &junk).unwrap_err();
+        assert!(err.to_string().contains("junk.safetensors"), "{err}");
     }
 }

@@ -11,7 +11,7 @@ mod progress;
 pub mod run;
 
 pub use adam::Adam;
-pub use checkpoint::{Checkpoint, Checkpoints, TrainState};
+pub use checkpoint::{shape_mismatch, Checkpoint, Checkpoints, TrainState, MODEL_FILE};
 pub use run::{MetricsRow, Phase, RunDir};
 
 use crate::config::{Experiment, NanPolicy, Resolved};
@@ -244,6 +244,12 @@ impl Trainer {
     /// Continues from a checkpoint: weights, optimiser moments, data position and step;
     /// TensorBoard is told to drop what the interrupted process logged after it.
     fn restore(&mut self, ckpt: &Checkpoint) -> Result<(), TrainError> {
+        if let Some(why) = checkpoint::shape_mismatch(&self.vs, &ckpt.model_path())? {
+            return Err(TrainError::Checkpoint {
+                path: ckpt.model_path(),
+                why: format!("does not fit this model: {why}"),
+            });
+        }
         self.vs
             .load(ckpt.model_path())
             .map_err(|e| TrainError::Checkpoint {
