@@ -4,8 +4,12 @@ use clap::{Parser, Subcommand};
 use probunet::config::{self, Flag};
 use probunet::data::prepare::{self as prep, Outcome, PrepareOptions};
 use probunet::data::split::SplitFractions;
+use probunet::data::split::SplitName;
 use probunet::data::synthetic::SyntheticConfig;
+use probunet::device::DeviceSpec;
 use probunet::doctor;
+use probunet::eval::{self as evaluation, CheckpointChoice, EvalOptions};
+use probunet::metrics::EmptyConvention;
 use probunet::train::{TrainError, TrainOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,10 +34,7 @@ enum Command {
     /// Train a model from an experiment spec (TOML), or resume a run.
     Train(TrainArgs),
     /// Evaluate a trained run: GED, HM-IoU and friends, and sample pictures.
-    Eval {
-        /// The run folder, e.g. runs/lidc-20261127-120000.
-        run: PathBuf,
-    },
+    Eval(EvalArgs),
     /// Run a hyperparameter sweep over beta, latent_dim, ...
     Sweep {
         /// The sweep spec, e.g. experiments/beta.toml.
@@ -213,6 +214,113 @@ fn train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(Debug, clap::Args)]
+struct EvalArgs {
+    /// The run folder, e.g. runs/lidc-20261127-120000.
+    run: PathBuf,
+    /// The split of the run's store to evaluate: train, val or test.
+    #[arg(long, default_value = "test")]
+    split: SplitName,
+    /// Samples per image; one set of results each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "16,100")]
+    samples: Vec<usize>,
+    /// best, last, a checkpoint folder or a model.safetensors file.
+    #[arg(long, default_value = "best")]
+    checkpoint: CheckpointChoice,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceSpec,
+    /// Images per forward pass (memory grows with batch x samples).
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Seed of the sampling noise and of the bootstrap.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Evaluate on this store instead of the run's own.
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Bootstrap resamples for the 95% intervals.
+    #[arg(long, default_value_t = probunet::eval::command::DEFAULT_BOOTSTRAP)]
+    bootstrap: usize,
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let options = EvalOptions {
+        run: args.run,
+        split: args.split,
+        samples: args.samples,
+        checkpoint: args.checkpoint,
+        device: args.device,
+        batch: args.batch,
+        seed: args.seed,
+        store: args.store,
+        bootstrap: args.bootstrap,
+        progress: true,
+    };
+    let outcome = evaluation::evaluate(&options)?;
+    for note in &outcome.notes {
+        println!("note: {note}");
+    }
+    let step = outcome
+        .step
+        .map(|s| format!(" (step {s})"))
+        .unwrap_or_default();
+    println!(
+        "{} images of the {} split, checkpoint {}{step}, on {}, in {:.1} s",
+        outcome.items,
+        outcome.split,
+        outcome.checkpoint.display(),
+        outcome.device,
+        outcome.seconds
+    );
+    println!(
+        "{:>7}  {:<26} {:<26} {:>8} {:>9} {:>8} {:>10}",
+        "samples",
+        "GED (phiseg) [95% CI]",
+        "GED (kohl-nan) [95% CI]",
+        "HM-IoU",
+        "diversity",
+        "NCC",
+        "mean-pred"
+    );
+    for report in &outcome.reports {
+        let cell = |convention, metric| {
+            report
+                .summary(convention, metric)
+                .map(|s| format!("{:.4} [{:.4}, {:.4}]", s.mean, s.ci_low, s.ci_high))
+                .unwrap_or_default()
+        };
+        let mean = |metric| {
+            report
+                .summary(EmptyConvention::PhiSeg, metric)
+                .map_or(f64::NAN, |s| s.mean)
+        };
+        println!(
+            "{:>7}  {:<26} {:<26} {:>8.4} {:>9.4} {:>8.4} {:>10.4}",
+            report.samples,
+            cell(EmptyConvention::PhiSeg, "ged"),
+            cell(EmptyConvention::KohlNan, "ged"),
+            mean("hm_iou"),
+            mean("diversity"),
+            mean("ncc"),
+            mean("mean_pred_iou"),
+        );
+    }
+    if let Some((ged, samples)) = outcome.ideal_ged {
+        println!("ideal-model GED of this synthetic split: {ged:.4} (at {samples} samples)");
+    }
+    if let Some(first) = outcome.reports.first() {
+        let folder = first.json.parent().unwrap_or(&outcome.run);
+        println!(
+            "wrote {}/{}-<n>.json, .csv and best/median/worst .png; view them with: tensorboard --logdir {}",
+            folder.display(),
+            outcome.split,
+            folder.display()
+        );
+    }
+    Ok(())
+}
+
 fn not_implemented(what: &str) -> Result<()> {
     anyhow::bail!("`probunet {what}` is not implemented yet")
 }
@@ -221,7 +329,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Prepare(args) => prepare(args),
         Command::Train(args) => train(args),
-        Command::Eval { .. } => not_implemented("eval"),
+        Command::Eval(args) => eval(args),
         Command::Sweep { .. } => not_implemented("sweep"),
         Command::Doctor(args) => doctor::run(&args),
     }

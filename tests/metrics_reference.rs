@@ -5,10 +5,12 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use probunet::eval::BatchCounts;
 use probunet::metrics::{BitMask, EmptyConvention, ImageMetrics, Summary};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 use serde_json::{json, Value};
+use tch::Tensor;
 
 const SIDE: usize = 16;
 const M: usize = 4;
@@ -179,6 +181,68 @@ fn metrics_agree_with_numpy_reference() {
                 expected["n_nan"].as_u64(),
                 "{what}, n_nan"
             );
+        }
+    }
+}
+
+/// The batched tensor path of `probunet eval` ([`BatchCounts`]: pairwise counts, NCC and the
+/// mean prediction as tensor operations) against the same numpy reference. Cases with the
+/// same sample count form one batch; the 8-sample batch is also scored on its first 4
+/// samples, which the reference sees as cases of their own.
+#[test]
+fn batched_tensor_metrics_agree_with_numpy_reference() {
+    let mut cases = cases();
+    let eight: Vec<usize> = (0..cases.len())
+        .filter(|&i| cases[i].samples.len() == 8)
+        .collect();
+    let truncated: Vec<Case> = eight
+        .iter()
+        .map(|&i| Case {
+            annotations: cases[i].annotations.clone(),
+            samples: cases[i].samples[..4].to_vec(),
+        })
+        .collect();
+    let first_truncated = cases.len();
+    cases.extend(truncated);
+    let reference = run_reference(&cases);
+    let side = SIDE as i64;
+    let check = |case: usize, scores: &probunet::metrics::ImageScores| {
+        for convention in [EmptyConvention::PhiSeg, EmptyConvention::KohlNan] {
+            let name = convention.as_str();
+            for metric in METRICS {
+                assert_agrees(
+                    &format!("batched, case {case}, {name}, {metric}"),
+                    value(scores.get(convention), metric),
+                    &reference["cases"][case][name][metric],
+                );
+            }
+        }
+    };
+    for n in [4, 8] {
+        let group: Vec<usize> = (0..first_truncated)
+            .filter(|&i| cases[i].samples.len() == n)
+            .collect();
+        let masks: Vec<u8> = group
+            .iter()
+            .flat_map(|&i| cases[i].annotations.concat())
+            .collect();
+        let probs: Vec<f32> = group
+            .iter()
+            .flat_map(|&i| cases[i].samples.concat())
+            .collect();
+        let b = group.len() as i64;
+        let masks = Tensor::from_slice(&masks).view([b, M as i64, side, side]);
+        let probs = Tensor::from_slice(&probs).view([b, n as i64, side, side]);
+        let prefixes = if n == 8 { vec![4, 8] } else { vec![4] };
+        let scores = BatchCounts::compute(&masks, &probs, &prefixes)
+            .unwrap()
+            .scores()
+            .unwrap();
+        for (position, &case) in group.iter().enumerate() {
+            check(case, &scores[prefixes.len() - 1][position]);
+            if n == 8 {
+                check(first_truncated + position, &scores[0][position]);
+            }
         }
     }
 }

@@ -66,12 +66,14 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-fn rng(seed: u64, stream: u64, index: u64) -> Pcg64 {
+/// The RNG of one (seed, stream, index): independent of every other triple, so each item
+/// (or each evaluated image) has its own reproducible randomness.
+pub(crate) fn rng(seed: u64, stream: u64, index: u64) -> Pcg64 {
     Pcg64::seed_from_u64(mix(mix(seed ^ mix(stream)) ^ index))
 }
 
 /// A standard normal draw (Box-Muller).
-fn normal(rng: &mut Pcg64) -> f64 {
+pub(crate) fn normal(rng: &mut Pcg64) -> f64 {
     let u: f64 = rng.gen_range(f64::EPSILON..1.0);
     let v: f64 = rng.gen();
     (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()

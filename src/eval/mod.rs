@@ -1,11 +1,24 @@
 //! Sampling the model on a split and scoring the samples against every annotation: the
 //! code behind validation during training and `probunet eval`.
+//!
+//! - [`batch`]: the per-batch scoring on the device (pairwise IoU counts, NCC, the mean
+//!   prediction) and the per-image sampling noise;
+//! - [`command`]: `probunet eval`, a run's checkpoint on a split of its store;
+//! - [`report`]: what it writes (JSON, CSV, PNG figures, TensorBoard).
+pub mod batch;
+pub mod command;
+pub mod report;
+
+pub use batch::{batch_noise, item_noise, BatchCounts};
+pub use command::{evaluate, CheckpointChoice, EvalOptions, EvalOutcome, DEFAULT_SAMPLES};
+
 use crate::data::loader::in_order;
 use crate::data::split::SplitName;
 use crate::data::store::Store;
-use crate::metrics::{BitMask, EmptyConvention, ImageMetrics, MetricsError, PairCounts};
+use crate::metrics::{EmptyConvention, ImageMetrics, MetricsError};
 use crate::model::{ModelError, ProbUNet};
-use crate::tensorboard::{Image, ImageGrid, TensorboardError};
+use crate::tensorboard::{Image, TensorboardError};
+use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +31,49 @@ pub enum EvalError {
     Tensorboard(#[from] TensorboardError),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    /// Run folders, checkpoints and stores are read (and files written) with the training
+    /// code, whose errors name the path.
+    #[error(transparent)]
+    Train(Box<crate::train::TrainError>),
+    #[error("{}: {why}", path.display())]
+    Io { path: PathBuf, why: String },
+    #[error("{}: no checkpoint to evaluate{why}", run.display())]
+    NoCheckpoint { run: PathBuf, why: String },
+    #[error(
+        "checkpoint {} does not fit the model of {} (model.filters = {filters:?}, \
+         latent_dim = {latent_dim}, fcomb_convs = {fcomb_convs}): {why}",
+        checkpoint.display(), spec.display()
+    )]
+    CheckpointMismatch {
+        checkpoint: PathBuf,
+        spec: PathBuf,
+        filters: Vec<i64>,
+        latent_dim: i64,
+        fcomb_convs: usize,
+        why: String,
+    },
+    #[error("{}: the {split} split is empty ({sizes}); evaluate another split with --split", store.display())]
+    EmptySplit {
+        store: PathBuf,
+        split: SplitName,
+        sizes: String,
+    },
+    #[error("{0}")]
+    Options(String),
+    #[error("{0}")]
+    Shapes(String),
+}
+
+impl From<crate::train::TrainError> for EvalError {
+    fn from(e: crate::train::TrainError) -> Self {
+        EvalError::Train(Box::new(e))
+    }
 }
 
 /// Samples of one batch: `[b, n, H, W]` foreground probabilities on the device.
@@ -30,57 +86,21 @@ pub fn sample_probabilities(
     Ok(logits.select(2, 0).sigmoid())
 }
 
-/// Per-image metrics for a batch. `masks` is u8 `[b, A, H, W]`, `probs` `[b, n, H, W]`.
-/// The pairwise intersections of annotations and binarised samples are one batched matrix
-/// product on the device; only the `(A+n)^2` counts per image and the probabilities (for
-/// NCC) come back to the host.
+/// Per-image metrics for a batch under one convention. `masks` is u8 `[b, A, H, W]`,
+/// `probs` `[b, n, H, W]`; the counts are computed on their device ([`BatchCounts`]). An
+/// image whose samples are not finite (a diverged model) scores NaN.
 pub fn batch_metrics(
     masks: &Tensor,
     probs: &Tensor,
     convention: EmptyConvention,
 ) -> Result<Vec<ImageMetrics>, EvalError> {
-    let (b, m, n) = (masks.size()[0], masks.size()[1], probs.size()[1]);
-    let binary = Tensor::cat(
-        &[
-            masks.to_kind(Kind::Float),
-            probs.gt(0.5).to_kind(Kind::Float),
-        ],
-        1,
-    )
-    .flatten(2, -1);
-    let gram = binary
-        .bmm(&binary.transpose(1, 2))
-        .to_device(Device::Cpu)
-        .to_kind(Kind::Int64);
-    let gram: Vec<i64> = Vec::try_from(gram.reshape([-1]))?;
-    let probs_host = probs.to_device(Device::Cpu).to_kind(Kind::Float);
-    let masks_host = masks.to_device(Device::Cpu).contiguous();
-    let k = (m + n) as usize;
-    (0..b)
-        .map(|i| {
-            let counts: Vec<u64> = gram[i as usize * k * k..(i as usize + 1) * k * k]
-                .iter()
-                .map(|&c| c as u64)
-                .collect();
-            let sizes = (0..k).map(|j| counts[j * k + j]).collect();
-            let pair_counts = PairCounts::new(m as usize, n as usize, sizes, counts)?;
-            let annotations: Vec<BitMask> = (0..m)
-                .map(|a| {
-                    let mask: Vec<u8> = Vec::try_from(masks_host.get(i).get(a).reshape([-1]))?;
-                    Ok(BitMask::from_pixels(&mask))
-                })
-                .collect::<Result<_, tch::TchError>>()?;
-            let sample_probs: Vec<Vec<f32>> = (0..n)
-                .map(|s| Vec::try_from(probs_host.get(i).get(s).reshape([-1])))
-                .collect::<Result<_, _>>()?;
-            Ok(ImageMetrics::from_counts(
-                &pair_counts,
-                &annotations,
-                &sample_probs,
-                convention,
-            )?)
-        })
-        .collect()
+    let n = probs.size()[1] as usize;
+    let mut scores = BatchCounts::compute(masks, probs, &[n])?.scores()?;
+    Ok(scores
+        .swap_remove(0)
+        .iter()
+        .map(|s| *s.get(convention))
+        .collect())
 }
 
 /// What validation reports.
@@ -157,12 +177,7 @@ pub fn validate(
             terms += keep;
         }
         let probs = sample_probabilities(model, &images, samples)?;
-        if bool::try_from(probs.isfinite().all())? {
-            per_image.extend(batch_metrics(&masks, &probs, convention)?);
-        } else {
-            // A diverged model: its samples score nothing, and callers see NaN.
-            per_image.extend((0..keep).map(|_| ImageMetrics::not_finite()));
-        }
+        per_image.extend(batch_metrics(&masks, &probs, convention)?);
         items.extend_from_slice(&idx[..keep]);
     }
     let terms = terms.max(1) as f64;
@@ -182,29 +197,13 @@ pub fn sample_grid(
     masks: &Tensor,
     samples: i64,
 ) -> Result<Image, EvalError> {
-    let (rows, m) = (images.size()[0], masks.size()[1]);
-    let (h, w) = (images.size()[2] as usize, images.size()[3] as usize);
-    let probs = sample_probabilities(model, images, samples)?.to_device(Device::Cpu);
-    let mean = probs.mean_dim(1, false, Kind::Float);
-    let cols = 1 + m + samples + 1;
-    let mut grid = ImageGrid::new(rows as usize, cols as usize, h, w)?;
-    let tile = |t: Tensor| {
-        Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1]))
-    };
-    for r in 0..rows {
-        let row = r as usize;
-        grid.set_tile_f32(row, 0, &tile(images.get(r).get(0))?)?;
-        for a in 0..m {
-            grid.set_tile_f32(row, 1 + a as usize, &tile(masks.get(r).get(a))?)?;
-        }
-        for s in 0..samples {
-            grid.set_tile_f32(
-                row,
-                (1 + m + s) as usize,
-                &tile(probs.get(r).get(s).gt(0.5))?,
-            )?;
-        }
-        grid.set_tile_f32(row, cols as usize - 1, &tile(mean.get(r))?)?;
-    }
-    Ok(grid.into_image())
+    let probs = sample_probabilities(model, images, samples)?;
+    let rows: Vec<report::FigureRow> = (0..images.size()[0])
+        .map(|r| report::FigureRow {
+            image: images.get(r),
+            masks: masks.get(r),
+            probs: probs.get(r),
+        })
+        .collect();
+    report::figure(&rows, samples, false)
 }

@@ -1,0 +1,502 @@
+//! `probunet eval` as a user runs it: the outputs in the run folder, their agreement with
+//! each other and with TensorBoard's reader, reproducibility, and the errors for bad input.
+mod common;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// A tiny trained run, made once per test binary: `(root, run)`. Commands run in `root`,
+/// where the run's synthetic store lives; each test evaluates its own copy of the run.
+fn fixture() -> &'static (PathBuf, PathBuf) {
+    static FIXTURE: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("eval-fixture");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let spec = root.join("tiny.toml");
+        std::fs::write(
+            &spec,
+            r#"name = "tiny"
+[data.synthetic]
+items = 120
+size = 32
+seed = 1
+
+[model]
+filters = [8, 16]
+beta = 1.0
+reconstruction = "batch_mean"
+
+[train]
+batch = 8
+steps = 30
+lr = 1e-3
+val_every = 10
+val_samples = 4
+checkpoint_every = 10
+keep_last = 2
+device = "cpu"
+
+[log]
+every = 10
+runs_dir = "runs"
+"#,
+        )
+        .unwrap();
+        run_ok(&root, &["train", "tiny.toml", "--plain"]);
+        let run = std::fs::read_dir(root.join("runs"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        (root, run)
+    })
+}
+
+fn probunet(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_probunet"))
+        .current_dir(dir)
+        .args(args)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+}
+
+fn run_ok(dir: &Path, args: &[&str]) -> Output {
+    let out = probunet(dir, args);
+    assert!(
+        out.status.success(),
+        "probunet {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `probunet eval` on a fresh copy of the fixture run; returns the copy and the output.
+fn eval_copy(name: &str, args: &[&str]) -> (PathBuf, Output) {
+    let (root, run) = fixture();
+    let copy = root.join("copies").join(name);
+    let _ = std::fs::remove_dir_all(&copy);
+    copy_dir(run, &copy);
+    let mut full = vec!["eval", copy.to_str().unwrap(), "--device", "cpu"];
+    full.extend_from_slice(args);
+    let out = probunet(root, &full);
+    (copy, out)
+}
+
+fn eval_ok(name: &str, args: &[&str]) -> (PathBuf, String) {
+    let (copy, out) = eval_copy(name, args);
+    assert!(
+        out.status.success(),
+        "probunet eval {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (copy, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn eval_err(name: &str, args: &[&str]) -> String {
+    let (_, out) = eval_copy(name, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "expected a failure: {stderr}");
+    stderr
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The CSV as (header, rows of fields).
+fn csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text
+        .lines()
+        .map(|l| l.split(',').map(String::from).collect());
+    let header = lines.next().unwrap();
+    (header, lines.collect())
+}
+
+fn column(path: &Path, name: &str) -> Vec<f64> {
+    let (header, rows) = csv(path);
+    let i = header.iter().position(|h| h == name).unwrap();
+    rows.iter().map(|r| r[i].parse().unwrap()).collect()
+}
+
+/// Width and height from a PNG's IHDR chunk.
+fn png_size(path: &Path) -> (u32, u32) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", path.display());
+    let be = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    (be(16), be(20))
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-9 * a.abs().max(1.0)
+}
+
+#[test]
+fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
+    let (run, stdout) = eval_ok("outputs", &[]);
+    assert!(stdout.contains("GED (phiseg)"), "{stdout}");
+    let eval = run.join("eval");
+    let store = json(&eval.join("test-16.json"))["store"]["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let manifest = json(&fixture().0.join(store).join("manifest.json"));
+    let test_items: Vec<u64> = manifest["split"]["test"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(!test_items.is_empty());
+    for n in [16, 100] {
+        let report = json(&eval.join(format!("test-{n}.json")));
+        assert_eq!(report["samples"], n);
+        assert_eq!(report["split"], "test");
+        assert_eq!(report["items"], test_items.len());
+        assert_eq!(report["seed"], 0);
+        assert_eq!(report["checkpoint"]["choice"], "best");
+        assert!(report["checkpoint"]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("checkpoints/best"));
+        assert!(report["checkpoint"]["step"].as_u64().unwrap() > 0);
+        assert_eq!(report["conventions"]["default"], "phiseg");
+        assert_eq!(
+            report["conventions"]["computed"],
+            serde_json::json!(["phiseg", "kohl-nan"])
+        );
+        assert_eq!(report["bootstrap"]["resamples"], 10_000);
+
+        let rows = eval.join(format!("test-{n}.csv"));
+        let (header, lines) = csv(&rows);
+        assert_eq!(header[..4], ["item", "key", "patient", "empty_annotations"]);
+        let items: Vec<u64> = lines.iter().map(|r| r[0].parse().unwrap()).collect();
+        assert_eq!(items, test_items, "one row per test image, in store order");
+        for convention in ["phiseg", "kohl-nan"] {
+            for metric in ["ged", "hm_iou", "diversity", "ncc", "mean_pred_iou"] {
+                let summary = &report["metrics"][convention][metric];
+                let col = if metric == "ncc" {
+                    "ncc".to_string()
+                } else {
+                    format!("{metric}_{}", convention.replace('-', "_"))
+                };
+                let values: Vec<f64> = column(&rows, &col)
+                    .into_iter()
+                    .filter(|v| !v.is_nan())
+                    .collect();
+                assert_eq!(
+                    summary["n"].as_u64().unwrap() as usize,
+                    values.len(),
+                    "{convention} {metric}"
+                );
+                assert_eq!(
+                    summary["n_nan"].as_u64().unwrap() as usize,
+                    test_items.len() - values.len()
+                );
+                if values.is_empty() {
+                    assert!(
+                        summary["mean"].is_null(),
+                        "{convention} {metric}: NaN is null"
+                    );
+                    continue;
+                }
+                let mean = values.iter().sum::<f64>() / values.len() as f64;
+                let got = summary["mean"].as_f64().unwrap();
+                assert!(
+                    close(got, mean),
+                    "{convention} {metric}: {got} vs CSV {mean}"
+                );
+                let (low, high) = (
+                    summary["ci_low"].as_f64().unwrap(),
+                    summary["ci_high"].as_f64().unwrap(),
+                );
+                assert!(
+                    low <= got + 1e-12 && got <= high + 1e-12,
+                    "{low} {got} {high}"
+                );
+                assert!(summary["std"].as_f64().unwrap() >= 0.0);
+            }
+        }
+        // PHiSeg GED is never NaN for finite samples: every image is scored.
+        assert_eq!(report["metrics"]["phiseg"]["ged"]["n_nan"], 0);
+        let geds = column(&rows, "ged_phiseg");
+        let sorted = {
+            let mut g = geds.clone();
+            g.sort_by(f64::total_cmp);
+            g
+        };
+        assert!(close(
+            report["examples"]["best"]["ged"].as_f64().unwrap(),
+            sorted[0]
+        ));
+        assert!(close(
+            report["examples"]["worst"]["ged"].as_f64().unwrap(),
+            *sorted.last().unwrap()
+        ));
+        assert!(close(
+            report["examples"]["median"]["ged"].as_f64().unwrap(),
+            sorted[(sorted.len() - 1) / 2]
+        ));
+        for which in ["best", "median", "worst"] {
+            // Input, 4 annotations, 8 samples, mean and variance: 15 tiles of 32 px, 2 px gaps.
+            assert_eq!(
+                png_size(&eval.join(format!("test-{n}-{which}.png"))),
+                (15 * 32 + 14 * 2, 32)
+            );
+        }
+    }
+    let leftovers: Vec<String> = std::fs::read_dir(&eval)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+
+    let events: Value =
+        serde_json::from_str(&common::run_script("read_events.py", &[eval.as_os_str()])).unwrap();
+    let events = &events[eval.to_str().unwrap()];
+    let step = json(&eval.join("test-16.json"))["checkpoint"]["step"]
+        .as_u64()
+        .unwrap();
+    for n in [16, 100] {
+        for which in ["best", "median", "worst"] {
+            let image = &events["images"][format!("test-{n}/{which}")][0];
+            assert_eq!(image["step"], step);
+            assert_eq!(image["png_width"], 15 * 32 + 14 * 2);
+        }
+        let report = json(&eval.join(format!("test-{n}.json")));
+        for (tag, convention, metric) in [
+            (format!("test-{n}/ged"), "phiseg", "ged"),
+            (format!("test-{n}/hm_iou"), "phiseg", "hm_iou"),
+            (format!("test-{n}/ncc"), "phiseg", "ncc"),
+            (
+                format!("test-{n}/diversity_kohl_nan"),
+                "kohl-nan",
+                "diversity",
+            ),
+        ] {
+            let expected = &report["metrics"][convention][metric]["mean"];
+            match expected.as_f64() {
+                Some(v) => {
+                    let point = &events["scalars"][&tag][0];
+                    assert_eq!(point[0], step, "{tag}");
+                    assert!((point[1].as_f64().unwrap() - v).abs() < 1e-5, "{tag}");
+                }
+                // A NaN mean (no image defines the metric) is left out of TensorBoard.
+                None => assert!(events["scalars"][&tag].is_null(), "{tag}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn results_depend_on_the_seed_but_not_on_the_batch_size_or_other_sample_counts() {
+    let (a, _) = eval_ok("batch-1", &["--batch", "1", "--samples", "12"]);
+    let (b, _) = eval_ok("batch-5", &["--batch", "5", "--samples", "5,12"]);
+    let (c, _) = eval_ok("seed-1", &["--samples", "12", "--seed", "1"]);
+    let path = |run: &Path| run.join("eval/test-12.csv");
+    for name in [
+        "ged_phiseg",
+        "hm_iou_phiseg",
+        "ncc",
+        "mean_pred_iou_kohl_nan",
+    ] {
+        let (x, y) = (column(&path(&a), name), column(&path(&b), name));
+        for (i, (x, y)) in x.iter().zip(&y).enumerate() {
+            // Float rounding may differ between batch sizes; different noise would not be close.
+            assert!(
+                (x.is_nan() && y.is_nan()) || (x - y).abs() < 1e-4,
+                "{name}, row {i}: {x} vs {y}"
+            );
+        }
+    }
+    let (x, z) = (column(&path(&a), "ncc"), column(&path(&c), "ncc"));
+    assert!(
+        x.iter().zip(&z).any(|(x, z)| (x - z).abs() > 1e-6),
+        "another seed draws other samples"
+    );
+    assert!(b.join("eval/test-5.json").is_file());
+    assert_eq!(json(&c.join("eval/test-12.json"))["seed"], 1);
+}
+
+#[test]
+fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
+    let (run, _) = eval_ok("last", &["--checkpoint", "last", "--samples", "4"]);
+    let report = json(&run.join("eval/test-4.json"));
+    assert_eq!(report["checkpoint"]["choice"], "last");
+    assert_eq!(report["checkpoint"]["step"], 30);
+    assert!(report["checkpoint"]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("step-00000030"));
+
+    let (_, run) = fixture();
+    let model = run.join("checkpoints/step-00000020/model.safetensors");
+    let (copy, _) = eval_ok(
+        "path",
+        &["--checkpoint", model.to_str().unwrap(), "--samples", "4"],
+    );
+    let report = json(&copy.join("eval/test-4.json"));
+    assert_eq!(report["checkpoint"]["step"], 20);
+    assert_eq!(report["checkpoint"]["model"], model.to_str().unwrap());
+
+    let (root, run) = fixture();
+    let copy = root.join("copies/no-best");
+    let _ = std::fs::remove_dir_all(&copy);
+    copy_dir(run, &copy);
+    std::fs::remove_dir_all(copy.join("checkpoints/best")).unwrap();
+    let out = run_ok(
+        root,
+        &[
+            "eval",
+            copy.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--samples",
+            "4",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("note: no best checkpoint"), "{stdout}");
+    assert_eq!(
+        json(&copy.join("eval/test-4.json"))["checkpoint"]["step"],
+        30
+    );
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let (root, run) = fixture();
+    // Not a run folder.
+    let out = probunet(root, &["eval", "nowhere", "--device", "cpu"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("nowhere") && stderr.contains("not a run folder"),
+        "{stderr}"
+    );
+
+    // A run folder without a checkpoint.
+    let bare = root.join("copies/bare");
+    let _ = std::fs::remove_dir_all(&bare);
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::copy(run.join("spec.toml"), bare.join("spec.toml")).unwrap();
+    let out = probunet(root, &["eval", bare.to_str().unwrap(), "--device", "cpu"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no checkpoint to evaluate") && stderr.contains("--checkpoint PATH"),
+        "{stderr}"
+    );
+
+    // A checkpoint of another model shape: the spec now asks for wider second-level filters.
+    let (root, run) = fixture();
+    let wider = root.join("copies/wider");
+    let _ = std::fs::remove_dir_all(&wider);
+    copy_dir(run, &wider);
+    let spec = std::fs::read_to_string(wider.join("spec.toml")).unwrap();
+    assert!(spec.contains("filters = [8, 16]"));
+    std::fs::write(
+        wider.join("spec.toml"),
+        spec.replace("filters = [8, 16]", "filters = [8, 24]"),
+    )
+    .unwrap();
+    let out = probunet(root, &["eval", wider.to_str().unwrap(), "--device", "cpu"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    for words in [
+        "does not fit the model of",
+        "model.filters = [8, 24]",
+        "variable posterior.encoder.1.0.bias is [16] in the checkpoint but [24] in the model",
+        "variables differ",
+    ] {
+        assert!(stderr.contains(words), "{words}: {stderr}");
+    }
+    // Same through --checkpoint PATH from another run: the mismatch names the variable.
+    let latent = root.join("copies/latent");
+    let _ = std::fs::remove_dir_all(&latent);
+    copy_dir(run, &latent);
+    let spec = std::fs::read_to_string(latent.join("spec.toml")).unwrap();
+    std::fs::write(
+        latent.join("spec.toml"),
+        spec.replace("latent_dim = 2", "latent_dim = 3"),
+    )
+    .unwrap();
+    let model = run.join("checkpoints/best/model.safetensors");
+    let out = probunet(
+        root,
+        &[
+            "eval",
+            latent.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--checkpoint",
+            model.to_str().unwrap(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .contains("fcomb.layers.0.weight is [8, 10, 1, 1] in the checkpoint but [8, 11, 1, 1]"),
+        "{stderr}"
+    );
+
+    // A store without the asked split, and a split name that does not exist.
+    run_ok(
+        root,
+        &[
+            "prepare",
+            "--synthetic",
+            "--items",
+            "40",
+            "--size",
+            "32",
+            "--split",
+            "90,10,0",
+            "--out",
+            "no-test",
+        ],
+    );
+    let stderr = eval_err(
+        "no-test",
+        &["--store", root.join("no-test").to_str().unwrap()],
+    );
+    assert!(
+        stderr.contains("no-test")
+            && stderr.contains("the test split is empty")
+            && stderr.contains("test 0"),
+        "{stderr}"
+    );
+    let stderr = eval_err("bad-split", &["--split", "holdout"]);
+    assert!(
+        stderr.contains("unknown split \"holdout\": expected train, val or test"),
+        "{stderr}"
+    );
+    let stderr = eval_err(
+        "bad-checkpoint",
+        &["--checkpoint", "missing/model.safetensors"],
+    );
+    assert!(
+        stderr.contains("--checkpoint missing/model.safetensors: no such file or folder"),
+        "{stderr}"
+    );
+    let stderr = eval_err("bad-samples", &["--samples", "0"]);
+    assert!(stderr.contains("--samples must be positive"), "{stderr}");
+}
