@@ -160,12 +160,16 @@ class ProbUNet(nn.Module):
                     posterior_mu=posterior[0], posterior_sigma=posterior[1].exp())
 
     @torch.no_grad()
-    def sample(self, image, n):
-        """Logits [B, n, classes, H, W]: prior and U-Net once per image, fcomb per sample."""
+    def sample(self, image, n, eps=None):
+        """Logits [B, n, classes, H, W]: prior and U-Net once per image, fcomb per sample.
+
+        eps, standard-normal noise [B, n, latent_dim], is drawn unless given."""
         mu, log_sigma = self.prior(image)
         features = self.unet(image)
         b = image.shape[0]
-        z = mu[:, None] + log_sigma.exp()[:, None] * torch.randn(b, n, mu.shape[1], device=image.device)
+        if eps is None:
+            eps = torch.randn(b, n, mu.shape[1], device=image.device)
+        z = mu[:, None] + log_sigma.exp()[:, None] * eps.to(mu)
         feats = features[:, None].expand(-1, n, -1, -1, -1).flatten(0, 1)
         logits = self.fcomb(feats, z.flatten(0, 1))
         return logits.view(b, n, *logits.shape[1:])

@@ -1,11 +1,13 @@
 //! Sampling the model on a split and scoring the samples against every annotation: the
-//! code behind validation during training and `probunet eval`.
+//! code behind validation during training, `probunet eval` and `probunet bench-eval`.
 //!
 //! - [`batch`]: the per-batch scoring on the device (pairwise IoU counts, NCC, the mean
 //!   prediction) and the per-image sampling noise;
 //! - [`command`]: `probunet eval`, a run's checkpoint on a split of its store;
-//! - [`report`]: what it writes (JSON, CSV, PNG figures, TensorBoard).
+//! - [`report`]: what it writes (JSON, CSV, PNG figures, TensorBoard);
+//! - [`bench`]: the eval throughput benchmark.
 pub mod batch;
+pub mod bench;
 pub mod command;
 pub mod report;
 

@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Eval throughput: probunet (Rust, tch) next to the PyTorch implementation doing the same work.
+
+    bench_eval.py [--probunet BIN] [--images 16] [--size 128] [--samples 100] [--batch 4]
+                  [--device cpu|cuda] [--repeats 2]
+
+Runs `probunet bench-eval --export DIR --json`, which times probunet's evaluation and writes
+its freshly initialised weights, the synthetic images and masks and every image's latent
+noise; then times scripts/torch_probunet.py's model on the same inputs doing the same work
+per batch, as `probunet eval` does it:
+  - prior and U-Net once per image, fcomb once per sample (ProbUNet.sample, given noise);
+  - on the device: binarise at 0.5, all pairwise intersections of annotations and samples
+    as one batched matrix product, PHiSeg's NCC and the mean prediction's overlaps (float64);
+  - on the host: GED, HM-IoU (one Hungarian assignment, numpy) and diversity under both
+    empty-mask conventions, from the counts.
+The runs alternate (probunet, PyTorch, probunet, ...) so that load from other processes
+hits both alike; each run's figures are printed, then the best of each side by side. The
+mean GED of both must agree: it shows that both scored the same samples.
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_probunet import ProbUNet  # noqa: E402
+
+CE_EPS = 1e-8
+
+
+def hungarian(cost):
+    """Minimum-cost assignment of a square matrix (Kuhn-Munkres with potentials, the inner
+    loop over columns vectorised); returns the column of each row."""
+    n = cost.shape[0]
+    u = np.zeros(n + 1)
+    v = np.zeros(n + 1)
+    match = np.zeros(n + 1, dtype=np.int64)  # match[j]: row on column j (1-based), 0 if none
+    way = np.zeros(n + 1, dtype=np.int64)
+    for row in range(1, n + 1):
+        match[0] = row
+        col = 0
+        slack = np.full(n + 1, np.inf)
+        used = np.zeros(n + 1, dtype=bool)
+        while True:
+            used[col] = True
+            current = match[col]
+            free = ~used[1:]
+            reduced = cost[current - 1] - u[current] - v[1:]
+            better = free & (reduced < slack[1:])
+            slack[1:][better] = reduced[better]
+            way[1:][better] = col
+            masked = np.where(free, slack[1:], np.inf)
+            nxt = int(np.argmin(masked)) + 1
+            delta = masked[nxt - 1]
+            u[match[used]] += delta
+            v[used] -= delta
+            slack[1:][free] -= delta
+            col = nxt
+            if match[col] == 0:
+                break
+        while col:
+            prev = way[col]
+            match[col] = match[prev]
+            col = prev
+    assignment = np.zeros(n, dtype=np.int64)
+    assignment[match[1:] - 1] = np.arange(n)
+    return assignment
+
+
+def nanmean(values):
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else math.nan
+
+
+def host_metrics(gram, m, n, ncc, area, intersections):
+    """Both conventions' metrics of one image from its counts, as probunet's host does."""
+    sizes = np.diag(gram).astype(np.float64)
+    union = sizes[:, None] + sizes[None, :] - gram
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = gram / union
+        prediction_union = area + sizes[:m] - intersections
+        prediction_ratio = intersections / prediction_union
+    size = math.lcm(m, n)
+    rows = np.arange(size)
+    phiseg_iou = np.where(union > 0, ratio, 1.0)
+    cost = -phiseg_iou[rows[:, None] % m, m + rows[None, :] % n]
+    assignment = hungarian(cost)
+    off_diagonal = ~np.eye(n, dtype=bool)
+    out = {}
+    for convention, empty in (("phiseg", 1.0), ("kohl-nan", math.nan)):
+        iou = np.where(union > 0, ratio, empty)
+        d = 1.0 - iou
+        out[convention] = {
+            "ged": 2 * nanmean(d[m:, :m]) - nanmean(d[m:, m:]) - nanmean(d[:m, :m]),
+            "hm_iou": nanmean(iou[rows % m, m + assignment % n]),
+            "diversity": nanmean(d[m:, m:][off_diagonal]),
+            "ncc": ncc,
+            "mean_pred_iou": nanmean(np.where(prediction_union > 0, prediction_ratio, empty)),
+        }
+    return out
+
+
+def device_counts(masks, probs):
+    """Pairwise intersections, NCC and the mean prediction's counts of a batch, on the device."""
+    b, m, n = masks.shape[0], masks.shape[1], probs.shape[1]
+    masks = masks.float().flatten(2)
+    binary = torch.cat([masks, (probs > 0.5).float().flatten(2)], 1)
+    gram = torch.bmm(binary, binary.transpose(1, 2)).long()
+    masks = masks.double()
+    probs = probs.flatten(2).double()
+    clamped = probs.clamp(CE_EPS, 1 - CE_EPS)
+    log_fg = clamped.log().mean(1, keepdim=True)
+    log_bg = (1 - clamped).log().mean(1, keepdim=True)
+
+    def expected_ce(t):
+        return -(t * log_fg + (1 - t) * log_bg)
+
+    uncertainty = expected_ce(probs.mean(1, keepdim=True))
+    error = expected_ce(masks)
+    u = uncertainty - uncertainty.mean(-1, keepdim=True)
+    e = error - error.mean(-1, keepdim=True)
+    r = (u * e).sum(-1) / ((u * u).sum(-1) * (e * e).sum(-1)).sqrt()
+    constant = (uncertainty.amax(-1) == uncertainty.amin(-1)) | (error.amax(-1) == error.amin(-1))
+    r = r.masked_fill(constant, math.nan)
+    ncc = r.nan_to_num(0.0).sum(-1) / (~r.isnan()).sum(-1)
+    prediction = (probs.mean(1) > 0.5).double()
+    area = prediction.sum(-1)
+    intersections = (masks * prediction[:, None]).sum(-1)
+    return gram.cpu().numpy(), ncc.cpu().numpy(), area.cpu().numpy(), intersections.cpu().numpy()
+
+
+def bench_torch(export, samples, batch, device):
+    config = json.load(open(os.path.join(export, "model.json")))
+    model = ProbUNet(
+        filters=config["filters"],
+        latent_dim=config["latent_dim"],
+        fcomb_convs=config["fcomb_convs"],
+        input_channels=config["input_channels"],
+        num_classes=config["num_classes"],
+        log_sigma_clamp=config["log_sigma_clamp"],
+    )
+    model.load_state_dict(load_file(os.path.join(export, "weights.safetensors")), strict=True)
+    model.to(device).eval()
+    data = load_file(os.path.join(export, "data.safetensors"))
+    images, masks, noise = data["images"], data["masks"], data["noise"]
+    total = images.shape[0]
+    device_seconds = host_seconds = 0.0
+    geds, diversities = [], []
+    with torch.no_grad():
+        for start in range(0, total, batch):
+            stop = min(start + batch, total)
+            timed = start >= batch  # the first batch warms up, as in probunet
+            t0 = time.perf_counter()
+            x = images[start:stop].to(device)
+            y = masks[start:stop].to(device)
+            eps = noise[start:stop].to(device)
+            probs = torch.sigmoid(model.sample(x, samples, eps=eps)[:, :, 0])
+            gram, ncc, area, intersections = device_counts(y, probs)
+            t1 = time.perf_counter()
+            m = y.shape[1]
+            scores = [
+                host_metrics(gram[i], m, samples, float(ncc[i]), area[i], intersections[i])
+                for i in range(stop - start)
+            ]
+            t2 = time.perf_counter()
+            if timed:
+                device_seconds += t1 - t0
+                host_seconds += t2 - t1
+                geds.extend(s["phiseg"]["ged"] for s in scores)
+                diversities.extend(s["phiseg"]["diversity"] for s in scores)
+    seconds = device_seconds + host_seconds
+    return {
+        "implementation": "PyTorch (torch_probunet.py)",
+        "device": f"{device} ({torch.get_num_threads()} threads)" if device == "cpu" else device,
+        "images": len(geds),
+        "seconds": seconds,
+        "device_seconds": device_seconds,
+        "host_seconds": host_seconds,
+        "images_per_s": len(geds) / seconds,
+        "mean_ged": float(np.mean(geds)),
+        "mean_diversity": float(np.mean(diversities)),
+    }
+
+
+def default_binary():
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(__file__), "..", "target"))
+    return os.path.join(target, "release", "probunet")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--probunet", default=default_binary(), help="the probunet binary")
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    runs = []
+    with tempfile.TemporaryDirectory() as export:
+        for repeat in range(args.repeats):
+            command = [
+                args.probunet, "bench-eval", "--json", "--export", export,
+                "--images", str(args.images), "--size", str(args.size),
+                "--samples", str(args.samples), "--batch", str(args.batch),
+                "--device", args.device,
+            ]
+            ours = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+            theirs = bench_torch(export, args.samples, args.batch, args.device)
+            for result in (ours, theirs):
+                print(
+                    f"run {repeat + 1}: {result['implementation']:<28} {result['images_per_s']:8.3f} images/s "
+                    f"({result['device_seconds']:.2f} s sampling + device metrics, "
+                    f"{result['host_seconds']:.2f} s host metrics; mean GED {result['mean_ged']:.6f}, "
+                    f"diversity {result['mean_diversity']:.6f})",
+                    flush=True,
+                )
+            runs.append((ours, theirs))
+    best = [max((run[i] for run in runs), key=lambda r: r["images_per_s"]) for i in (0, 1)]
+    ours, theirs = best
+    print()
+    print(
+        f"eval throughput at {args.samples} samples: {args.images} synthetic {args.size}x{args.size} images, "
+        f"batch {args.batch}, the seed's model shape, best of {args.repeats}"
+    )
+    print(
+        f"{'implementation':<30} {'device':<18} {'images/s':>9} {'device s':>9} {'host s':>8} "
+        f"{'mean GED':>10} {'diversity':>10}"
+    )
+    for r in best:
+        print(
+            f"{r['implementation']:<30} {r['device']:<18} {r['images_per_s']:9.3f} "
+            f"{r['device_seconds']:9.2f} {r['host_seconds']:8.2f} {r['mean_ged']:10.6f} "
+            f"{r['mean_diversity']:10.6f}"
+        )
+    print(f"probunet / PyTorch: {ours['images_per_s'] / theirs['images_per_s']:.2f}x")
+    if abs(ours["mean_ged"] - theirs["mean_ged"]) > 1e-3:
+        print(
+            f"warning: the mean GEDs differ by {abs(ours['mean_ged'] - theirs['mean_ged']):.2e}; "
+            "the two did not score the same samples",
+            file=sys.stderr,
+        )
+
+
+if __name__ == "__main__":
+    main()
