@@ -146,10 +146,13 @@ pub fn measure(
     })
 }
 
+/// The checkout this binary was built from, where the PyTorch side lives.
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
 fn python() -> PathBuf {
     std::env::var_os("PROBUNET_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(".venv/bin/python"))
+        .unwrap_or_else(|| PathBuf::from(REPO).join(".venv/bin/python"))
 }
 
 fn last_json_line(output: std::process::Output, what: &str) -> Result<Measurement> {
@@ -239,7 +242,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 };
                 for &compile in variants {
                     let mut cmd = Command::new(python());
-                    cmd.arg("scripts/bench_torch.py")
+                    cmd.arg(PathBuf::from(REPO).join("scripts/bench_torch.py"))
                         .args([
                             "--batch",
                             &batch.to_string(),
