@@ -8,6 +8,11 @@ across protocols 2-5, both numpy module layouts, dtypes, byte orders and memory 
 Output is deterministic: fixed seed, fixed item order.
 
 Usage: .venv/bin/python scripts/make_pickle_fixtures.py [OUT_DIR]
+       .venv/bin/python scripts/make_pickle_fixtures.py --lidc-shaped ITEMS PATH [PROTOCOL]
+
+The second form writes one large LIDC-shaped file for benchmarks: ITEMS slices of
+128x128 float32 images with 4 uint8 masks each (15,000 items make about 2 GB), the way
+the published data_lidc.pickle is laid out, with Python's default protocol unless given.
 
 Never unpickle the bad_forbidden_* files: they name os.system and builtins.eval.
 """
@@ -24,7 +29,7 @@ import numpy as np
 
 OUT = (
     Path(sys.argv[1])
-    if len(sys.argv) > 1
+    if len(sys.argv) > 1 and not sys.argv[1].startswith("--")
     else Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "pickle"
 )
 SHAPE = (16, 16)
@@ -306,5 +311,30 @@ def main():
     print(f"wrote {len(files)} fixtures ({total} bytes) to {OUT}")
 
 
+def lidc_shaped(items, path, protocol=pickle.DEFAULT_PROTOCOL):
+    """A benchmark-sized file: lesion crops of 128x128 with 4 masks, ~128 KiB per item."""
+    rng = np.random.default_rng(SEED)
+    data = {}
+    yy, xx = np.mgrid[:128, :128]
+    for i in range(items):
+        patient, slice_ = divmod(i, 12)
+        image = rng.random((128, 128), dtype=np.float32)
+        r = rng.uniform(4, 20)
+        masks = [((yy - 64) ** 2 + (xx - 64) ** 2 < (r * rng.uniform(0.8, 1.2)) ** 2).astype(np.uint8) for _ in range(MASKS)]
+        if rng.random() < 0.3:
+            masks[rng.integers(MASKS)][:] = 0
+        data[f"LIDC-IDRI-{patient:04d}_slice{slice_:03d}"] = {
+            "image": image,
+            "masks": masks,
+            "series_uid": f"1.3.6.1.4.1.14519.5.2.1.6279.6001.{patient}",
+        }
+    with open(path, "wb") as f:
+        pickle.dump(data, f, protocol=protocol)
+    print(f"wrote {items} items to {path}")
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--lidc-shaped":
+        lidc_shaped(int(sys.argv[2]), sys.argv[3], *(int(p) for p in sys.argv[4:5]))
+    else:
+        main()

@@ -1,5 +1,6 @@
 //! probunet: train and evaluate the Probabilistic U-Net (Kohl et al. 2018) on ambiguous
 //! medical segmentation.
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod device;

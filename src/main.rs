@@ -46,6 +46,8 @@ enum Command {
     },
     /// Check the installation: libtorch, CUDA, the model's parameter counts, one training step.
     Doctor(doctor::DoctorArgs),
+    /// Benchmark training and sampling against the PyTorch implementation of the same model.
+    Bench(probunet::bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -408,6 +410,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::BenchEval(args) => bench_eval(args),
         Command::Sweep { .. } => not_implemented("sweep"),
         Command::Doctor(args) => doctor::run(&args),
+        Command::Bench(args) => probunet::bench::run(&args),
     }
 }
 

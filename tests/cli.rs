@@ -58,3 +58,43 @@ fn a_missing_cuda_device_is_an_error_not_a_cpu_fallback() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn bench_races_pytorch_and_writes_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("bench.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_probunet"))
+        .args([
+            "bench",
+            "--device",
+            "cpu",
+            "--batches",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--samples",
+            "2",
+        ])
+        .arg("--out")
+        .arg(&out_file)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("bf16 skipped"), "{stdout}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let impls: Vec<&str> = lines.iter().map(|l| l["impl"].as_str().unwrap()).collect();
+    assert_eq!(impls, ["probunet", "pytorch"]);
+    for line in &lines {
+        assert!(line["train_images_per_s"].as_f64().unwrap() > 0.0);
+        assert!(line["samples_per_s"].as_f64().unwrap() > 0.0);
+        assert!(line["peak_mib"].as_f64().unwrap() > 0.0);
+    }
+}

@@ -133,7 +133,17 @@ impl LidcItem<'_> {
 /// Parses a LIDC file, keeping the file's item order. Every item must have exactly
 /// `expected_masks` masks and all images one shape.
 pub fn parse_lidc(bytes: &[u8], expected_masks: usize) -> Result<Vec<LidcItem<'_>>, LidcError> {
-    let pickle = pickle::parse(bytes)?;
+    parse_lidc_with_progress(bytes, expected_masks, &mut |_| {})
+}
+
+/// `parse_lidc` with a progress callback, as `pickle::parse_with_progress`; after the
+/// pickle is parsed, the walk over its items reports its position again from the start.
+pub fn parse_lidc_with_progress<'a>(
+    bytes: &'a [u8],
+    expected_masks: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<LidcItem<'a>>, LidcError> {
+    let pickle = pickle::parse_with_progress(bytes, progress)?;
     let root = pickle.root();
     let entries = pickle.as_dict(root).ok_or(LidcError::NotADict {
         found: pickle.kind(root),
@@ -152,6 +162,14 @@ pub fn parse_lidc(bytes: &[u8], expected_masks: usize) -> Result<Vec<LidcItem<'_
             index,
             found: pickle.kind(key),
         })?;
+        // This walk reads every key and field name again: report where it stands too.
+        if index % 256 == 0 {
+            let at = key.as_ptr() as usize;
+            let base = bytes.as_ptr() as usize;
+            if (base..base + bytes.len()).contains(&at) {
+                progress(at - base);
+            }
+        }
         let patient = match key.split_once('_') {
             Some((patient, _)) if !patient.is_empty() => patient,
             _ => {

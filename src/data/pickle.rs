@@ -370,6 +370,17 @@ impl ArrayView<'_> {
         &self.data
     }
 
+    /// The same array over a copy of its payload (read into a buffer of the caller's, say,
+    /// instead of through a memory map); `None` if `data` is not the payload's length.
+    pub fn with_data<'b>(&self, data: &'b [u8]) -> Option<ArrayView<'b>> {
+        (data.len() == self.data.len()).then(|| ArrayView {
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+            order: self.order,
+            data: Payload::Borrowed(data),
+        })
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.data.len() / self.dtype.element.itemsize()
@@ -610,6 +621,19 @@ fn kind(objects: &[Object<'_>], value: Value) -> &'static str {
 
 /// Parses a pickle of protocol 2-5. Array payloads are located but not read.
 pub fn parse(input: &[u8]) -> Result<Pickle<'_>, PickleError> {
+    parse_with_progress(input, &mut |_| {})
+}
+
+/// Input bytes between two calls of a progress callback.
+pub const PROGRESS_STEP: usize = 64 << 20;
+
+/// `parse`, calling `progress(pos)` each time another `PROGRESS_STEP` bytes of input have
+/// been consumed: a caller that memory-maps a large file can hand back the pages behind
+/// `pos`, which page fault-around maps in while the opcodes between arrays are read.
+pub fn parse_with_progress<'a>(
+    input: &'a [u8],
+    progress: &mut dyn FnMut(usize),
+) -> Result<Pickle<'a>, PickleError> {
     match input.first() {
         None => return Err(PickleError::Truncated { offset: 0 }),
         Some(&op::PROTO) => {}
@@ -623,11 +647,13 @@ pub fn parse(input: &[u8]) -> Result<Pickle<'_>, PickleError> {
         memo: HashMap::new(),
         decoded: HashMap::new(),
         objects: Vec::new(),
+        progress,
+        next_report: PROGRESS_STEP,
     }
     .run()
 }
 
-struct Parser<'a> {
+struct Parser<'a, 'p> {
     input: &'a [u8],
     pos: usize,
     stack: Vec<Value>,
@@ -638,12 +664,18 @@ struct Parser<'a> {
     /// Latin-1 payloads already decoded, by the index of their text object.
     decoded: HashMap<usize, Arc<Vec<u8>>>,
     objects: Vec<Object<'a>>,
+    progress: &'p mut dyn FnMut(usize),
+    next_report: usize,
 }
 
-impl<'a> Parser<'a> {
+impl<'a> Parser<'a, '_> {
     fn run(mut self) -> Result<Pickle<'a>, PickleError> {
         loop {
             let at = self.pos;
+            if at >= self.next_report {
+                (self.progress)(at);
+                self.next_report = at + PROGRESS_STEP;
+            }
             let [opcode] = self.take_array(at)?;
             match opcode {
                 op::PROTO => {

@@ -1,5 +1,6 @@
 //! `probunet prepare`: an LIDC pickle (or the synthetic generator) into a store.
-use super::lidc::{parse_lidc, LidcItem};
+use super::lidc::{parse_lidc_with_progress, LidcError, LidcItem};
+use super::pickle::ArrayView;
 use super::split::{Split, SplitFractions, SplitName};
 use super::store::SourceFile;
 use super::store::{
@@ -10,11 +11,11 @@ use super::synthetic::{Synthetic, SyntheticConfig};
 use super::DataError;
 use crate::metrics::EmptyConvention;
 use memmap2::{Mmap, UncheckedAdvice};
-use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -313,57 +314,54 @@ fn fingerprint(path: &Path) -> Result<SourceFile, DataError> {
     })
 }
 
-/// Gives back the pages of a read-only file map once they have been consumed, so reading
-/// a file of any size keeps the resident set small. Pages are re-read from the page cache
-/// if touched again.
-struct PageRelease<'m> {
-    map: &'m Mmap,
-    released: usize,
+/// Gives back the pages of a read-only file map that `data` (a slice of it) occupies,
+/// once it has been copied out, so reading a file of any size keeps the resident set
+/// small. Only whole pages inside `data` are released; they read back from the page cache
+/// if touched again. Protocol 2 payloads are decoded copies outside the map and are left.
+fn release(map: &Mmap, data: &[u8]) {
+    let (base, at) = (map.as_ptr() as usize, data.as_ptr() as usize);
+    if at < base || at + data.len() > base + map.len() {
+        return;
+    }
+    let page = 4096;
+    let from = (at - base).next_multiple_of(page);
+    let to = (at - base + data.len()) / page * page;
+    if to > from {
+        // SAFETY: a read-only file mapping; after MADV_DONTNEED its pages read back the
+        // file's contents, which no one modifies meanwhile.
+        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, from, to - from) };
+    }
 }
 
-impl<'m> PageRelease<'m> {
-    /// Hand back at most this often; each call is a syscall.
-    const CHUNK: usize = 64 << 20;
-
-    fn new(map: &'m Mmap) -> Self {
-        Self { map, released: 0 }
+/// An array's payload as a view over `scratch`, read with pread: copying through a buffer
+/// costs less than faulting in the mapping's pages and keeps them out of the resident set.
+/// Payloads outside the map (protocol 2's decoded copies) are used where they are.
+fn fetch<'x>(
+    source: &Parsed,
+    view: &'x ArrayView<'_>,
+    scratch: &'x mut Vec<u8>,
+) -> Result<ArrayView<'x>, DataError> {
+    let (base, at) = (source.map.as_ptr() as usize, view.data().as_ptr() as usize);
+    if at < base || at >= base + source.map.len() {
+        return Ok(view
+            .with_data(view.data())
+            .expect("the payload's own length"));
     }
-
-    /// Everything in the map before `data` has been consumed.
-    fn consumed_before(&mut self, data: &[u8]) {
-        let base = self.map.as_ptr() as usize;
-        let at = data.as_ptr() as usize;
-        // Protocol 2 payloads are decoded copies outside the map.
-        if at < base || at >= base + self.map.len() {
-            return;
-        }
-        let page = 4096;
-        let upto = (at - base) / page * page;
-        if upto >= self.released + Self::CHUNK {
-            // SAFETY: the map is a read-only private file mapping; after MADV_DONTNEED its
-            // pages read back the file's contents, which no one modifies meanwhile.
-            let _ = unsafe {
-                self.map.unchecked_advise_range(
-                    UncheckedAdvice::DontNeed,
-                    self.released,
-                    upto - self.released,
-                )
-            };
-            self.released = upto;
-        }
-    }
-
-    fn reset(&mut self) {
-        // SAFETY: as above.
-        let _ = unsafe { self.map.unchecked_advise(UncheckedAdvice::DontNeed) };
-        self.released = 0;
-    }
+    scratch.resize(view.data().len(), 0);
+    source
+        .file
+        .read_exact_at(scratch, (at - base) as u64)
+        .map_err(|e| DataError::io(&source.path, e))?;
+    Ok(view
+        .with_data(scratch)
+        .expect("a buffer of the payload's length"))
 }
 
 /// One parsed input file.
 struct Parsed<'m> {
     path: PathBuf,
     map: &'m Mmap,
+    file: File,
     items: Vec<LidcItem<'m>>,
 }
 
@@ -382,16 +380,16 @@ pub fn prepare_pickle(
     }
     let start = Instant::now();
     let paths = pickle_files(input)?;
-    let files = paths
-        .iter()
-        .map(|p| fingerprint(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let source = Source::Pickle {
-        files: files.clone(),
-    };
-    if already_prepared(&options.out, &source, options)? {
-        return Ok(Outcome::AlreadyPrepared(options.out.clone()));
-    }
+    // The checksums read the files through a buffer on another core while they are parsed.
+    let fingerprints = std::thread::spawn({
+        let paths = paths.clone();
+        move || {
+            paths
+                .iter()
+                .map(|p| fingerprint(p))
+                .collect::<Result<Vec<_>, _>>()
+        }
+    });
     let maps = paths
         .iter()
         .map(|p| {
@@ -403,17 +401,37 @@ pub fn prepare_pickle(
         .collect::<Result<Vec<_>, _>>()?;
     let mut parsed = Vec::with_capacity(maps.len());
     for (path, map) in paths.iter().zip(&maps) {
-        let items = parse_lidc(map, annotators).map_err(|source| DataError::Lidc {
-            path: path.clone(),
-            source,
-        })?;
+        let mut give_back = |pos: usize| release(map, &map[..pos.min(map.len())]);
+        let items =
+            parse_lidc_with_progress(map, annotators, &mut give_back).map_err(|source| {
+                DataError::Lidc {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
         parsed.push(Parsed {
             path: path.clone(),
             map,
+            file,
             items,
         });
     }
+    let files = fingerprints
+        .join()
+        .expect("the checksum thread does not panic")?;
+    let source = Source::Pickle {
+        files: files.clone(),
+    };
+    if already_prepared(&options.out, &source, options)? {
+        return Ok(Outcome::AlreadyPrepared(options.out.clone()));
+    }
     let plan = plan_pickle(&parsed, source, annotators)?;
+    // Keys and UIDs are copied out; the copy reads the arrays with pread, so the maps'
+    // pages (fault-around brings in 64 KiB around every opcode read) can go.
+    for p in &parsed {
+        release(p.map, p.map);
+    }
     let split = Split::by_patient(&plan.patients, options.split, options.split_seed);
 
     // Items in store order, with the file each came from.
@@ -421,38 +439,51 @@ pub fn prepare_pickle(
         .iter()
         .flat_map(|p| p.items.iter().map(move |i| (p, i)))
         .collect();
-    let releases: RefCell<Vec<PageRelease>> =
-        RefCell::new(parsed.iter().map(|p| PageRelease::new(p.map)).collect());
-    let file_of: Vec<usize> = parsed
-        .iter()
-        .enumerate()
-        .flat_map(|(f, p)| std::iter::repeat_n(f, p.items.len()))
-        .collect();
     let pixels = plan.shape.pixels();
     let builder = StoreBuilder::new(&options.out)?;
     let lidc_error = |p: &Parsed, source| DataError::Lidc {
         path: p.path.clone(),
         source,
     };
+    let mut image_scratch = Vec::new();
+    let mut mask_scratch = Vec::new();
     let stats = write_arrays(
         &builder.arrays_path(),
         plan.shape,
         |i, buf| {
             let (file, item) = items[i];
-            releases.borrow_mut()[file_of[i]].consumed_before(item.image.data());
-            item.write_image(buf).map_err(|e| lidc_error(file, e))
+            fetch(file, &item.image, &mut image_scratch)?
+                .write_f32(buf)
+                .map_err(|source| {
+                    lidc_error(
+                        file,
+                        LidcError::Image {
+                            key: item.key.to_owned(),
+                            source,
+                        },
+                    )
+                })
         },
         |i, buf| {
             let (file, item) = items[i];
-            if i == 0 {
-                releases
-                    .borrow_mut()
-                    .iter_mut()
-                    .for_each(PageRelease::reset);
-            }
-            releases.borrow_mut()[file_of[i]].consumed_before(item.masks[0].data());
-            for (a, out) in buf.chunks_exact_mut(pixels).enumerate() {
-                item.write_mask(a, out).map_err(|e| lidc_error(file, e))?;
+            for (index, (mask, out)) in item
+                .masks
+                .iter()
+                .zip(buf.chunks_exact_mut(pixels))
+                .enumerate()
+            {
+                fetch(file, mask, &mut mask_scratch)?
+                    .write_u8_mask(out)
+                    .map_err(|source| {
+                        lidc_error(
+                            file,
+                            LidcError::Mask {
+                                key: item.key.to_owned(),
+                                index,
+                                source,
+                            },
+                        )
+                    })?;
             }
             Ok(())
         },
@@ -473,7 +504,9 @@ pub fn prepare_pickle(
 fn plan_pickle(parsed: &[Parsed], source: Source, annotators: usize) -> Result<Plan, DataError> {
     let first = &parsed[0];
     let shape = first.items[0].image.shape().to_vec();
-    let mut seen: HashMap<&str, &Path> = HashMap::new();
+    // Sized up front: a rehash would read every key again, paging their neighbourhood in.
+    let mut seen: HashMap<&str, &Path> =
+        HashMap::with_capacity(parsed.iter().map(|p| p.items.len()).sum());
     let mut plan = Plan {
         source,
         shape: StoreShape {
@@ -489,7 +522,14 @@ fn plan_pickle(parsed: &[Parsed], source: Source, annotators: usize) -> Result<P
     };
     let (mut image_dtypes, mut mask_dtypes) = (BTreeSet::new(), BTreeSet::new());
     for p in parsed {
-        for item in &p.items {
+        for (n, item) in p.items.iter().enumerate() {
+            // Reading the keys faults their neighbourhood back in: give it back as we go.
+            if n % 512 == 0 {
+                let done = (item.key.as_ptr() as usize)
+                    .saturating_sub(p.map.as_ptr() as usize)
+                    .min(p.map.len());
+                release(p.map, &p.map[..done]);
+            }
             if let Some(other) = seen.insert(item.key, &p.path) {
                 return Err(DataError::Store {
                     path: p.path.clone(),

@@ -66,13 +66,16 @@ impl Fcomb {
         let (b, n) = (z.size()[0], z.size()[1]);
         let (h, w) = (features.size()[2], features.size()[3]);
         let first = &self.hidden[0];
-        let w_f = first.weight.narrow(1, 0, self.features);
+        let w_f = first
+            .weight
+            .narrow(1, 0, self.features)
+            .to_kind(features.kind());
         let w_z = first
             .weight
             .narrow(1, self.features, z.size()[2])
             .flatten(1, -1);
         let feature_part = features.conv2d(&w_f, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
-        let latent_part = z.matmul(&w_z.tr()) + &first.bias;
+        let latent_part = (z.matmul(&w_z.tr()) + &first.bias).to_kind(features.kind());
         let mut xs = (feature_part.unsqueeze(1) + latent_part.unsqueeze(-1).unsqueeze(-1))
             .relu()
             .view([b * n, self.features, h, w]);

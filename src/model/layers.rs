@@ -68,10 +68,17 @@ impl Conv2d {
         }
     }
 
+    /// Runs in the input's precision: a bfloat16 input casts the float32 weights, as
+    /// autocast does, while the parameters and their gradients stay float32.
     pub fn forward(&self, xs: &Tensor) -> Tensor {
+        let (weight, bias) = if xs.kind() == self.weight.kind() {
+            (self.weight.shallow_clone(), self.bias.shallow_clone())
+        } else {
+            (self.weight.to_kind(xs.kind()), self.bias.to_kind(xs.kind()))
+        };
         xs.conv2d(
-            &self.weight,
-            Some(&self.bias),
+            &weight,
+            Some(&bias),
             [1, 1],
             [self.padding, self.padding],
             [1, 1],

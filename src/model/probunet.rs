@@ -464,6 +464,34 @@ mod tests {
     }
 
     #[test]
+    fn bf16_convolutions_track_fp32_and_train_fp32_weights() {
+        tch::manual_seed(8);
+        let (vs, mut model) = build(small());
+        let image = Tensor::rand([2, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let mask = image.gt(0.5).to_kind(Kind::Float);
+        let z = Tensor::zeros([2, 2], (Kind::Float, Device::Cpu));
+        let fp32 = tch::no_grad(|| model.elbo_at(&image, &mask, &z)).unwrap();
+        model.set_precision(Precision::Bf16);
+        let bf16 = model.elbo_at(&image, &mask, &z).unwrap();
+        assert_eq!(bf16.logits.kind(), Kind::Float, "loss terms stay float32");
+        let (a, b) = (fp32.loss.double_value(&[]), bf16.loss.double_value(&[]));
+        assert!(
+            (a - b).abs() / a.abs() < 0.02,
+            "fp32 loss {a}, bf16 loss {b}"
+        );
+        let samples = tch::no_grad(|| model.sample(&image, 3)).unwrap();
+        assert_eq!(
+            (samples.size(), samples.kind()),
+            (vec![2, 3, 1, 32, 32], Kind::Float)
+        );
+        bf16.loss.backward();
+        for (name, t) in vs.variables() {
+            assert_eq!(t.kind(), Kind::Float, "{name}");
+            assert!(t.grad().defined(), "{name} gets a gradient");
+        }
+    }
+
+    #[test]
     fn loss_halves_in_a_hundred_cpu_steps() {
         tch::manual_seed(11);
         let (vs, model) = build(small());

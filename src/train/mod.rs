@@ -91,6 +91,36 @@ pub struct TrainOptions {
     pub plain_progress: bool,
 }
 
+/// The ELBO of one batch with z from the posterior, its gradients, and the logged terms
+/// (loss, elbo, kl, reconstruction, reg, gradient norm) read back in one transfer; the
+/// caller decides whether to apply the update.
+pub fn forward_backward(
+    model: &ProbUNet,
+    adam: &mut Adam,
+    images: &Tensor,
+    masks: &Tensor,
+) -> Result<(crate::model::ElboTerms, [f64; 6]), TrainError> {
+    let terms = model.elbo(images, masks)?;
+    adam.zero_grad();
+    terms.loss.backward();
+    let grad_norm = adam.grad_norm();
+    let packed = Tensor::stack(
+        &[
+            &terms.loss,
+            &terms.elbo,
+            &terms.kl,
+            &terms.reconstruction,
+            &terms.reg,
+            &grad_norm,
+        ]
+        .map(|t| t.to_kind(Kind::Double)),
+        0,
+    );
+    let values: Vec<f64> = Vec::try_from(packed.to_device(Device::Cpu))?;
+    let values: [f64; 6] = values.try_into().expect("six terms");
+    Ok((terms, values))
+}
+
 /// splitmix64 of (seed, step): the libtorch seed of one step.
 fn step_seed(seed: u64, step: u64, stream: u64) -> i64 {
     let mut x = seed
@@ -469,23 +499,8 @@ impl Trainer {
             tch::manual_seed(step_seed(train.seed, self.step, STREAM_TRAIN));
             let lr = train.schedule.lr_at(train.lr, self.step, self.total_steps);
             let batch = self.loader.next_batch();
-            let terms = self.model.elbo(&batch.images, &batch.masks)?;
-            self.adam.zero_grad();
-            terms.loss.backward();
-            let grad_norm = self.adam.grad_norm();
-            let packed = Tensor::stack(
-                &[
-                    &terms.loss,
-                    &terms.elbo,
-                    &terms.kl,
-                    &terms.reconstruction,
-                    &terms.reg,
-                    &grad_norm,
-                ]
-                .map(|t| t.to_kind(Kind::Double)),
-                0,
-            );
-            let values: Vec<f64> = Vec::try_from(packed.to_device(Device::Cpu))?;
+            let (terms, values) =
+                forward_backward(&self.model, &mut self.adam, &batch.images, &batch.masks)?;
             interval.steps += 1;
             if values.iter().all(|v| v.is_finite()) {
                 self.adam.step(lr);
