@@ -1,30 +1,27 @@
 #!/usr/bin/env python3
-"""Eval throughput: probunet (Rust, tch) next to the PyTorch implementation doing the same work.
+"""The PyTorch side of `probunet bench-eval`: eval throughput of scripts/torch_probunet.py.
 
-    bench_eval.py [--probunet BIN] [--images 16] [--size 128] [--samples 100] [--batch 4]
-                  [--device cpu|cuda] [--repeats 2]
+    bench_eval.py --export DIR [--samples 100] [--batch 4] [--device cpu|cuda:N]
 
-Runs `probunet bench-eval --export DIR --json`, which times probunet's evaluation and writes
-its freshly initialised weights, the synthetic images and masks and every image's latent
-noise; then times scripts/torch_probunet.py's model on the same inputs doing the same work
-per batch, as `probunet eval` does it:
+DIR holds what `probunet bench-eval --one --export DIR` wrote: model.json, the freshly
+initialised weights.safetensors, and data.safetensors with the images, masks and every
+image's latent noise. This times the same work per batch that probunet's measurement
+times, as `probunet eval` does it:
   - prior and U-Net once per image, fcomb once per sample (ProbUNet.sample, given noise);
   - on the device: binarise at 0.5, all pairwise intersections of annotations and samples
     as one batched matrix product, PHiSeg's NCC and the mean prediction's overlaps (float64);
   - on the host: GED, HM-IoU (one Hungarian assignment, numpy) and diversity under both
     empty-mask conventions, from the counts.
-The runs alternate (probunet, PyTorch, probunet, ...) so that load from other processes
-hits both alike; each run's figures are printed, then the best of each side by side. The
-mean GED of both must agree: it shows that both scored the same samples.
+The first batch warms up untimed, as in probunet. Prints one JSON line with the fields of
+probunet's report; `probunet bench-eval` runs both and prints them side by side.
 """
 
 import argparse
 import json
 import math
 import os
-import subprocess
+import resource
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -155,11 +152,10 @@ def bench_torch(export, samples, batch, device):
     images, masks, noise = data["images"], data["masks"], data["noise"]
     total = images.shape[0]
     device_seconds = host_seconds = 0.0
-    geds, diversities = [], []
+    scores = []
     with torch.no_grad():
         for start in range(0, total, batch):
             stop = min(start + batch, total)
-            timed = start >= batch  # the first batch warms up, as in probunet
             t0 = time.perf_counter()
             x = images[start:stop].to(device)
             y = masks[start:stop].to(device)
@@ -168,89 +164,44 @@ def bench_torch(export, samples, batch, device):
             gram, ncc, area, intersections = device_counts(y, probs)
             t1 = time.perf_counter()
             m = y.shape[1]
-            scores = [
+            batch_scores = [
                 host_metrics(gram[i], m, samples, float(ncc[i]), area[i], intersections[i])
                 for i in range(stop - start)
             ]
             t2 = time.perf_counter()
-            if timed:
+            if start >= batch:  # the first batch warms up, as in probunet
                 device_seconds += t1 - t0
                 host_seconds += t2 - t1
-                geds.extend(s["phiseg"]["ged"] for s in scores)
-                diversities.extend(s["phiseg"]["diversity"] for s in scores)
+                scores.extend(s["phiseg"] for s in batch_scores)
     seconds = device_seconds + host_seconds
+    cpu = device == "cpu"
     return {
-        "implementation": "PyTorch (torch_probunet.py)",
-        "device": f"{device} ({torch.get_num_threads()} threads)" if device == "cpu" else device,
-        "images": len(geds),
+        "implementation": "pytorch",
+        "device": f"cpu ({torch.get_num_threads()} threads)" if cpu else device,
+        "images": len(scores),
+        "samples": samples,
+        "batch": batch,
+        "size": int(images.shape[-1]),
         "seconds": seconds,
         "device_seconds": device_seconds,
         "host_seconds": host_seconds,
-        "images_per_s": len(geds) / seconds,
-        "mean_ged": float(np.mean(geds)),
-        "mean_diversity": float(np.mean(diversities)),
+        "images_per_s": len(scores) / seconds,
+        "mean_ged": float(np.mean([s["ged"] for s in scores])),
+        "mean_hm_iou": float(np.mean([s["hm_iou"] for s in scores])),
+        "mean_diversity": float(np.mean([s["diversity"] for s in scores])),
+        # ru_maxrss is in KiB on Linux.
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if cpu else None,
     }
-
-
-def default_binary():
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(__file__), "..", "target"))
-    return os.path.join(target, "release", "probunet")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--probunet", default=default_binary(), help="the probunet binary")
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--export", required=True, help="the folder probunet bench-eval --one wrote")
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
     args = parser.parse_args()
-    runs = []
-    with tempfile.TemporaryDirectory() as export:
-        for repeat in range(args.repeats):
-            command = [
-                args.probunet, "bench-eval", "--json", "--export", export,
-                "--images", str(args.images), "--size", str(args.size),
-                "--samples", str(args.samples), "--batch", str(args.batch),
-                "--device", args.device,
-            ]
-            ours = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-            theirs = bench_torch(export, args.samples, args.batch, args.device)
-            for result in (ours, theirs):
-                print(
-                    f"run {repeat + 1}: {result['implementation']:<28} {result['images_per_s']:8.3f} images/s "
-                    f"({result['device_seconds']:.2f} s sampling + device metrics, "
-                    f"{result['host_seconds']:.2f} s host metrics; mean GED {result['mean_ged']:.6f}, "
-                    f"diversity {result['mean_diversity']:.6f})",
-                    flush=True,
-                )
-            runs.append((ours, theirs))
-    best = [max((run[i] for run in runs), key=lambda r: r["images_per_s"]) for i in (0, 1)]
-    ours, theirs = best
-    print()
-    print(
-        f"eval throughput at {args.samples} samples: {args.images} synthetic {args.size}x{args.size} images, "
-        f"batch {args.batch}, the seed's model shape, best of {args.repeats}"
-    )
-    print(
-        f"{'implementation':<30} {'device':<18} {'images/s':>9} {'device s':>9} {'host s':>8} "
-        f"{'mean GED':>10} {'diversity':>10}"
-    )
-    for r in best:
-        print(
-            f"{r['implementation']:<30} {r['device']:<18} {r['images_per_s']:9.3f} "
-            f"{r['device_seconds']:9.2f} {r['host_seconds']:8.2f} {r['mean_ged']:10.6f} "
-            f"{r['mean_diversity']:10.6f}"
-        )
-    print(f"probunet / PyTorch: {ours['images_per_s'] / theirs['images_per_s']:.2f}x")
-    if abs(ours["mean_ged"] - theirs["mean_ged"]) > 1e-3:
-        print(
-            f"warning: the mean GEDs differ by {abs(ours['mean_ged'] - theirs['mean_ged']):.2e}; "
-            "the two did not score the same samples",
-            file=sys.stderr,
-        )
+    print(json.dumps(bench_torch(args.export, args.samples, args.batch, args.device)))
 
 
 if __name__ == "__main__":

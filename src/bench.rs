@@ -71,7 +71,7 @@ fn sync(device: Device) {
 }
 
 /// Peak resident set of this process, MiB (Linux).
-fn peak_rss_mib() -> Option<f64> {
+pub(crate) fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -147,15 +147,20 @@ pub fn measure(
 }
 
 /// The checkout this binary was built from, where the PyTorch side lives.
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
+pub(crate) const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     std::env::var_os("PROBUNET_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(REPO).join(".venv/bin/python"))
 }
 
-fn last_json_line(output: std::process::Output, what: &str) -> Result<Measurement> {
+/// The last line of a child's stdout that is a JSON object, as `T`; a failed child is an
+/// error with its stderr.
+pub(crate) fn last_json_line<T: serde::de::DeserializeOwned>(
+    output: std::process::Output,
+    what: &str,
+) -> Result<T> {
     if !output.status.success() {
         bail!(
             "{what} failed ({}): {}",
@@ -232,7 +237,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 .args(["--precisions", &precision.to_string()])
                 .args(&common)
                 .output()?;
-            let ours = last_json_line(ours, "probunet bench --one")?;
+            let ours: Measurement = last_json_line(ours, "probunet bench --one")?;
             let mut rows = vec![ours.clone()];
             if !args.no_torch {
                 let variants: &[bool] = if args.compile {

@@ -8,10 +8,8 @@ use probunet::data::split::SplitName;
 use probunet::data::synthetic::SyntheticConfig;
 use probunet::device::DeviceSpec;
 use probunet::doctor;
-use probunet::eval::bench::{self, BenchOptions};
 use probunet::eval::{self as evaluation, CheckpointChoice, EvalOptions};
 use probunet::metrics::EmptyConvention;
-use probunet::model::ModelConfig;
 use probunet::train::{TrainError, TrainOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,8 +35,8 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate a trained run: GED, HM-IoU and friends, and sample pictures.
     Eval(EvalArgs),
-    /// Time evaluation (images/s at 100 samples) on a fresh model and synthetic images.
-    BenchEval(BenchEvalArgs),
+    /// Benchmark evaluation (images/s at 100 samples) against the PyTorch implementation.
+    BenchEval(probunet::eval::bench::BenchEvalArgs),
     /// Run a hyperparameter sweep over beta, latent_dim, ...
     Sweep {
         /// The sweep spec, e.g. experiments/beta.toml.
@@ -327,77 +325,6 @@ fn eval(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug, clap::Args)]
-struct BenchEvalArgs {
-    /// Images timed (after one untimed warm-up batch).
-    #[arg(long, default_value_t = 16)]
-    images: usize,
-    /// Image height and width.
-    #[arg(long, default_value_t = 128)]
-    size: usize,
-    #[arg(long, default_value_t = 100)]
-    samples: usize,
-    #[arg(long, default_value_t = 4)]
-    batch: usize,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: DeviceSpec,
-    /// The model's filters per level (default: the seed's 32,64,128,192).
-    #[arg(long, value_delimiter = ',')]
-    filters: Option<Vec<i64>>,
-    #[arg(long, default_value_t = 2)]
-    latent_dim: i64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Write the weights, images, masks and noise here (for scripts/bench_eval.py).
-    #[arg(long)]
-    export: Option<PathBuf>,
-    /// Print the report as one JSON line.
-    #[arg(long)]
-    json: bool,
-}
-
-fn bench_eval(args: BenchEvalArgs) -> Result<()> {
-    let defaults = ModelConfig::default();
-    let options = BenchOptions {
-        images: args.images,
-        size: args.size,
-        samples: args.samples,
-        batch: args.batch,
-        device: args.device,
-        model: ModelConfig {
-            filters: args.filters.unwrap_or(defaults.filters.clone()),
-            latent_dim: args.latent_dim,
-            ..defaults
-        },
-        seed: args.seed,
-        export: args.export,
-    };
-    let report = bench::bench(&options)?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!(
-            "{}: {:.2} images/s at {} samples ({} images of {}x{}, batch {}, {}): \
-             {:.2} s sampling and device metrics, {:.2} s host metrics; mean GED {:.4}, \
-             mean diversity {:.4}",
-            report.implementation,
-            report.images_per_s,
-            report.samples,
-            report.images,
-            report.size,
-            report.size,
-            report.batch,
-            report.device,
-            report.device_seconds,
-            report.host_seconds,
-            report.mean_ged,
-            report.mean_diversity
-        );
-    }
-    Ok(())
-}
-
 fn not_implemented(what: &str) -> Result<()> {
     anyhow::bail!("`probunet {what}` is not implemented yet")
 }
@@ -407,7 +334,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Prepare(args) => prepare(args),
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
-        Command::BenchEval(args) => bench_eval(args),
+        Command::BenchEval(args) => probunet::eval::bench::run(&args),
         Command::Sweep { .. } => not_implemented("sweep"),
         Command::Doctor(args) => doctor::run(&args),
         Command::Bench(args) => probunet::bench::run(&args),

@@ -500,3 +500,58 @@ fn bad_input_gets_a_clear_error() {
     let stderr = eval_err("bad-samples", &["--samples", "0"]);
     assert!(stderr.contains("--samples must be positive"), "{stderr}");
 }
+
+#[test]
+fn bench_eval_times_both_sides_on_the_same_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "bench-eval",
+        "--device",
+        "cpu",
+        "--size",
+        "16",
+        "--images",
+        "3",
+        "--samples",
+        "6",
+        "--batch",
+        "2",
+        "--filters",
+        "4,8",
+        "--repeats",
+        "1",
+    ];
+    let out = run_ok(dir.path(), &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("probunet / PyTorch:"), "{stdout}");
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let out = run_ok(dir.path(), &json_args);
+    let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (
+            rows[0]["implementation"].as_str(),
+            rows[1]["implementation"].as_str()
+        ),
+        (Some("probunet"), Some("pytorch"))
+    );
+    for row in &rows {
+        assert_eq!(
+            (row["images"].as_u64(), row["samples"].as_u64()),
+            (Some(3), Some(6))
+        );
+        assert!(row["images_per_s"].as_f64().unwrap() > 0.0);
+    }
+    // The same weights, images and noise: the same samples and scores on both sides.
+    for key in ["mean_ged", "mean_hm_iou", "mean_diversity"] {
+        let (a, b) = (
+            rows[0][key].as_f64().unwrap(),
+            rows[1][key].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-6, "{key}: probunet {a}, PyTorch {b}");
+    }
+}
