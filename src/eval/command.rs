@@ -282,12 +282,8 @@ pub fn evaluate(options: &EvalOptions) -> Result<EvalOutcome, EvalError> {
         None => open_store(&experiment)?,
     };
     let shape = store.manifest.shape;
-    let probe = Tensor::zeros(
-        [1, 1, shape.height as i64, shape.width as i64],
-        (Kind::Float, device),
-    );
     model
-        .check_image(&probe)
+        .check_input(&[1, 1, shape.height as i64, shape.width as i64])
         .map_err(|e| EvalError::Options(format!("{}: {e}", store.dir.display())))?;
     let split = options.split;
     let items = store.split(split).to_vec();

@@ -132,13 +132,18 @@ impl ProbUNet {
     /// Refuses inputs the layers would mangle: wrong rank or channels, or H and W not
     /// divisible by 2^(levels-1) (pooling would round and the skips would not line up).
     pub fn check_image(&self, image: &Tensor) -> Result<(), ModelError> {
-        let size = image.size();
+        self.check_input(&image.size())
+    }
+
+    /// [`ProbUNet::check_image`] for an image of shape `[B, C, H, W]` not yet made, e.g. a
+    /// dataset store's before training or evaluating on it.
+    pub fn check_input(&self, size: &[i64]) -> Result<(), ModelError> {
         let channels = self.config.input_channels;
         if size.len() != 4 || size[1] != channels {
             return Err(ModelError::Shape {
                 what: "image",
                 expected: format!("[B, {channels}, H, W]"),
-                got: size,
+                got: size.to_vec(),
             });
         }
         let divisor = self.config.size_divisor();

@@ -214,12 +214,8 @@ impl Trainer {
         let mut model = ProbUNet::new(&vs.root(), experiment.model.clone())?;
         model.set_precision(train.precision);
         let shape = store.manifest.shape;
-        let probe = Tensor::zeros(
-            [1, 1, shape.height as i64, shape.width as i64],
-            (Kind::Float, device),
-        );
         model
-            .check_image(&probe)
+            .check_input(&[1, 1, shape.height as i64, shape.width as i64])
             .map_err(|e| TrainError::Spec(format!("{}: {e}", store.dir.display())))?;
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
