@@ -15,37 +15,20 @@ fn fixture() -> &'static (PathBuf, PathBuf) {
         let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("eval-fixture");
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
-        let spec = root.join("tiny.toml");
-        std::fs::write(
-            &spec,
-            r#"name = "tiny"
-[data.synthetic]
-items = 120
-size = 32
-seed = 1
-
-[model]
-filters = [8, 16]
-beta = 1.0
-reconstruction = "batch_mean"
-
-[train]
-batch = 8
-steps = 30
-lr = 1e-3
-val_every = 10
-val_samples = 4
-checkpoint_every = 10
-keep_last = 2
-device = "cpu"
-
-[log]
-every = 10
-runs_dir = "runs"
-"#,
-        )
-        .unwrap();
-        run_ok(&root, &["train", "tiny.toml", "--plain"]);
+        common::write_spec(&root, "");
+        // Checkpoints at steps 20 and 30 and the best of the validations at 10, 20, 30.
+        run_ok(
+            &root,
+            &[
+                "train",
+                "tiny.toml",
+                "--plain",
+                "--set",
+                "train.steps=30",
+                "--set",
+                "train.val_every=10",
+            ],
+        );
         let run = std::fs::read_dir(root.join("runs"))
             .unwrap()
             .next()

@@ -8,40 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// A small, fast experiment: 32x32 synthetic images, a two-level model.
-fn write_spec(dir: &Path, extra: &str) -> PathBuf {
-    let spec = format!(
-        r#"name = "tiny"
-[data.synthetic]
-items = 120
-size = 32
-seed = 1
-
-[model]
-filters = [8, 16]
-beta = 1.0
-reconstruction = "batch_mean"
-
-[train]
-batch = 8
-steps = 60
-lr = 1e-3
-val_every = 20
-val_samples = 4
-checkpoint_every = 10
-keep_last = 2
-device = "cpu"
-
-[log]
-every = 5
-runs_dir = "runs"
-{extra}"#
-    );
-    let path = dir.join("tiny.toml");
-    std::fs::write(&path, spec).unwrap();
-    path
-}
-
 fn probunet(dir: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_probunet"));
     cmd.current_dir(dir).args(args).env("OMP_NUM_THREADS", "1");
@@ -92,7 +58,7 @@ fn read_events(run: &Path) -> Value {
 #[test]
 fn a_run_logs_every_tag_and_checkpoints_as_configured() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(dir.path(), "");
+    let spec = common::write_spec(dir.path(), "");
     let out = run_ok(dir.path(), &["train", spec.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let run = run_dir(dir.path());
@@ -176,7 +142,7 @@ fn the_same_spec_and_seed_give_the_same_loss_curve() {
     let curves: Vec<Vec<f64>> = (0..2)
         .map(|_| {
             let dir = tempfile::tempdir().unwrap();
-            let spec = write_spec(dir.path(), "");
+            let spec = common::write_spec(dir.path(), "");
             run_ok(
                 dir.path(),
                 &["train", spec.to_str().unwrap(), "--set", "train.steps=30"],
@@ -207,10 +173,10 @@ fn wait_for(path: &Path) {
 #[test]
 fn sigkill_then_resume_loses_and_repeats_no_step() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(dir.path(), "");
+    let spec = common::write_spec(dir.path(), "");
     // The reference: the same run, uninterrupted.
     let reference = tempfile::tempdir().unwrap();
-    let ref_spec = write_spec(reference.path(), "");
+    let ref_spec = common::write_spec(reference.path(), "");
     run_ok(reference.path(), &["train", ref_spec.to_str().unwrap()]);
     let expected = rows(&run_dir(reference.path()), Phase::Train);
 
@@ -268,7 +234,7 @@ fn sigkill_then_resume_loses_and_repeats_no_step() {
 #[test]
 fn ctrl_c_checkpoints_and_says_how_to_resume() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(dir.path(), "");
+    let spec = common::write_spec(dir.path(), "");
     let child = probunet(
         dir.path(),
         &[
@@ -309,7 +275,7 @@ fn ctrl_c_checkpoints_and_says_how_to_resume() {
 #[test]
 fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(dir.path(), "");
+    let spec = common::write_spec(dir.path(), "");
     let out = probunet(
         dir.path(),
         &[
@@ -341,7 +307,7 @@ fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(dir.path(), "");
+    let spec = common::write_spec(dir.path(), "");
     let out = run_ok(
         dir.path(),
         &[
@@ -370,7 +336,7 @@ fn bad_specs_and_flags_name_the_file_and_key() {
         .output()
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
-    let spec = write_spec(dir.path(), "[oops]\nx = 1\n");
+    let spec = common::write_spec(dir.path(), "[oops]\nx = 1\n");
     let out = probunet(dir.path(), &["train", spec.to_str().unwrap()])
         .output()
         .unwrap();
@@ -379,7 +345,7 @@ fn bad_specs_and_flags_name_the_file_and_key() {
         !out.status.success() && stderr.contains("tiny.toml") && stderr.contains("oops"),
         "{stderr}"
     );
-    let spec = write_spec(dir.path(), "");
+    let spec = common::write_spec(dir.path(), "");
     let out = probunet(
         dir.path(),
         &["train", spec.to_str().unwrap(), "--set", "train.batch=zero"],

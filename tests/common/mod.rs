@@ -1,6 +1,6 @@
 //! Helpers shared by the end-to-end tests.
 #![allow(dead_code)]
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The Python that has torch, numpy and tensorboard: `$PROBUNET_PYTHON`, else the
@@ -36,4 +36,38 @@ pub fn run_script(script: &str, args: &[&std::ffi::OsStr]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).expect("utf-8 output")
+}
+
+/// A small, fast experiment: 32x32 synthetic images, a two-level model.
+pub fn write_spec(dir: &Path, extra: &str) -> PathBuf {
+    let spec = format!(
+        r#"name = "tiny"
+[data.synthetic]
+items = 120
+size = 32
+seed = 1
+
+[model]
+filters = [8, 16]
+beta = 1.0
+reconstruction = "batch_mean"
+
+[train]
+batch = 8
+steps = 60
+lr = 1e-3
+val_every = 20
+val_samples = 4
+checkpoint_every = 10
+keep_last = 2
+device = "cpu"
+
+[log]
+every = 5
+runs_dir = "runs"
+{extra}"#
+    );
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, spec).unwrap();
+    path
 }
