@@ -137,15 +137,8 @@ def device_counts(masks, probs):
 
 
 def bench_torch(export, samples, batch, device):
-    config = json.load(open(os.path.join(export, "model.json")))
-    model = ProbUNet(
-        filters=config["filters"],
-        latent_dim=config["latent_dim"],
-        fcomb_convs=config["fcomb_convs"],
-        input_channels=config["input_channels"],
-        num_classes=config["num_classes"],
-        log_sigma_clamp=config["log_sigma_clamp"],
-    )
+    with open(os.path.join(export, "model.json")) as f:
+        model = ProbUNet.from_config(json.load(f))
     model.load_state_dict(load_file(os.path.join(export, "weights.safetensors")), strict=True)
     model.to(device).eval()
     data = load_file(os.path.join(export, "data.safetensors"))

@@ -18,17 +18,7 @@ from torch_probunet import ProbUNet  # noqa: E402
 
 def main(config_json, weights, inputs, out):
     config = json.loads(config_json)
-    model = ProbUNet(
-        filters=config["filters"],
-        latent_dim=config["latent_dim"],
-        fcomb_convs=config["fcomb_convs"],
-        beta=config["beta"],
-        reconstruction=config["reconstruction"],
-        log_sigma_clamp=config["log_sigma_clamp"],
-        l2_weight=config["l2_weight"],
-        input_channels=config["input_channels"],
-        num_classes=config["num_classes"],
-    ).double()
+    model = ProbUNet.from_config(config).double()
     state = {k: v.double() for k, v in load_file(weights).items()}
     model.load_state_dict(state, strict=True)
     x = {k: v.double() for k, v in load_file(inputs).items()}

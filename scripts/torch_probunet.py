@@ -133,6 +133,13 @@ class ProbUNet(nn.Module):
         self.reconstruction = reconstruction
         self.l2_weight = l2_weight
 
+    @classmethod
+    def from_config(cls, config):
+        """The model of probunet's model config (its JSON, as a dict)."""
+        keys = ("filters", "latent_dim", "fcomb_convs", "beta", "reconstruction", "log_sigma_clamp",
+                "l2_weight", "input_channels", "num_classes")
+        return cls(**{key: config[key] for key in keys})
+
     def reg(self):
         params = list(self.posterior.parameters()) + list(self.prior.parameters()) + list(self.fcomb.layers.parameters())
         return sum(p.norm(2) for p in params)
