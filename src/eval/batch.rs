@@ -90,6 +90,17 @@ impl BatchCounts {
         self.finite.len()
     }
 
+    /// Per image, how many of its annotations are empty (from the Gram diagonal).
+    pub fn empty_annotations(&self) -> Vec<u32> {
+        let k = self.m + self.big_n;
+        (0..self.images())
+            .map(|i| {
+                let gram = &self.gram[i * k * k..(i + 1) * k * k];
+                (0..self.m).filter(|&a| gram[a * k + a] == 0).count() as u32
+            })
+            .collect()
+    }
+
     /// The metrics of every image under both conventions, one vector per sample count (in
     /// the order of `prefixes`), each in image order. Images run in parallel (the
     /// assignment of HM-IoU is the host's main cost at 100 samples).
@@ -267,10 +278,9 @@ mod tests {
             vec![as_probs(&b), as_probs(&b)],
         ];
         let (masks, probs_t) = tensors(&annotations, &probs);
-        let scores = BatchCounts::compute(&masks, &probs_t, &[2])
-            .unwrap()
-            .scores()
-            .unwrap();
+        let counts = BatchCounts::compute(&masks, &probs_t, &[2]).unwrap();
+        assert_eq!(counts.empty_annotations(), [2, 0, 0, 0]);
+        let scores = counts.scores().unwrap();
         let s = &scores[0];
         // Both empty: distance 0 under PHiSeg, undefined under Kohl et al.
         assert_eq!(

@@ -26,7 +26,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Tensor};
 
 /// The sample counts evaluated unless asked otherwise (Kohl et al. report 16 and 100).
 pub const DEFAULT_SAMPLES: [usize; 2] = [16, 100];
@@ -305,18 +305,11 @@ pub fn evaluate(options: &EvalOptions) -> Result<EvalOutcome, EvalError> {
     for (idx, images, masks) in in_order(&store, split, options.batch, device) {
         let eps = batch_noise(options.seed, &idx, big_n, latent);
         let probs = probabilities(&model, &images, &eps)?;
-        let batch_scores = BatchCounts::compute(&masks, &probs, &samples)?.scores()?;
-        for (all, batch) in scores.iter_mut().zip(batch_scores) {
+        let counts = BatchCounts::compute(&masks, &probs, &samples)?;
+        for (all, batch) in scores.iter_mut().zip(counts.scores()?) {
             all.extend(batch);
         }
-        let empty =
-            masks
-                .flatten(2, -1)
-                .amax(-1, false)
-                .eq(0)
-                .sum_dim_intlist(-1, false, Kind::Int64);
-        let empty: Vec<i64> = Vec::try_from(empty.to_device(Device::Cpu))?;
-        empty_annotations.extend(empty.iter().map(|&e| e as u32));
+        empty_annotations.extend(counts.empty_annotations());
         done += idx.len();
         if options.progress && (done >= next_report || done == items.len()) {
             let seconds = started.elapsed().as_secs_f64();
