@@ -118,17 +118,10 @@ fn run_reference(cases: &[Case]) -> Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
-const METRICS: [&str; 5] = ["ged", "hm_iou", "diversity", "ncc", "mean_pred_iou"];
-
+/// The value of the metric called `metric` ([`ImageMetrics::NAMES`]).
 fn value(metrics: &ImageMetrics, metric: &str) -> f64 {
-    match metric {
-        "ged" => metrics.ged,
-        "hm_iou" => metrics.hm_iou,
-        "diversity" => metrics.diversity,
-        "ncc" => metrics.ncc,
-        "mean_pred_iou" => metrics.mean_pred_iou,
-        _ => unreachable!("unknown metric {metric}"),
-    }
+    let i = ImageMetrics::NAMES.iter().position(|&name| name == metric);
+    metrics.values()[i.unwrap_or_else(|| panic!("unknown metric {metric}"))]
 }
 
 /// JSON null stands for NaN.
@@ -160,7 +153,7 @@ fn metrics_agree_with_numpy_reference() {
             })
             .collect();
         for (i, metrics) in per_image.iter().enumerate() {
-            for metric in METRICS {
+            for metric in ImageMetrics::NAMES {
                 assert_agrees(
                     &format!("case {i}, {name}, {metric}"),
                     value(metrics, metric),
@@ -168,7 +161,7 @@ fn metrics_agree_with_numpy_reference() {
                 );
             }
         }
-        for metric in METRICS {
+        for metric in ImageMetrics::NAMES {
             let values: Vec<f64> = per_image.iter().map(|m| value(m, metric)).collect();
             let summary = Summary::from_values(&values, 200, 0);
             let expected = &reference["summary"][name][metric];
@@ -209,7 +202,7 @@ fn batched_tensor_metrics_agree_with_numpy_reference() {
     let check = |case: usize, scores: &probunet::metrics::ImageScores| {
         for convention in [EmptyConvention::PhiSeg, EmptyConvention::KohlNan] {
             let name = convention.as_str();
-            for metric in METRICS {
+            for metric in ImageMetrics::NAMES {
                 assert_agrees(
                     &format!("batched, case {case}, {name}, {metric}"),
                     value(scores.get(convention), metric),
