@@ -467,6 +467,13 @@ fn spawn_and_follow(
         .args(&args)
         .env("OMP_NUM_THREADS", &threads)
         .env("MKL_NUM_THREADS", &threads)
+        .env(
+            "OMP_WAIT_POLICY",
+            // Idle OpenMP threads sleep instead of spinning: trials share this machine
+            // with each other and whatever else runs, where spinning threads make
+            // everything crawl (see README, Throughput).
+            std::env::var_os("OMP_WAIT_POLICY").unwrap_or_else(|| "PASSIVE".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::piped());
@@ -475,6 +482,8 @@ fn spawn_and_follow(
         // Its own process group, so a terminal's Ctrl-C reaches only the sweep, which
         // forwards exactly one SIGINT per Ctrl-C.
         command.process_group(0);
+        // Named as the sweep itself was, rather than /proc/self/exe, in ps and top.
+        command.arg0(std::env::args_os().next().unwrap_or_else(|| "probunet".into()));
         #[cfg(target_os = "linux")]
         // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
         unsafe {

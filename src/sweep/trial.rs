@@ -192,7 +192,17 @@ pub fn run(folder: &Path, index: usize, options: &TrialOptions) -> Result<TrialE
         why: e.to_string(),
     };
     std::fs::create_dir_all(&dir).map_err(io)?;
-    let _lock = TrialLock::try_acquire(&dir).map_err(io)?.ok_or_else(|| {
+    // `--collect` and a starting sweep hold the lock for an instant to see whether the
+    // trial runs: wait that out before concluding that another process runs it.
+    let mut lock = None;
+    for _ in 0..30 {
+        lock = TrialLock::try_acquire(&dir).map_err(io)?;
+        if lock.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _lock = lock.ok_or_else(|| {
         SweepError::Other(format!(
             "trial {index} ({}) is being run by another process (it holds {})",
             trial.id,
