@@ -481,10 +481,35 @@ pub fn load(spec: &Path, flags: &[Flag], sets: &[String]) -> Result<Resolved, Co
     resolve(spec, &env, flags, sets)
 }
 
+/// [`load`] for a spec given as text rather than a file; `origin` names it in
+/// provenance and errors (such as the file it was read from).
+pub fn load_str(
+    text: &str,
+    origin: &str,
+    flags: &[Flag],
+    sets: &[String],
+) -> Result<Resolved, ConfigError> {
+    let env: Vec<(String, String)> = Env::prefixed(ENV_PREFIX)
+        .split("__")
+        .iter()
+        .map(|(key, value)| (key.as_str().to_owned(), value))
+        .collect();
+    resolve_layers(text_layer(text, Path::new(origin))?, &env, flags, sets)
+}
+
 /// [`load`] with the environment given as (lowercase dotted key, value) pairs, so tests
 /// need not touch the process environment.
 fn resolve(
     spec: &Path,
+    env: &[(String, String)],
+    flags: &[Flag],
+    sets: &[String],
+) -> Result<Resolved, ConfigError> {
+    resolve_layers(file_layer(spec)?, env, flags, sets)
+}
+
+fn resolve_layers(
+    file: Layer,
     env: &[(String, String)],
     flags: &[Flag],
     sets: &[String],
@@ -495,7 +520,7 @@ fn resolve(
         .expect("the default experiment serialises to a table");
     let mut layers = vec![
         Layer::named("default".into(), defaults.clone()),
-        file_layer(spec)?,
+        file,
         env_layer(env, &defaults),
     ];
     for flag in flags {
@@ -568,7 +593,11 @@ fn file_layer(path: &Path) -> Result<Layer, ConfigError> {
             source,
         },
     })?;
-    let values = Toml::from_str::<Dict>(&text).map_err(|e| ConfigError::Syntax {
+    text_layer(&text, path)
+}
+
+fn text_layer(text: &str, path: &Path) -> Result<Layer, ConfigError> {
+    let values = Toml::from_str::<Dict>(text).map_err(|e| ConfigError::Syntax {
         path: path.into(),
         why: e.to_string(),
     })?;
@@ -747,6 +776,91 @@ fn leaves(table: &toml::Table, prefix: &str, visit: &mut impl FnMut(String)) {
             toml::Value::Table(inner) => leaves(inner, &format!("{prefix}{key}."), visit),
             _ => visit(format!("{prefix}{key}")),
         }
+    }
+}
+
+/// Every dotted key a spec may set, tables included (`model`, `model.beta`,
+/// `train.schedule.gamma`, ...), in sorted order: for callers that check keys before
+/// resolving anything, such as the axes of a sweep.
+pub fn known_keys() -> Vec<String> {
+    let mut full = Experiment::default();
+    full.data.store = Some(PathBuf::from("store"));
+    full.data.synthetic = Some(SyntheticConfig::default());
+    full.train.steps = Some(1);
+    full.train.val_items = Some(1);
+    full.model.log_sigma_clamp = Some(1.0);
+    let table = toml::Table::try_from(&full).expect("the experiment serialises to a table");
+    let mut keys = std::collections::BTreeSet::new();
+    leaves(&table, "", &mut |key| {
+        let mut prefix = String::new();
+        for segment in key.split('.') {
+            if !prefix.is_empty() {
+                prefix.push('.');
+            }
+            prefix.push_str(segment);
+            keys.insert(prefix.clone());
+        }
+    });
+    for param in ["kind", "warmup_steps", "min_lr", "every", "gamma"] {
+        keys.insert(format!("train.schedule.{param}"));
+    }
+    keys.into_iter().collect()
+}
+
+/// The full dotted key that `name` stands for: a known key as it is, or the one known key
+/// whose last segments are `name` (`beta` is `model.beta`). An unknown or ambiguous name
+/// is an error that says which keys there are.
+pub fn full_key(name: &str) -> Result<String, String> {
+    let keys = known_keys();
+    if keys.iter().any(|k| k == name) {
+        return Ok(name.to_string());
+    }
+    let suffix = format!(".{name}");
+    let matches: Vec<&String> = keys.iter().filter(|k| k.ends_with(&suffix)).collect();
+    match matches.as_slice() {
+        [one] => Ok(one.to_string()),
+        [] => {
+            // Name the keys of the deepest table that exists on the way.
+            let mut table = String::new();
+            for segment in name.split('.') {
+                let next = if table.is_empty() {
+                    segment.to_string()
+                } else {
+                    format!("{table}.{segment}")
+                };
+                if !keys.contains(&next) {
+                    break;
+                }
+                table = next;
+            }
+            let depth = if table.is_empty() {
+                0
+            } else {
+                table.split('.').count()
+            };
+            let siblings: Vec<&str> = keys
+                .iter()
+                .filter(|k| k.split('.').count() == depth + 1)
+                .filter(|k| table.is_empty() || k.starts_with(&format!("{table}.")))
+                .map(|k| k.rsplit('.').next().unwrap_or(k))
+                .collect();
+            let place = if table.is_empty() {
+                String::new()
+            } else {
+                format!(" in `{table}`")
+            };
+            Err(format!(
+                "unknown key{place}, expected one of: {}",
+                siblings.join(", ")
+            ))
+        }
+        many => Err(format!(
+            "ambiguous: {}; write the full key",
+            many.iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )),
     }
 }
 
@@ -1170,7 +1284,10 @@ mod tests {
         let mut names = Vec::new();
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
+            // Sweep specs (a top-level [sweep] table) are checked by the sweep module.
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let sweep = toml::from_str::<toml::Table>(&text).is_ok_and(|t| t.contains_key("sweep"));
+            if path.extension().is_some_and(|e| e == "toml") && !sweep {
                 let r = resolve(&path, &[], &[], &[])
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 names.push(r.experiment.name);
@@ -1179,6 +1296,36 @@ mod tests {
         for shipped in ["lidc", "quickstart"] {
             assert!(names.iter().any(|n| n == shipped), "{shipped} in {names:?}");
         }
+    }
+
+    #[test]
+    fn keys_are_known_by_full_name_or_by_an_unambiguous_last_segment() {
+        let keys = known_keys();
+        for key in [
+            "model",
+            "model.beta",
+            "data.store",
+            "train.schedule.gamma",
+            "name",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "{key} in {keys:?}");
+        }
+        assert_eq!(full_key("model.beta").unwrap(), "model.beta");
+        assert_eq!(full_key("beta").unwrap(), "model.beta");
+        assert_eq!(full_key("latent_dim").unwrap(), "model.latent_dim");
+        assert_eq!(full_key("synthetic.items").unwrap(), "data.synthetic.items");
+        let err = full_key("seed").unwrap_err();
+        assert!(err.contains("data.synthetic.seed or train.seed"), "{err}");
+        let err = full_key("model.betta").unwrap_err();
+        assert!(
+            err.starts_with("unknown key in `model`, expected one of: beta, fcomb_convs"),
+            "{err}"
+        );
+        let err = full_key("modle.beta").unwrap_err();
+        assert!(
+            err.starts_with("unknown key, expected one of: data, log, model, name, train"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,5 +8,6 @@ pub mod doctor;
 pub mod eval;
 pub mod metrics;
 pub mod model;
+pub mod sweep;
 pub mod tensorboard;
 pub mod train;

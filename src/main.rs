@@ -10,6 +10,7 @@ use probunet::device::DeviceSpec;
 use probunet::doctor;
 use probunet::eval::{self as evaluation, CheckpointChoice, EvalOptions};
 use probunet::metrics::EmptyConvention;
+use probunet::sweep::{self, LocalOptions, SlurmOptions, Stop, SweepError, Target};
 use probunet::train::{TrainError, TrainOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,10 +39,7 @@ enum Command {
     /// Benchmark evaluation (images/s at 100 samples) against the PyTorch implementation.
     BenchEval(probunet::eval::bench::BenchEvalArgs),
     /// Run a hyperparameter sweep over beta, latent_dim, ...
-    Sweep {
-        /// The sweep spec, e.g. experiments/beta.toml.
-        spec: PathBuf,
-    },
+    Sweep(SweepArgs),
     /// Check the installation: libtorch, CUDA, the model's parameter counts, one training step.
     Doctor(doctor::DoctorArgs),
     /// Benchmark training and sampling against the PyTorch implementation of the same model.
@@ -132,7 +130,7 @@ fn prepare(args: PrepareArgs) -> Result<()> {
 #[derive(Debug, clap::Args)]
 struct TrainArgs {
     /// The experiment spec, e.g. experiments/quickstart.toml.
-    #[arg(required_unless_present = "resume")]
+    #[arg(required_unless_present_any = ["resume", "sweep"])]
     spec: Option<PathBuf>,
     /// Continue the run in this folder from its latest checkpoint, with its own spec.
     #[arg(long, conflicts_with = "spec", value_name = "RUN")]
@@ -149,6 +147,32 @@ struct TrainArgs {
     /// Plain progress lines even on a terminal.
     #[arg(long)]
     plain: bool,
+    /// CPU threads of libtorch [default: libtorch's, after OMP_NUM_THREADS].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+    /// Run one trial of the sweep in this folder (runs/<sweep>), resuming it if it was
+    /// interrupted: what each Slurm array task runs.
+    #[arg(long, value_name = "SWEEP", conflicts_with_all = ["spec", "resume", "sets"])]
+    sweep: Option<PathBuf>,
+    /// The trial of --sweep to run [default: $SLURM_ARRAY_TASK_ID, else
+    /// $JOB_COMPLETION_INDEX].
+    #[arg(long, value_name = "N", requires = "sweep")]
+    trial: Option<usize>,
+}
+
+fn ctrl_c_finishes_the_step() -> Result<Arc<AtomicBool>> {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("second Ctrl-C: stopping without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "Ctrl-C: finishing the step and writing a checkpoint (Ctrl-C again to stop at once)"
+        );
+    })?;
+    Ok(interrupt)
 }
 
 fn train(args: TrainArgs) -> Result<()> {
@@ -165,25 +189,39 @@ fn train(args: TrainArgs) -> Result<()> {
             });
         }
     }
+    if let Some(threads) = args.threads {
+        tch::set_num_threads(threads as i32);
+    }
+    if let Some(folder) = &args.sweep {
+        let index = sweep::trial::trial_index(args.trial)?;
+        let options = sweep::trial::TrialOptions {
+            flags,
+            threads: args.threads.map(|t| t as usize),
+            train: TrainOptions {
+                interrupt: Some(ctrl_c_finishes_the_step()?),
+                plain_progress: args.plain,
+            },
+        };
+        return match sweep::trial::run(folder, index, &options)? {
+            sweep::trial::TrialEnd::Finished(outcome) => {
+                println!(
+                    "trial {index} finished: {} steps in {}",
+                    outcome.steps,
+                    outcome.run.display()
+                );
+                Ok(())
+            }
+            sweep::trial::TrialEnd::AlreadyFinished { .. } => Ok(()),
+        };
+    }
     let spec = match (&args.spec, &args.resume) {
         (Some(spec), _) => spec.clone(),
         (None, Some(run)) => run.join(probunet::train::run::SPEC_FILE),
         (None, None) => unreachable!("clap requires one"),
     };
     let resolved = config::load(&spec, &flags, &args.sets)?;
-    let interrupt = Arc::new(AtomicBool::new(false));
-    let flag = interrupt.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("second Ctrl-C: stopping without a checkpoint");
-            std::process::exit(130);
-        }
-        eprintln!(
-            "Ctrl-C: finishing the step and writing a checkpoint (Ctrl-C again to stop at once)"
-        );
-    })?;
     let options = TrainOptions {
-        interrupt: Some(interrupt),
+        interrupt: Some(ctrl_c_finishes_the_step()?),
         plain_progress: args.plain,
     };
     let outcome = match &args.resume {
@@ -325,8 +363,119 @@ fn eval(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn not_implemented(what: &str) -> Result<()> {
-    anyhow::bail!("`probunet {what}` is not implemented yet")
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Engine {
+    /// An sbatch job-array script, one trial per array task.
+    Slurm,
+}
+
+#[derive(Debug, clap::Args)]
+struct SweepArgs {
+    /// The sweep spec, e.g. experiments/beta.toml; or its folder, e.g. runs/beta.
+    spec: PathBuf,
+    /// Print the trial table and each trial's state, without running anything.
+    #[arg(long, conflicts_with_all = ["emit", "collect"])]
+    plan: bool,
+    /// Summarise whatever trials finished into runs/<sweep>/summary.csv; runs nothing.
+    #[arg(long, conflicts_with = "emit")]
+    collect: bool,
+    /// Trials to run at once.
+    #[arg(long, short = 'j', default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    jobs: u32,
+    /// GPUs to spread trials over, e.g. 0,1 [default: every visible GPU when the trials
+    /// train on CUDA].
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    devices: Vec<String>,
+    /// CPU threads per trial [default: this machine's cores divided by --jobs].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+    /// Plain progress lines even on a terminal.
+    #[arg(long)]
+    plain: bool,
+    /// Run failed trials again (otherwise they stay failed).
+    #[arg(long)]
+    retry_failed: bool,
+    /// Write a job script for a cluster instead of running the trials here.
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    emit: Option<Engine>,
+    /// Where --emit writes the script [default: runs/<sweep>/sweep.sbatch].
+    #[arg(long, requires = "emit", value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// --emit slurm: the partition (sweep.slurm.partition).
+    #[arg(long, requires = "emit")]
+    partition: Option<String>,
+    /// --emit slurm: the account to charge (sweep.slurm.account).
+    #[arg(long, requires = "emit")]
+    account: Option<String>,
+    /// --emit slurm: GPUs per trial; 0 trains on CPUs (sweep.slurm.gpus) [default: 0].
+    #[arg(long, requires = "emit")]
+    gpus: Option<u32>,
+    /// --emit slurm: CPU cores per trial (sweep.slurm.cpus) [default: 2].
+    #[arg(long, requires = "emit")]
+    cpus: Option<u32>,
+    /// --emit slurm: memory per trial, e.g. 16G (sweep.slurm.mem).
+    #[arg(long, requires = "emit")]
+    mem: Option<String>,
+    /// --emit slurm: time limit per trial, e.g. 02:00:00 (sweep.slurm.time).
+    #[arg(long, requires = "emit")]
+    time: Option<String>,
+    /// --emit slurm: most trials running at once, the array's %K (sweep.slurm.concurrency)
+    /// [default: 4].
+    #[arg(long, requires = "emit")]
+    concurrency: Option<u32>,
+}
+
+fn sweep_command(args: SweepArgs) -> Result<()> {
+    let target = Target::open(&args.spec)?;
+    if args.plan {
+        return Ok(sweep::print_plan(&target)?);
+    }
+    if args.collect {
+        sweep::collect(&target)?;
+        return Ok(());
+    }
+    if let Some(Engine::Slurm) = args.emit {
+        let flags = SlurmOptions {
+            partition: args.partition,
+            account: args.account,
+            gpus: args.gpus,
+            cpus: args.cpus,
+            mem: args.mem,
+            time: args.time,
+            concurrency: args.concurrency,
+            extra: Vec::new(),
+        };
+        sweep::emit_slurm(&target, &flags, args.retry_failed, args.out.as_deref())?;
+        return Ok(());
+    }
+    let jobs = args.jobs as usize;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let devices = if args.devices.is_empty() {
+        sweep::default_devices(&target.existing()?.0)
+    } else {
+        sweep::parse_devices(&args.devices)?
+    };
+    let options = LocalOptions {
+        jobs,
+        devices,
+        threads: args.threads.map_or((cores / jobs).max(1), |t| t as usize),
+        plain: args.plain,
+        retry_failed: args.retry_failed,
+    };
+    let stop = Arc::new(Stop::default());
+    let handler = stop.clone();
+    ctrlc::set_handler(move || {
+        if handler.request() == 1 {
+            eprintln!(
+                "Ctrl-C: every running trial finishes its step, checkpoints and stops; no new \
+                 trial starts (Ctrl-C again stops them at once)"
+            );
+        } else {
+            eprintln!("second Ctrl-C: stopping the trials at once, without a checkpoint");
+        }
+    })?;
+    sweep::run_local(&target, &options, &stop)?;
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -335,7 +484,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::BenchEval(args) => probunet::eval::bench::run(&args),
-        Command::Sweep { .. } => not_implemented("sweep"),
+        Command::Sweep(args) => sweep_command(args),
         Command::Doctor(args) => doctor::run(&args),
         Command::Bench(args) => probunet::bench::run(&args),
     }
@@ -346,9 +495,21 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            match err.downcast_ref::<TrainError>() {
-                Some(TrainError::Interrupted { .. }) => ExitCode::from(130),
-                _ => ExitCode::FAILURE,
+            let interrupted = matches!(
+                err.downcast_ref::<TrainError>(),
+                Some(TrainError::Interrupted { .. })
+            ) || matches!(
+                err.downcast_ref::<SweepError>(),
+                Some(SweepError::Interrupted { .. })
+                    | Some(SweepError::Incomplete {
+                        interrupted: true,
+                        ..
+                    })
+            );
+            if interrupted {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
             }
         }
     }

@@ -228,15 +228,8 @@ impl Trainer {
             train.seed,
             device,
         )?;
-        let total_steps = match (train.steps, train.epochs) {
-            (Some(steps), _) => steps,
-            (None, Some(epochs)) => epochs * loader.batches_per_epoch() as u64,
-            (None, None) => {
-                return Err(TrainError::Spec(
-                    "train: set train.steps or train.epochs".into(),
-                ))
-            }
-        };
+        let total_steps = planned_steps(&experiment, store.split(SplitName::Train).len())
+            .ok_or_else(|| TrainError::Spec("train: set train.steps or train.epochs".into()))?;
         let checkpoints = Checkpoints::new(run.checkpoints(), train.keep_last);
         let events = EventWriter::create(&run.path)?;
         let csv = match &resume {
@@ -576,10 +569,61 @@ impl Trainer {
     }
 }
 
+/// The optimiser steps a run of `experiment` takes when its training split holds
+/// `train_items` items: `train.steps`, or `train.epochs` full batches per epoch.
+pub fn planned_steps(experiment: &Experiment, train_items: usize) -> Option<u64> {
+    let train = &experiment.train;
+    match (train.steps, train.epochs) {
+        (Some(steps), _) => Some(steps),
+        (None, Some(epochs)) => Some(epochs * (train_items / train.batch.max(1)) as u64),
+        (None, None) => None,
+    }
+}
+
 /// Trains a new run of `resolved` in `log.runs_dir`.
 pub fn train(resolved: &Resolved, options: &TrainOptions) -> Result<Outcome, TrainError> {
     let device = resolved.experiment.train.device.resolve()?;
     let run = RunDir::create(&resolved.experiment.log.runs_dir, &resolved.experiment.name)?;
+    start(resolved, options, run, device, true)
+}
+
+/// Trains a new run of `resolved` in the folder `dir` rather than a fresh
+/// `log.runs_dir/<name>-<timestamp>`: how a sweep runs each trial in
+/// `runs/<sweep>/<trial-id>/`. The folder is created if missing and must not hold a run
+/// yet (continue one with [`resume`]); other files in it are left alone, and so is the
+/// folder when setting up fails.
+pub fn train_in(
+    dir: &Path,
+    resolved: &Resolved,
+    options: &TrainOptions,
+) -> Result<Outcome, TrainError> {
+    let device = resolved.experiment.train.device.resolve()?;
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::Run {
+        path: dir.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    if dir.join(run::SPEC_FILE).exists() {
+        return Err(TrainError::Run {
+            path: dir.to_path_buf(),
+            why: format!(
+                "already holds a run ({} exists); resume it instead",
+                run::SPEC_FILE
+            ),
+        });
+    }
+    let run = RunDir {
+        path: dir.to_path_buf(),
+    };
+    start(resolved, options, run, device, false)
+}
+
+fn start(
+    resolved: &Resolved,
+    options: &TrainOptions,
+    run: RunDir,
+    device: Device,
+    remove_on_failure: bool,
+) -> Result<Outcome, TrainError> {
     let started = (|| {
         run.write_atomic(run::SPEC_FILE, resolved.to_toml()?.as_bytes())?;
         let meta = serde_json::json!({
@@ -600,7 +644,9 @@ pub fn train(resolved: &Resolved, options: &TrainOptions) -> Result<Outcome, Tra
         Ok(trainer) => trainer,
         Err(e) => {
             // Nothing was trained: leave no run folder behind.
-            let _ = std::fs::remove_dir_all(&run.path);
+            if remove_on_failure {
+                let _ = std::fs::remove_dir_all(&run.path);
+            }
             return Err(e);
         }
     };

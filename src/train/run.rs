@@ -192,7 +192,7 @@ impl MetricsCsv {
 
 /// The rows of a metrics.csv whose writer may have been killed mid-line: a malformed last
 /// line is dropped, a malformed line before a good one is an error.
-fn read_rows_but_torn_tail(path: &Path) -> Result<Vec<MetricsRow>, TrainError> {
+pub fn read_rows_but_torn_tail(path: &Path) -> Result<Vec<MetricsRow>, TrainError> {
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .from_path(path)

@@ -1,0 +1,696 @@
+//! `probunet sweep` as a user runs it: plans, local parallel runs, summaries, HParams,
+//! failures, Ctrl-C and resume, and the per-trial entry point that cluster jobs use.
+mod common;
+
+use probunet::train::run::{read_rows, Phase};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The tiny experiment of tests/train.rs: 32x32 synthetic images, a two-level model.
+const TINY: &str = r#"name = "tiny"
+[data.synthetic]
+items = 120
+size = 32
+seed = 1
+
+[model]
+filters = [8, 16]
+beta = 1.0
+reconstruction = "batch_mean"
+
+[train]
+batch = 8
+steps = 30
+lr = 1e-3
+val_every = 15
+val_samples = 4
+checkpoint_every = 10
+keep_last = 2
+device = "cpu"
+
+[log]
+every = 5
+images = false
+"#;
+
+/// Writes the tiny base and a sweep spec over it; returns the sweep spec's path.
+fn write_sweep(dir: &Path, sweep: &str) -> PathBuf {
+    std::fs::write(dir.join("tiny.toml"), TINY).unwrap();
+    let path = dir.join("sweep.toml");
+    std::fs::write(&path, format!("[sweep]\nbase = \"tiny.toml\"\n{sweep}")).unwrap();
+    path
+}
+
+fn probunet(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_probunet"));
+    cmd.current_dir(dir)
+        .args(args)
+        .env("OMP_NUM_THREADS", "1")
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("JOB_COMPLETION_INDEX");
+    cmd
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn run_ok(dir: &Path, args: &[&str]) -> Output {
+    let out = probunet(dir, args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "probunet {args:?} failed:\n{}",
+        text(&out)
+    );
+    out
+}
+
+/// summary.csv as one map per row, in trial order.
+fn summary(folder: &Path) -> Vec<BTreeMap<String, String>> {
+    let mut reader = csv::Reader::from_path(folder.join("summary.csv")).unwrap();
+    let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+    reader
+        .records()
+        .map(|r| {
+            header
+                .iter()
+                .cloned()
+                .zip(r.unwrap().iter().map(String::from))
+                .collect()
+        })
+        .collect()
+}
+
+fn column<'a>(rows: &'a [BTreeMap<String, String>], key: &str) -> Vec<&'a str> {
+    rows.iter().map(|r| r[key].as_str()).collect()
+}
+
+fn read_events(paths: &[&Path]) -> Value {
+    let args: Vec<&std::ffi::OsStr> = paths.iter().map(|p| p.as_os_str()).collect();
+    serde_json::from_str(&common::run_script("read_events.py", &args)).unwrap()
+}
+
+#[test]
+fn plan_prints_the_trials_and_runs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_sweep(
+        dir.path(),
+        "name = \"p\"\nseed = 1\nsamples = 2\nrepeats = 2\n\
+         [sweep.grid]\nbeta = [0.1, 10]\nlatent_dim = [2, 0]\n\
+         [sweep.random]\n\"train.lr\" = { log_uniform = [1e-4, 1e-2] }\n",
+    );
+    let out = run_ok(dir.path(), &["sweep", spec.to_str().unwrap(), "--plan"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("sweep p: 16 trials (beta 2 x latent_dim 2 x lr drawn x 2 repeats)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(not started)"), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[1]
+            .split_whitespace()
+            .eq(["#", "id", "beta", "latent_dim", "lr", "seed", "state"]),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].starts_with("0   00-beta0.1-latent_dim2-lr") && lines[2].ends_with("pending"),
+        "{stdout}"
+    );
+    // The repeats of one draw share it and differ in seed.
+    let lr = |line: &str| line.split_whitespace().nth(4).unwrap().to_string();
+    assert_eq!(lr(lines[2]), lr(lines[3]));
+    assert_ne!(lr(lines[2]), lr(lines[4]));
+    assert!(
+        stdout.contains("will fail: model.latent_dim: must be positive, got 0"),
+        "{stdout}"
+    );
+    assert!(!dir.path().join("runs").exists(), "--plan writes nothing");
+}
+
+#[test]
+fn bad_sweeps_name_the_file_the_key_or_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[sweep.grid]\nbetta = [1]\n", "sweep.toml: sweep.grid: `betta`: unknown key"),
+        ("[sweep.grid]\nbeta = []\n", "sweep.toml: sweep.grid.beta: the list of values is empty"),
+        (
+            "[sweep.random]\nlr = { log_uniform = [-1, 1] }\n",
+            "sweep.toml: sweep.random.lr.log_uniform: the bounds of a log-uniform draw must be positive",
+        ),
+        (
+            "set = { \"train.steps\" = 0 }\n[sweep.grid]\nbeta = [1]\n",
+            "the base experiment with sweep.set does not resolve: train.steps: must be at least 1",
+        ),
+    ];
+    for (sweep, message) in cases {
+        let spec = write_sweep(dir.path(), sweep);
+        let out = probunet(dir.path(), &["sweep", spec.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(text(&out).contains(message), "{sweep}: {}", text(&out));
+    }
+    let out = probunet(dir.path(), &["sweep", "none.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        text(&out).contains("none.toml: does not exist"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.path().join("runs").exists());
+
+    // A folder planned from one spec refuses another rather than mixing them.
+    let spec = write_sweep(dir.path(), "name = \"s\"\n[sweep.grid]\nbeta = [1, 10]\n");
+    run_ok(
+        dir.path(),
+        &["sweep", spec.to_str().unwrap(), "--emit", "slurm"],
+    );
+    let spec = write_sweep(dir.path(), "name = \"s\"\n[sweep.grid]\nbeta = [1, 100]\n");
+    let out = probunet(dir.path(), &["sweep", spec.to_str().unwrap(), "--plan"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains(
+            "runs/s: holds another plan for sweep `s`: trial 1 is 01-beta100 (model.beta=100) \
+             by the spec but 01-beta10 (model.beta=10) in the folder"
+        ),
+        "{}",
+        text(&out)
+    );
+    let out = probunet(dir.path(), &["sweep", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && text(&out).contains("Refusing to mix them"));
+    // --trial out of range, and no trial at all.
+    let out = probunet(dir.path(), &["train", "--sweep", "runs/s", "--trial", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("trial 2 is out of range: runs/s has 2 trials (0 to 1)"),
+        "{}",
+        text(&out)
+    );
+    let out = probunet(dir.path(), &["train", "--sweep", "runs/s"])
+        .output()
+        .unwrap();
+    assert!(
+        text(&out).contains("Pass --trial N, or run as a Slurm array task (SLURM_ARRAY_TASK_ID)"),
+        "{}",
+        text(&out)
+    );
+    let out = probunet(dir.path(), &["train", "--sweep", "runs/s"])
+        .env("SLURM_ARRAY_TASK_ID", "x")
+        .output()
+        .unwrap();
+    assert!(
+        text(&out).contains("SLURM_ARRAY_TASK_ID=\"x\" is not a trial number"),
+        "{}",
+        text(&out)
+    );
+    let out = probunet(
+        dir.path(),
+        &["train", "--sweep", "runs/none", "--trial", "0"],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        text(&out).contains("runs/none: does not exist"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_sweep(
+        dir.path(),
+        "name = \"grid\"\n[sweep.grid]\nbeta = [0.5, 2]\nlatent_dim = [2, 4]\n",
+    );
+    let started = Instant::now();
+    let out = run_ok(
+        dir.path(),
+        &["sweep", spec.to_str().unwrap(), "--jobs", "2"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "4 trials, 2 at once: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        stdout.contains("4 to run: 2 at once, 1 thread(s) each"),
+        "{stdout}"
+    );
+    // Plain lines, prefixed with the trial, since stderr is not a terminal.
+    assert!(
+        stderr.contains("[00-beta0.5-latent_dim2] step 30/30"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("trial 03-beta2-latent_dim4 finished (30 steps)"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("sweep grid: 4 trials: 4 finished\nbest: beta = "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("throughput: 120 trial-steps in "),
+        "{stdout}"
+    );
+
+    let folder = dir.path().join("runs/grid");
+    let rows = summary(&folder);
+    assert_eq!(
+        column(&rows, "id"),
+        [
+            "00-beta0.5-latent_dim2",
+            "01-beta0.5-latent_dim4",
+            "02-beta2-latent_dim2",
+            "03-beta2-latent_dim4"
+        ]
+    );
+    assert_eq!(column(&rows, "model.beta"), ["0.5", "0.5", "2", "2"]);
+    assert_eq!(column(&rows, "model.latent_dim"), ["2", "4", "2", "4"]);
+    assert_eq!(column(&rows, "status"), ["finished"; 4]);
+    assert_eq!(column(&rows, "steps"), ["30"; 4]);
+    for row in &rows {
+        for key in [
+            "wall_s",
+            "started_at",
+            "ended_at",
+            "final_val_ged",
+            "final_val_hm_iou",
+            "final_val_elbo",
+            "final_val_kl",
+            "best_val_ged",
+        ] {
+            assert!(!row[key].is_empty(), "{key} in {row:?}");
+        }
+        let best: f64 = row["best_val_ged"].parse().unwrap();
+        let last: f64 = row["final_val_ged"].parse().unwrap();
+        assert!(best <= last, "{row:?}");
+        assert!(row["started_at"] < row["ended_at"]);
+    }
+    // The printed table is sorted by the best GED.
+    let table: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("rank"))
+        .skip(1)
+        .take(4)
+        .collect();
+    let geds: Vec<f64> = table
+        .iter()
+        .map(|l| l.split_whitespace().nth(7).unwrap().parse().unwrap())
+        .collect();
+    assert!(geds.windows(2).all(|w| w[0] <= w[1]), "{table:?}");
+
+    // Each trial folder is an ordinary run folder whose spec names the override.
+    let trial = folder.join("02-beta2-latent_dim2");
+    let spec_toml = std::fs::read_to_string(trial.join("spec.toml")).unwrap();
+    assert!(
+        spec_toml.contains("beta = 2.0  # --set model.beta=2\n"),
+        "{spec_toml}"
+    );
+    assert!(
+        spec_toml.contains("steps = 30  # runs/grid/base.toml\n"),
+        "{spec_toml}"
+    );
+    let val: Vec<u64> = read_rows(&trial.join("metrics.csv"))
+        .unwrap()
+        .iter()
+        .filter(|r| r.phase == Phase::Val)
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(val, [15, 30]);
+
+    // The HParams dashboard: the experiment in the sweep folder, a session per trial.
+    let trials: Vec<PathBuf> = column(&rows, "id")
+        .iter()
+        .map(|id| folder.join(id))
+        .collect();
+    let mut paths: Vec<&Path> = vec![&folder];
+    paths.extend(trials.iter().map(PathBuf::as_path));
+    let events = read_events(&paths);
+    let experiment = &events[folder.to_str().unwrap()]["hparams"]["_hparams_/experiment"];
+    assert_eq!(
+        experiment["hparam_infos"],
+        serde_json::json!([
+            {"name": "model.beta", "type": "DATA_TYPE_FLOAT64", "domain_discrete": [0.5, 2.0]},
+            {"name": "model.latent_dim", "type": "DATA_TYPE_FLOAT64", "domain_discrete": [2.0, 4.0]},
+        ])
+    );
+    assert_eq!(
+        experiment["metric_infos"],
+        serde_json::json!([
+            {"name": {"tag": "val_ged"}},
+            {"name": {"tag": "val_hm_iou"}},
+            {"name": {"tag": "val_elbo"}},
+            {"name": {"tag": "val_kl"}},
+        ])
+    );
+    for (trial, row) in trials.iter().zip(&rows) {
+        let run = &events[trial.to_str().unwrap()];
+        let start = &run["hparams"]["_hparams_/session_start_info"];
+        let beta: f64 = row["model.beta"].parse().unwrap();
+        let latent: f64 = row["model.latent_dim"].parse().unwrap();
+        assert_eq!(start["hparams"]["model.beta"].as_f64(), Some(beta));
+        assert_eq!(start["hparams"]["model.latent_dim"].as_f64(), Some(latent));
+        assert_eq!(
+            run["hparams"]["_hparams_/session_end_info"]["status"],
+            "STATUS_SUCCESS"
+        );
+        for tag in ["val_ged", "val_hm_iou", "val_elbo", "val_kl"] {
+            let steps: Vec<u64> = run["scalars"][tag]
+                .as_array()
+                .unwrap_or_else(|| panic!("{tag} in {}", trial.display()))
+                .iter()
+                .map(|p| p[0].as_u64().unwrap())
+                .collect();
+            assert_eq!(steps, [15, 30], "{tag}");
+        }
+    }
+
+    // Again: every trial finished, so nothing runs; --collect agrees.
+    let before = std::fs::read(folder.join("summary.csv")).unwrap();
+    let out = run_ok(
+        dir.path(),
+        &["sweep", spec.to_str().unwrap(), "--jobs", "2"],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("sweep grid: 4 trials in runs/grid: 4 finished; nothing to run"),
+        "{}",
+        text(&out)
+    );
+    let out = run_ok(dir.path(), &["sweep", "runs/grid", "--collect"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("4 trials: 4 finished"));
+    assert_eq!(std::fs::read(folder.join("summary.csv")).unwrap(), before);
+}
+
+#[test]
+fn a_failing_trial_is_marked_failed_and_the_others_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_sweep(
+        dir.path(),
+        "name = \"bad\"\nset = { \"train.steps\" = 10 }\n\
+         [sweep.grid]\nlatent_dim = [2, 0]\nlr = [1e-3, 1e30]\n",
+    );
+    let out = probunet(
+        dir.path(),
+        &["sweep", spec.to_str().unwrap(), "--jobs", "2"],
+    )
+    .output()
+    .unwrap();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("3 of 4 trials failed") && all.contains("--retry-failed"),
+        "{all}"
+    );
+    let rows = summary(&dir.path().join("runs/bad"));
+    assert_eq!(
+        column(&rows, "status"),
+        ["finished", "failed", "failed", "failed"]
+    );
+    assert!(rows[1]["error"].contains("non-finite"), "{:?}", rows[1]);
+    for row in &rows[2..] {
+        assert_eq!(row["error"], "model.latent_dim: must be positive, got 0");
+    }
+    assert_eq!(rows[0]["steps"], "10");
+    assert!(!rows[0]["best_val_ged"].is_empty());
+    // The failed trial's session says so in the HParams dashboard.
+    let trial = dir.path().join("runs/bad").join(&rows[1]["id"]);
+    let events = read_events(&[&trial]);
+    assert_eq!(
+        events[trial.to_str().unwrap()]["hparams"]["_hparams_/session_end_info"]["status"],
+        "STATUS_FAILURE"
+    );
+    // Failed trials stay failed on a re-run, unless retried.
+    let out = probunet(dir.path(), &["sweep", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        text(&out)
+            .contains("1 finished, 3 failed (--retry-failed runs them again); nothing to run"),
+        "{}",
+        text(&out)
+    );
+    let out = probunet(
+        dir.path(),
+        &[
+            "sweep",
+            spec.to_str().unwrap(),
+            "--retry-failed",
+            "--jobs",
+            "2",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(text(&out).contains("3 to run"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1));
+}
+
+/// Waits for `done`, polling, at most `limit`.
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The last `step S/T` a trial's log reports.
+fn logged_step(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("step ")?.split('/').next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_every_trial_and_running_again_resumes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_sweep(
+        dir.path(),
+        "name = \"stop\"\nset = { \"train.steps\" = 400, \"train.val_every\" = 0, \
+         \"train.checkpoint_every\" = 0 }\n[sweep.grid]\nbeta = [0.5, 2, 8]\n",
+    );
+    let child = probunet(
+        dir.path(),
+        &["sweep", spec.to_str().unwrap(), "--jobs", "2"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let folder = dir.path().join("runs/stop");
+    let logs = [
+        folder.join("00-beta0.5").join("train.log"),
+        folder.join("01-beta2").join("train.log"),
+    ];
+    wait_until(
+        Duration::from_secs(120),
+        "both trials to take 10 steps",
+        || logs.iter().all(|l| logged_step(l) >= 10),
+    );
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(130), "{all}");
+    assert!(
+        all.contains("Resume with: probunet sweep") && all.contains("sweep.toml"),
+        "{all}"
+    );
+    let rows = summary(&folder);
+    assert_eq!(
+        column(&rows, "status"),
+        ["interrupted", "interrupted", "pending"],
+        "{all}"
+    );
+    let stopped: Vec<u64> = rows[..2]
+        .iter()
+        .map(|r| r["steps"].parse().unwrap())
+        .collect();
+    for (row, step) in rows.iter().zip(&stopped) {
+        assert!(*step >= 10 && *step < 400, "{row:?}");
+        let ckpt = folder
+            .join(&row["id"])
+            .join(format!("checkpoints/step-{step:08}"));
+        assert!(ckpt.is_dir(), "{} from Ctrl-C", ckpt.display());
+    }
+
+    // Running it again resumes the two from their checkpoints and runs the third.
+    let out = run_ok(
+        dir.path(),
+        &["sweep", spec.to_str().unwrap(), "--jobs", "2"],
+    );
+    let all = text(&out);
+    assert!(all.contains("3 to run"), "{all}");
+    assert!(
+        all.contains(&format!("resuming from step {}", stopped[0])),
+        "{all}"
+    );
+    let rows = summary(&folder);
+    assert_eq!(column(&rows, "status"), ["finished"; 3]);
+    for row in &rows {
+        let steps: Vec<u64> = read_rows(&folder.join(&row["id"]).join("metrics.csv"))
+            .unwrap()
+            .iter()
+            .filter(|r| r.phase == Phase::Train)
+            .map(|r| r.step)
+            .collect();
+        assert_eq!(
+            steps,
+            (1..=80).map(|i| i * 5).collect::<Vec<_>>(),
+            "{}",
+            row["id"]
+        );
+    }
+    assert!(std::fs::read_to_string(&logs[0])
+        .unwrap()
+        .contains("resuming"));
+}
+
+#[test]
+fn cluster_tasks_run_one_trial_each_and_collect_summarises_what_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_sweep(
+        dir.path(),
+        "name = \"array\"\nset = { \"train.steps\" = 10 }\n[sweep.grid]\nbeta = [0.5, 1, 2]\n\
+         [sweep.slurm]\nmem = \"500M\"\ntime = \"00:10:00\"\nconcurrency = 2\n",
+    );
+    let out = run_ok(
+        dir.path(),
+        &[
+            "sweep",
+            spec.to_str().unwrap(),
+            "--emit",
+            "slurm",
+            "--cpus",
+            "1",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("submit it with:  sbatch runs/array/sweep.sbatch"),
+        "{}",
+        text(&out)
+    );
+    let folder = dir.path().join("runs/array");
+    let script = std::fs::read_to_string(folder.join("sweep.sbatch")).unwrap();
+    for line in [
+        "#SBATCH --array=0-2%2\n",
+        "#SBATCH --cpus-per-task=1\n",
+        "#SBATCH --mem=500M\n",
+        "#SBATCH --time=00:10:00\n",
+        "--trial \"$SLURM_ARRAY_TASK_ID\" --plain",
+        "--device cpu\n",
+    ] {
+        assert!(script.contains(line), "{line} in:\n{script}");
+    }
+    assert!(!script.contains("--gres"), "no GPU asked for:\n{script}");
+    run_ok(
+        dir.path(),
+        &[
+            "sweep",
+            spec.to_str().unwrap(),
+            "--emit",
+            "slurm",
+            "--gpus",
+            "1",
+            "--partition",
+            "gpu",
+            "--out",
+            "gpu.sbatch",
+        ],
+    );
+    let gpu = std::fs::read_to_string(dir.path().join("gpu.sbatch")).unwrap();
+    assert!(gpu.contains("#SBATCH --gres=gpu:1\n") && gpu.contains("--partition=gpu\n"));
+    assert!(gpu.contains("--device cuda\n"), "{gpu}");
+    let out = probunet(
+        dir.path(),
+        &[
+            "sweep",
+            spec.to_str().unwrap(),
+            "--emit",
+            "slurm",
+            "--mem",
+            "lots",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        !out.status.success()
+            && text(&out).contains("sweep.slurm (or its flag): mem \"lots\": expected a size"),
+        "{}",
+        text(&out)
+    );
+
+    // Array task 1 and Indexed Job completion 0, as the engines set them.
+    let out = probunet(dir.path(), &["train", "--sweep", "runs/array", "--plain"])
+        .env("SLURM_ARRAY_TASK_ID", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("trial 1 finished: 10 steps in runs/array/01-beta1"),
+        "{}",
+        text(&out)
+    );
+    let out = probunet(dir.path(), &["train", "--sweep", "runs/array", "--plain"])
+        .env("JOB_COMPLETION_INDEX", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    // A finished trial is not run again.
+    let out = run_ok(
+        dir.path(),
+        &["train", "--sweep", "runs/array", "--trial", "1"],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("trial 1 (01-beta1) already finished (10 steps)"),
+        "{}",
+        text(&out)
+    );
+
+    let out = run_ok(dir.path(), &["sweep", "runs/array", "--collect"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("sweep array: 3 trials: 2 finished, 1 pending"),
+        "{stdout}"
+    );
+    let rows = summary(&folder);
+    assert_eq!(column(&rows, "status"), ["finished", "finished", "pending"]);
+    assert_eq!(column(&rows, "steps"), ["10", "10", ""]);
+    // The next script holds only what is left.
+    run_ok(
+        dir.path(),
+        &["sweep", spec.to_str().unwrap(), "--emit", "slurm"],
+    );
+    let script = std::fs::read_to_string(folder.join("sweep.sbatch")).unwrap();
+    assert!(script.contains("#SBATCH --array=2%2\n"), "{script}");
+}
