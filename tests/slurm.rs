@@ -17,11 +17,25 @@ const BINARIES: [&str; 6] = [
 ];
 const PACKAGES: [&str; 4] = ["munge", "slurmctld", "slurmd", "slurm-client"];
 
+/// The daemons live in /usr/sbin, which a CI runner's PATH may lack: add the sbin folders
+/// to this process's PATH, so both the checks and the spawned commands find them.
+fn with_sbin_on_path() {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    for sbin in ["/usr/sbin", "/sbin", "/usr/local/sbin"] {
+        if !dirs.iter().any(|d| d == Path::new(sbin)) {
+            dirs.push(PathBuf::from(sbin));
+        }
+    }
+    std::env::set_var(
+        "PATH",
+        std::env::join_paths(dirs).expect("valid PATH entries"),
+    );
+}
+
 fn on_path(binary: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .any(|dir| dir.join(binary).is_file())
+    std::env::split_paths(&path).any(|dir| dir.join(binary).is_file())
 }
 
 fn text(out: &Output) -> String {
@@ -332,6 +346,7 @@ fn probunet(dir: &Path, args: &[&str]) -> Output {
 
 #[test]
 fn a_job_array_runs_the_sweep_on_a_one_node_slurm_cluster() {
+    with_sbin_on_path();
     let start = Instant::now();
     if let Err(why) = ensure_slurm() {
         skip(&why);
