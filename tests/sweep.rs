@@ -241,7 +241,14 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
     let started = Instant::now();
     let out = run_ok(
         dir.path(),
-        &["sweep", spec.to_str().unwrap(), "--jobs", "2"],
+        &[
+            "sweep",
+            spec.to_str().unwrap(),
+            "--jobs",
+            "2",
+            "--threads",
+            "1",
+        ],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
