@@ -4,7 +4,7 @@
 //! peak memory is that setting's own.
 use crate::device::{describe, DeviceSpec, Precision};
 use crate::model::{ModelConfig, ProbUNet};
-use crate::train::{forward_backward, Adam};
+use crate::train::{forward_backward, named_variables, Adam};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -89,9 +89,7 @@ pub fn measure(
     let vs = nn::VarStore::new(device);
     let mut model = ProbUNet::new(&vs.root(), ModelConfig::default())?;
     model.set_precision(precision);
-    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut adam = Adam::new(named);
+    let mut adam = Adam::new(named_variables(&vs));
     let image = Tensor::rand([batch, 1, 128, 128], (Kind::Float, device));
     let mask = Tensor::rand([batch, 1, 128, 128], (Kind::Float, device))
         .gt(0.5)

@@ -121,6 +121,14 @@ pub fn forward_backward(
     Ok((terms, values))
 }
 
+/// A store's variables by name, in name order: what Adam and the checkpoints iterate, so
+/// both see the same order on every run.
+pub fn named_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
 /// splitmix64 of (seed, step): the libtorch seed of one step.
 fn step_seed(seed: u64, step: u64, stream: u64) -> i64 {
     let mut x = seed
@@ -217,9 +225,7 @@ impl Trainer {
         model
             .check_input(&[1, 1, shape.height as i64, shape.width as i64])
             .map_err(|e| TrainError::Spec(format!("{}: {e}", store.dir.display())))?;
-        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let adam = Adam::new(named);
+        let adam = Adam::new(named_variables(&vs));
         let loader = Loader::new(
             &store,
             SplitName::Train,
@@ -289,12 +295,6 @@ impl Trainer {
         Ok(())
     }
 
-    fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        named
-    }
-
     fn state(&self, val_ged: Option<f64>) -> TrainState {
         TrainState {
             step: self.step,
@@ -311,7 +311,7 @@ impl Trainer {
     fn checkpoint(&mut self, best: bool, val_ged: Option<f64>) -> Result<(), TrainError> {
         self.csv.flush()?;
         self.events.flush()?;
-        let params = self.named_parameters();
+        let params = named_variables(&self.vs);
         let finite: Vec<Tensor> = params.iter().map(|(_, t)| t.isfinite().all()).collect();
         if !bool::try_from(Tensor::stack(&finite, 0).all())? {
             return Err(TrainError::NonFinite {
