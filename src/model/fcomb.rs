@@ -45,22 +45,14 @@ impl Fcomb {
 
     /// Logits for one latent sample per image: `features` `[B, F, H, W]`, `z` `[B, L]`.
     pub fn forward(&self, features: &Tensor, z: &Tensor) -> Tensor {
-        let (h, w) = (features.size()[2], features.size()[3]);
-        let tiled = z
-            .to_kind(features.kind())
-            .unsqueeze(-1)
-            .unsqueeze(-1)
-            .expand([-1, -1, h, w], false);
-        let mut xs = Tensor::cat(&[features.shallow_clone(), tiled], 1);
-        for conv in &self.hidden {
-            xs = conv.forward(&xs).relu();
-        }
-        self.last.forward(&xs)
+        self.forward_samples(features, &z.unsqueeze(1))
+            .squeeze_dim(1)
     }
 
     /// Logits for `n` samples per image without tiling z or repeating the features:
     /// the first conv splits as `W_f f + W_z z + b`, so `W_f f` is computed once per image
-    /// and only the `[B, n, F]` latent part varies. `z` is `[B, n, L]`; the result is
+    /// and only the `[B, n, F]` latent part varies. (Training takes this path too: it
+    /// skips concatenating a tiled z, and the features keep their channels-last layout.) `z` is `[B, n, L]`; the result is
     /// `[B, n, classes, H, W]`.
     pub fn forward_samples(&self, features: &Tensor, z: &Tensor) -> Tensor {
         let (b, n) = (z.size()[0], z.size()[1]);
@@ -78,13 +70,13 @@ impl Fcomb {
         let latent_part = (z.matmul(&w_z.tr()) + &first.bias).to_kind(features.kind());
         let mut xs = (feature_part.unsqueeze(1) + latent_part.unsqueeze(-1).unsqueeze(-1))
             .relu()
-            .view([b * n, self.features, h, w]);
+            .reshape([b * n, self.features, h, w]);
         for conv in &self.hidden[1..] {
             xs = conv.forward(&xs).relu();
         }
         let logits = self.last.forward(&xs);
         let classes = logits.size()[1];
-        logits.view([b, n, classes, h, w])
+        logits.reshape([b, n, classes, h, w])
     }
 
     /// Parameters of the hidden layers only: the seed's l2 term skips the last layer.

@@ -52,6 +52,21 @@ impl ParameterCounts {
     }
 }
 
+/// `t` (`[N, C, H, W]`) with channels-last strides. oneDNN runs convolutions in a
+/// channel-blocked layout, so NCHW activations are converted into it and back around every
+/// convolution (a quarter of a CPU training step); from channels-last input libtorch picks
+/// kernels that read and write it directly, and the layout then carries through ReLU,
+/// pooling, upsampling and concatenation. (For C = 1, permuting makes no copy and the
+/// strides must be set by hand, or libtorch would read the tensor as NCHW.)
+fn channels_last(t: &Tensor) -> Tensor {
+    let (n, c, h, w) = t.size4().expect("a 4-d input, checked by check_input");
+    t.permute([0, 2, 3, 1]).contiguous().as_strided(
+        [n, c, h, w],
+        [h * w * c, 1, w * c, c],
+        None::<i64>,
+    )
+}
+
 fn numel<'a>(params: impl Iterator<Item = &'a Tensor>) -> i64 {
     params.map(|t| t.numel() as i64).sum()
 }
@@ -109,7 +124,7 @@ impl ProbUNet {
     /// The latent Gaussian of `net` for `input`, with float32 parameters whatever the
     /// compute precision.
     fn latent(&self, net: &AxisAlignedConvGaussian, input: &Tensor) -> DiagonalGaussian {
-        let g = net.forward(&input.to_kind(self.compute_kind));
+        let g = net.forward(&self.layout(input));
         DiagonalGaussian {
             mu: g.mu.to_kind(Kind::Float),
             log_sigma: g.log_sigma.to_kind(Kind::Float),
@@ -117,7 +132,20 @@ impl ProbUNet {
     }
 
     fn features(&self, image: &Tensor) -> Tensor {
-        self.unet.forward(&image.to_kind(self.compute_kind))
+        self.unet.forward(&self.layout(image))
+    }
+
+    /// An input in the compute precision and in the memory layout the convolutions run
+    /// fastest from: channels-last on the CPU (measured: docs/performance.md) and for
+    /// bfloat16 on CUDA (as PyTorch recommends for tensor cores); plain NCHW for float32 on
+    /// CUDA, where cuDNN's NCHW kernels are its default.
+    fn layout(&self, input: &Tensor) -> Tensor {
+        let input = input.to_kind(self.compute_kind);
+        if input.device() == tch::Device::Cpu || self.compute_kind == Kind::BFloat16 {
+            channels_last(&input)
+        } else {
+            input
+        }
     }
 
     pub fn parameter_counts(&self) -> ParameterCounts {
