@@ -18,11 +18,47 @@ fn main() {
         );
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    build_cpu_allocator(&lib);
     let cuda = lib.join("libtorch_cuda.so");
     if cuda.exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg={}", cuda.display());
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+}
+
+/// The caching CPU allocator (src/memory), compiled against the headers next to `lib`.
+fn build_cpu_allocator(lib: &std::path::Path) {
+    let source = "src/memory/cpu_allocator.cpp";
+    println!("cargo:rerun-if-changed={source}");
+    println!("cargo:rerun-if-env-changed=PROBUNET_PYTHON");
+    let include = lib.with_file_name("include");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file(source)
+        .include(&include)
+        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi())
+        .flag_if_supported("-Wno-unused-parameter")
+        .compile("probunet_cpu_allocator");
+}
+
+/// The C++ ABI libtorch was built with, as torch-sys decides it: asked of the python that
+/// provides libtorch, the new ABI when there is none to ask.
+fn cxx11_abi() -> &'static str {
+    let python = env::var("PROBUNET_PYTHON").unwrap_or_else(|_| "python3".into());
+    let answer = std::process::Command::new(python)
+        .args([
+            "-c",
+            "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok());
+    match answer.as_deref().map(str::trim) {
+        Some("0") => "0",
+        _ => "1",
     }
 }
 

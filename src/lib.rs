@@ -6,6 +6,7 @@ pub mod data;
 pub mod device;
 pub mod doctor;
 pub mod eval;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod sweep;

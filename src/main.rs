@@ -479,6 +479,7 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    probunet::memory::install(probunet::memory::from_env().map_err(anyhow::Error::msg)?);
     match cli.command {
         Command::Prepare(args) => prepare(args),
         Command::Train(args) => train(args),
