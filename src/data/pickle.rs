@@ -394,6 +394,9 @@ impl ArrayView<'_> {
     /// that is not finite as f32 is an error.
     pub fn write_f32(&self, out: &mut [f32]) -> Result<(), ConvertError> {
         self.check_output(out.len())?;
+        if self.bulk_f32(out) {
+            return Ok(());
+        }
         let shape = &self.shape;
         let store = |out: &mut [f32], index: usize, value: f32, original: f64| {
             if value.is_finite() {
@@ -433,6 +436,9 @@ impl ArrayView<'_> {
     /// Writes a binary mask as 0/1 bytes in C order; any other value is an error.
     pub fn write_u8_mask(&self, out: &mut [u8]) -> Result<(), ConvertError> {
         self.check_output(out.len())?;
+        if self.bulk_u8_mask(out) {
+            return Ok(());
+        }
         let shape = &self.shape;
         let store = |out: &mut [u8], index: usize, one: Option<bool>, value: f64| match one {
             Some(one) => {
@@ -465,6 +471,66 @@ impl ArrayView<'_> {
                 let v = f64::from_le_bytes(b);
                 store(out, i, binary(v), v)
             }),
+        }
+    }
+
+    /// Whether the elements lie in memory in C order, as the output wants them.
+    fn c_ordered(&self) -> bool {
+        self.order == MemoryOrder::C || self.shape.len() < 2
+    }
+
+    /// [`ArrayView::write_f32`] for the common layouts (C order, little-endian f4 or f8),
+    /// in loops the compiler vectorises: it converts everything and tells whether every
+    /// value was finite. `false` (another layout, or a bad value) leaves the element-wise
+    /// path to do the work and name the first bad value.
+    fn bulk_f32(&self, out: &mut [f32]) -> bool {
+        const EXPONENT: u32 = 0x7f80_0000;
+        if !self.c_ordered() || self.dtype.byte_order == ByteOrder::Big {
+            return false;
+        }
+        let mut bad = false;
+        match self.dtype.element {
+            ElementType::F4 => {
+                for (o, b) in out.iter_mut().zip(self.data.chunks_exact(4)) {
+                    let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    bad |= v.to_bits() & EXPONENT == EXPONENT;
+                    *o = v;
+                }
+            }
+            ElementType::F8 => {
+                for (o, b) in out.iter_mut().zip(self.data.chunks_exact(8)) {
+                    let v = f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32;
+                    bad |= v.to_bits() & EXPONENT == EXPONENT;
+                    *o = v;
+                }
+            }
+            ElementType::U1 | ElementType::B1 => return false,
+        }
+        !bad
+    }
+
+    /// [`ArrayView::write_u8_mask`] for the common layouts (C order; u1, b1 or
+    /// little-endian f4), vectorised as [`ArrayView::bulk_f32`] is.
+    fn bulk_u8_mask(&self, out: &mut [u8]) -> bool {
+        if !self.c_ordered() || self.dtype.byte_order == ByteOrder::Big {
+            return false;
+        }
+        match self.dtype.element {
+            ElementType::U1 | ElementType::B1 => {
+                let bad = self.data.iter().fold(0u8, |acc, &b| acc | (b & !1));
+                out.copy_from_slice(&self.data);
+                bad == 0
+            }
+            ElementType::F4 => {
+                let mut bad = false;
+                for (o, b) in out.iter_mut().zip(self.data.chunks_exact(4)) {
+                    let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    bad |= !(v == 0.0 || v == 1.0);
+                    *o = u8::from(v == 1.0);
+                }
+                !bad
+            }
+            ElementType::F8 => false,
         }
     }
 
@@ -2087,6 +2153,42 @@ mod tests {
             let mut out = [9u8; 6];
             array_of(&bytes).write_u8_mask(&mut out).unwrap();
             assert_eq!(out, c_values, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn c_order_little_endian_arrays_take_the_bulk_path_with_the_same_values() {
+        let values = [0.0f32, -1.5, 3.25, 1e-30, -0.0, 7.0];
+        let as_f4: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let as_f8: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| f64::from(v).to_le_bytes())
+            .collect();
+        for (dtype, data) in [(("f4", "<"), as_f4), (("f8", "<"), as_f8)] {
+            let bytes = Writer::new(5)
+                .frombuffer(dtype, &[2, 3], false, &data)
+                .finish();
+            let view = array_of(&bytes);
+            let mut out = [9f32; 6];
+            assert!(view.bulk_f32(&mut out), "{dtype:?}");
+            assert_eq!(out.map(f32::to_bits), values.map(f32::to_bits), "{dtype:?}");
+        }
+        let mask = [0u8, 1, 1, 0, 0, 1];
+        let as_f4: Vec<u8> = mask
+            .iter()
+            .flat_map(|&v| f32::from(v).to_le_bytes())
+            .collect();
+        for (dtype, data) in [
+            (("u1", "|"), mask.to_vec()),
+            (("b1", "|"), mask.to_vec()),
+            (("f4", "<"), as_f4),
+        ] {
+            let bytes = Writer::new(5)
+                .frombuffer(dtype, &[2, 3], false, &data)
+                .finish();
+            let mut out = [9u8; 6];
+            assert!(array_of(&bytes).bulk_u8_mask(&mut out), "{dtype:?}");
+            assert_eq!(out, mask, "{dtype:?}");
         }
     }
 
