@@ -352,6 +352,20 @@ pub struct ArrayView<'a> {
     data: Payload<'a>,
 }
 
+/// Whether every little-endian f32 in `bytes` is finite (a vectorised check).
+pub fn finite_f32_le(bytes: &[u8]) -> bool {
+    const EXPONENT: u32 = 0x7f80_0000;
+    let bad = bytes.chunks_exact(4).fold(false, |bad, b| {
+        bad | (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & EXPONENT == EXPONENT)
+    });
+    !bad
+}
+
+/// Whether every byte is 0 or 1 (a vectorised check).
+pub fn binary_u8(bytes: &[u8]) -> bool {
+    bytes.iter().fold(0u8, |acc, &b| acc | (b & !1)) == 0
+}
+
 impl ArrayView<'_> {
     pub fn shape(&self) -> &[usize] {
         &self.shape
@@ -474,6 +488,20 @@ impl ArrayView<'_> {
         }
     }
 
+    /// Whether the payload's bytes are already what [`ArrayView::write_f32`] writes,
+    /// as little-endian bytes: C-order little-endian f4.
+    pub fn is_verbatim_f32(&self) -> bool {
+        self.c_ordered()
+            && self.dtype.element == ElementType::F4
+            && self.dtype.byte_order != ByteOrder::Big
+    }
+
+    /// Whether the payload's bytes are already what [`ArrayView::write_u8_mask`] writes
+    /// when every value is 0 or 1: C-order u1 or b1.
+    pub fn is_verbatim_u8_mask(&self) -> bool {
+        self.c_ordered() && matches!(self.dtype.element, ElementType::U1 | ElementType::B1)
+    }
+
     /// Whether the elements lie in memory in C order, as the output wants them.
     fn c_ordered(&self) -> bool {
         self.order == MemoryOrder::C || self.shape.len() < 2
@@ -517,9 +545,8 @@ impl ArrayView<'_> {
         }
         match self.dtype.element {
             ElementType::U1 | ElementType::B1 => {
-                let bad = self.data.iter().fold(0u8, |acc, &b| acc | (b & !1));
                 out.copy_from_slice(&self.data);
-                bad == 0
+                binary_u8(out)
             }
             ElementType::F4 => {
                 let mut bad = false;

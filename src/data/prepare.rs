@@ -1,6 +1,6 @@
 //! `probunet prepare`: an LIDC pickle (or the synthetic generator) into a store.
 use super::lidc::{parse_lidc_with_progress, LidcError, LidcItem};
-use super::pickle::ArrayView;
+use super::pickle::{binary_u8, finite_f32_le, ArrayView};
 use super::split::{Split, SplitFractions, SplitName};
 use super::store::SourceFile;
 use super::store::{
@@ -242,8 +242,10 @@ pub fn prepare_synthetic(
     let stats = write_arrays(
         &builder.arrays_path(),
         plan.shape,
-        |i, buf| {
-            buf.copy_from_slice(&data.item(i).image);
+        |i, bytes| {
+            for (b, v) in bytes.chunks_exact_mut(4).zip(&data.item(i).image) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
             Ok(())
         },
         |i, buf| {
@@ -357,6 +359,21 @@ fn fetch<'x>(
         .expect("a buffer of the payload's length"))
 }
 
+/// Copies an array's payload, whose bytes are already the store's, into `out`: with pread
+/// from the file (no copy through the map or a scratch buffer), or from protocol 2's
+/// decoded copy.
+fn read_verbatim(source: &Parsed, view: &ArrayView<'_>, out: &mut [u8]) -> Result<(), DataError> {
+    let (base, at) = (source.map.as_ptr() as usize, view.data().as_ptr() as usize);
+    if at < base || at >= base + source.map.len() {
+        out.copy_from_slice(view.data());
+        return Ok(());
+    }
+    source
+        .file
+        .read_exact_at(out, (at - base) as u64)
+        .map_err(|e| DataError::io(&source.path, e))
+}
+
 /// One parsed input file.
 struct Parsed<'m> {
     path: PathBuf,
@@ -446,14 +463,22 @@ pub fn prepare_pickle(
         source,
     };
     let mut image_scratch = Vec::new();
+    let mut image_values = vec![0f32; pixels];
     let mut mask_scratch = Vec::new();
     let stats = write_arrays(
         &builder.arrays_path(),
         plan.shape,
-        |i, buf| {
+        |i, bytes| {
             let (file, item) = items[i];
+            if item.image.is_verbatim_f32() {
+                read_verbatim(file, &item.image, bytes)?;
+                if finite_f32_le(bytes) {
+                    return Ok(());
+                }
+            }
+            // Another layout, or a value to name: convert element-wise.
             fetch(file, &item.image, &mut image_scratch)?
-                .write_f32(buf)
+                .write_f32(&mut image_values)
                 .map_err(|source| {
                     lidc_error(
                         file,
@@ -462,16 +487,26 @@ pub fn prepare_pickle(
                             source,
                         },
                     )
-                })
+                })?;
+            for (b, v) in bytes.chunks_exact_mut(4).zip(&image_values) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            Ok(())
         },
-        |i, buf| {
+        |i, bytes| {
             let (file, item) = items[i];
             for (index, (mask, out)) in item
                 .masks
                 .iter()
-                .zip(buf.chunks_exact_mut(pixels))
+                .zip(bytes.chunks_exact_mut(pixels))
                 .enumerate()
             {
+                if mask.is_verbatim_u8_mask() {
+                    read_verbatim(file, mask, out)?;
+                    if binary_u8(out) {
+                        continue;
+                    }
+                }
                 fetch(file, mask, &mut mask_scratch)?
                     .write_u8_mask(out)
                     .map_err(|source| {
