@@ -2,6 +2,7 @@
 //! slurmctld, slurmd from Debian's packages, installed here when missing), the emitted
 //! job array submitted with sbatch, and the summary collected from what the array tasks
 //! wrote. The test skips itself, loudly, only where the packages cannot be installed.
+mod common;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -308,31 +309,6 @@ impl Drop for Cluster {
     }
 }
 
-const TINY: &str = r#"name = "tiny"
-[data.synthetic]
-items = 120
-size = 32
-seed = 1
-
-[model]
-filters = [8, 16]
-beta = 1.0
-reconstruction = "batch_mean"
-
-[train]
-batch = 8
-steps = 20
-lr = 1e-3
-val_every = 10
-val_samples = 4
-checkpoint_every = 10
-device = "cpu"
-
-[log]
-every = 5
-images = false
-"#;
-
 fn probunet(dir: &Path, args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_probunet"))
         .current_dir(dir)
@@ -359,7 +335,11 @@ fn a_job_array_runs_the_sweep_on_a_one_node_slurm_cluster() {
 
     let work = scratch.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    std::fs::write(work.join("tiny.toml"), TINY).unwrap();
+    std::fs::write(
+        work.join("tiny.toml"),
+        common::tiny_spec(20, 10, "images = false\n"),
+    )
+    .unwrap();
     std::fs::write(
         work.join("sweep.toml"),
         "[sweep]\nname = \"slurm\"\nbase = \"tiny.toml\"\n\

@@ -9,36 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The tiny experiment of tests/train.rs: 32x32 synthetic images, a two-level model.
-const TINY: &str = r#"name = "tiny"
-[data.synthetic]
-items = 120
-size = 32
-seed = 1
-
-[model]
-filters = [8, 16]
-beta = 1.0
-reconstruction = "batch_mean"
-
-[train]
-batch = 8
-steps = 30
-lr = 1e-3
-val_every = 15
-val_samples = 4
-checkpoint_every = 10
-keep_last = 2
-device = "cpu"
-
-[log]
-every = 5
-images = false
-"#;
-
 /// Writes the tiny base and a sweep spec over it; returns the sweep spec's path.
 fn write_sweep(dir: &Path, sweep: &str) -> PathBuf {
-    std::fs::write(dir.join("tiny.toml"), TINY).unwrap();
+    std::fs::write(
+        dir.join("tiny.toml"),
+        common::tiny_spec(30, 15, "images = false\n"),
+    )
+    .unwrap();
     let path = dir.join("sweep.toml");
     std::fs::write(&path, format!("[sweep]\nbase = \"tiny.toml\"\n{sweep}")).unwrap();
     path
@@ -433,6 +410,12 @@ fn a_failing_trial_is_marked_failed_and_the_others_go_on() {
         ["finished", "failed", "failed", "failed"]
     );
     assert!(rows[1]["error"].contains("non-finite"), "{:?}", rows[1]);
+    // The hint is the sweep's retry, not `train --resume` (which would bypass its records).
+    assert!(
+        rows[1]["error"].contains("--trial 1") && !rows[1]["error"].contains("--resume"),
+        "{:?}",
+        rows[1]
+    );
     for row in &rows[2..] {
         assert_eq!(row["error"], "model.latent_dim: must be positive, got 0");
     }

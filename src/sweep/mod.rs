@@ -51,6 +51,22 @@ pub enum SweepError {
         folder: PathBuf,
         run: PathBuf,
     },
+    /// A trial stopped on a non-finite loss: the hint names the sweep's retry command, not
+    /// `train --resume` (which would leave the sweep's records behind).
+    #[error(
+        "trial {index}: step {step}: non-finite {what}; the trial stopped (train.on_nan = \"stop\"). \
+         Its last good checkpoint is in {}. Retry it from there with: probunet train --sweep {} \
+         --trial {index} --set train.lr=<lower> (or every failed trial: probunet sweep {} \
+         --retry-failed), or set train.on_nan = \"skip\" in the sweep spec",
+        run.display(), folder.display(), folder.display()
+    )]
+    TrialNonFinite {
+        index: usize,
+        step: u64,
+        what: String,
+        folder: PathBuf,
+        run: PathBuf,
+    },
     /// The sweep ran, but not every trial finished.
     #[error("{message}")]
     Incomplete { interrupted: bool, message: String },

@@ -329,10 +329,20 @@ pub fn run(folder: &Path, index: usize, options: &TrialOptions) -> Result<TrialE
                 run,
             })
         }
+        Err(TrainError::NonFinite { step, what, run }) => {
+            status.steps = Some(step);
+            let e = SweepError::TrialNonFinite {
+                index,
+                step,
+                what,
+                folder: folder.to_path_buf(),
+                run,
+            };
+            end_session(hparams, SessionStatus::Failure)?;
+            finish(&mut status, State::Failed, Some(e.to_string()))?;
+            Err(e)
+        }
         Err(e) => {
-            if let TrainError::NonFinite { step, .. } = &e {
-                status.steps = Some(*step);
-            }
             end_session(hparams, SessionStatus::Failure)?;
             finish(&mut status, State::Failed, Some(e.to_string()))?;
             Err(SweepError::from(e))

@@ -38,9 +38,10 @@ pub fn run_script(script: &str, args: &[&std::ffi::OsStr]) -> String {
     String::from_utf8(output.stdout).expect("utf-8 output")
 }
 
-/// A small, fast experiment: 32x32 synthetic images, a two-level model.
-pub fn write_spec(dir: &Path, extra: &str) -> PathBuf {
-    let spec = format!(
+/// The text of a small, fast experiment: 32x32 synthetic images, a two-level model,
+/// `steps` CPU steps validated every `val_every`; `log` adds keys to its `[log]` table.
+pub fn tiny_spec(steps: u32, val_every: u32, log: &str) -> String {
+    format!(
         r#"name = "tiny"
 [data.synthetic]
 items = 120
@@ -54,9 +55,9 @@ reconstruction = "batch_mean"
 
 [train]
 batch = 8
-steps = 60
+steps = {steps}
 lr = 1e-3
-val_every = 20
+val_every = {val_every}
 val_samples = 4
 checkpoint_every = 10
 keep_last = 2
@@ -65,8 +66,13 @@ device = "cpu"
 [log]
 every = 5
 runs_dir = "runs"
-{extra}"#
-    );
+{log}"#
+    )
+}
+
+/// Writes [`tiny_spec`] (60 steps) as `tiny.toml` in `dir`; `extra` goes into `[log]`.
+pub fn write_spec(dir: &Path, extra: &str) -> PathBuf {
+    let spec = tiny_spec(60, 20, extra);
     let path = dir.join("tiny.toml");
     std::fs::write(&path, spec).unwrap();
     path
