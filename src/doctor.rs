@@ -34,6 +34,17 @@ pub fn run(args: &DoctorArgs) -> Result<()> {
     );
     let device = args.device.resolve()?;
     println!("device: {}", describe(device));
+    println!(
+        "CPU allocator: {}",
+        match crate::memory::installed() {
+            Some(crate::memory::CpuAllocator::Caching { limit_bytes }) => format!(
+                "probunet's caching allocator, keeping up to {} MiB of freed blocks \
+                 (PROBUNET_CPU_ALLOCATOR=system for libtorch's own)",
+                limit_bytes >> 20
+            ),
+            Some(crate::memory::CpuAllocator::System) | None => "libtorch's own".into(),
+        }
+    );
 
     let vs = nn::VarStore::new(device);
     let config = ModelConfig {

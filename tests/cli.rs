@@ -42,6 +42,33 @@ fn doctor_builds_the_seed_model_and_times_a_step() {
 }
 
 #[test]
+fn the_cpu_allocator_is_chosen_by_the_environment_and_bad_values_are_named() {
+    let doctor = |vars: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_probunet"))
+            .args(["doctor", "--device", "cpu", "--steps", "0"])
+            .envs(vars.iter().copied())
+            .output()
+            .expect("running probunet")
+    };
+    let out = doctor(&[]);
+    assert!(
+        text(&out.stdout)
+            .contains("CPU allocator: probunet's caching allocator, keeping up to 1024 MiB"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = doctor(&[("PROBUNET_CPU_ALLOCATOR", "system")]);
+    assert!(text(&out.stdout).contains("CPU allocator: libtorch's own"));
+    let out = doctor(&[("PROBUNET_CPU_CACHE_MIB", "lots")]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("PROBUNET_CPU_CACHE_MIB=\"lots\""),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn a_missing_cuda_device_is_an_error_not_a_cpu_fallback() {
     let out = probunet(&["doctor", "--device", "cuda:7", "--steps", "0"]);
     assert!(!out.status.success());

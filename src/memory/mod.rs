@@ -30,20 +30,32 @@ pub enum CpuAllocator {
 
 /// What the environment asks for; a value that cannot be read is an error naming it.
 pub fn from_env() -> Result<CpuAllocator, String> {
-    match std::env::var("PROBUNET_CPU_ALLOCATOR").as_deref() {
-        Ok("system") => return Ok(CpuAllocator::System),
-        Ok("caching") | Err(_) => {}
-        Ok(other) => {
+    choose(
+        std::env::var("PROBUNET_CPU_ALLOCATOR").ok().as_deref(),
+        std::env::var("PROBUNET_CPU_CACHE_MIB").ok().as_deref(),
+    )
+}
+
+/// The allocator for the values of `PROBUNET_CPU_ALLOCATOR` and `PROBUNET_CPU_CACHE_MIB`.
+fn choose(allocator: Option<&str>, cache_mib: Option<&str>) -> Result<CpuAllocator, String> {
+    match allocator {
+        Some("system") => return Ok(CpuAllocator::System),
+        Some("caching") | None => {}
+        Some(other) => {
             return Err(format!(
                 "PROBUNET_CPU_ALLOCATOR={other:?}: expected \"caching\" or \"system\""
             ))
         }
     }
-    let mib = match std::env::var("PROBUNET_CPU_CACHE_MIB") {
-        Ok(v) => v
+    let mib = match cache_mib {
+        Some(v) => v
             .parse::<usize>()
-            .map_err(|_| format!("PROBUNET_CPU_CACHE_MIB={v:?}: expected a whole number of MiB"))?,
-        Err(_) => DEFAULT_CACHE_MIB,
+            .ok()
+            .filter(|&mib| mib <= 1 << 30)
+            .ok_or_else(|| {
+                format!("PROBUNET_CPU_CACHE_MIB={v:?}: expected a whole number of MiB")
+            })?,
+        None => DEFAULT_CACHE_MIB,
     };
     Ok(CpuAllocator::Caching {
         limit_bytes: mib << 20,
@@ -97,5 +109,33 @@ pub fn stats() -> Stats {
         misses: out[1],
         mapped_bytes: out[2],
         cached_bytes: out[3],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_chooses_the_allocator_and_bad_values_are_named() {
+        let caching = |mib: usize| CpuAllocator::Caching {
+            limit_bytes: mib << 20,
+        };
+        assert_eq!(choose(None, None), Ok(caching(DEFAULT_CACHE_MIB)));
+        assert_eq!(choose(Some("caching"), Some("64")), Ok(caching(64)));
+        assert_eq!(choose(Some("caching"), Some("0")), Ok(caching(0)));
+        assert_eq!(
+            choose(Some("system"), Some("junk")),
+            Ok(CpuAllocator::System)
+        );
+        let err = choose(Some("jemalloc"), None).unwrap_err();
+        assert!(err.contains("PROBUNET_CPU_ALLOCATOR=\"jemalloc\""), "{err}");
+        for bad in ["-1", "1.5", "lots", "99999999999999"] {
+            let err = choose(None, Some(bad)).unwrap_err();
+            assert!(
+                err.contains(&format!("PROBUNET_CPU_CACHE_MIB=\"{bad}\"")),
+                "{err}"
+            );
+        }
     }
 }
