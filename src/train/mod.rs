@@ -404,6 +404,9 @@ impl Trainer {
     fn validate(&mut self) -> Result<(f64, f64), TrainError> {
         let train = &self.experiment.train;
         tch::manual_seed(step_seed(train.seed, self.step, STREAM_VAL));
+        // Validation allocates other sizes than a training step: hand the blocks each
+        // phase keeps for reuse back on the way in and out, so the two never add up.
+        crate::memory::empty_cache();
         let val = validate(
             &self.model,
             &self.store,
@@ -413,7 +416,9 @@ impl Trainer {
             train.val_items,
             self.device,
             EmptyConvention::default(),
-        )?;
+        );
+        crate::memory::empty_cache();
+        let val = val?;
         let (ged, hm_iou) = (val.ged(), val.hm_iou());
         let mut row = MetricsRow::new(self.step, self.loader.epoch(), Phase::Val);
         row.elbo = Some(val.elbo);
