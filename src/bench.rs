@@ -144,13 +144,27 @@ pub fn measure(
     })
 }
 
-/// The checkout this binary was built from, where the PyTorch side lives.
-pub(crate) const REPO: &str = env!("CARGO_MANIFEST_DIR");
+/// The checkout this binary was built from.
+const BUILT_IN: &str = env!("CARGO_MANIFEST_DIR");
 
+/// The checkout whose `scripts/` hold the PyTorch side: `$PROBUNET_REPO`, else the working
+/// directory when it is a checkout (a binary carried to another machine, run from a copy
+/// of the tree there), else the one this binary was built from.
+pub(crate) fn repo() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PROBUNET_REPO") {
+        return PathBuf::from(dir);
+    }
+    match std::env::current_dir() {
+        Ok(dir) if dir.join("scripts/torch_probunet.py").is_file() => dir,
+        _ => PathBuf::from(BUILT_IN),
+    }
+}
+
+/// `$PROBUNET_PYTHON`, else the checkout's `.venv`.
 pub(crate) fn python() -> PathBuf {
     std::env::var_os("PROBUNET_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(REPO).join(".venv/bin/python"))
+        .unwrap_or_else(|| repo().join(".venv/bin/python"))
 }
 
 /// The last line of a child's stdout that is a JSON object, as `T`; a failed child is an
@@ -245,7 +259,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 };
                 for &compile in variants {
                     let mut cmd = Command::new(python());
-                    cmd.arg(PathBuf::from(REPO).join("scripts/bench_torch.py"))
+                    cmd.arg(repo().join("scripts/bench_torch.py"))
                         .args([
                             "--batch",
                             &batch.to_string(),

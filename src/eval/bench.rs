@@ -13,7 +13,7 @@
 use super::batch::{batch_noise, BatchCounts};
 use super::command::probabilities;
 use super::EvalError;
-use crate::bench::{last_json_line, peak_rss_mib, python, REPO};
+use crate::bench::{last_json_line, peak_rss_mib, python, repo};
 use crate::data::synthetic::{Synthetic, SyntheticConfig};
 use crate::device::{describe, DeviceSpec};
 use crate::metrics::ImageScores;
@@ -232,7 +232,7 @@ pub fn run(args: &BenchEvalArgs) -> Result<()> {
             rows.push(ours);
             if !args.no_torch {
                 let theirs = Command::new(python())
-                    .arg(PathBuf::from(REPO).join("scripts/bench_eval.py"))
+                    .arg(repo().join("scripts/bench_eval.py"))
                     .arg("--export")
                     .arg(&export)
                     .args(["--samples", &args.samples.to_string()])
