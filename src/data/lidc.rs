@@ -95,11 +95,13 @@ pub enum LidcError {
 /// One slice: its image and one mask per annotator, all of the image's 2-D shape.
 #[derive(Debug, Clone)]
 pub struct LidcItem<'a> {
-    pub key: &'a str,
+    /// Owned (copied while the parser has the page in hand), so later passes over the
+    /// items fault none of the input's pages back in.
+    pub key: String,
     /// Text before the key's first '_'; splits must group by it, since a patient's slices
     /// are near-duplicates.
-    pub patient: &'a str,
-    pub series_uid: Option<&'a str>,
+    pub patient: String,
+    pub series_uid: Option<String>,
     pub image: ArrayView<'a>,
     pub masks: Vec<ArrayView<'a>>,
 }
@@ -297,9 +299,9 @@ fn read_item<'a>(
         ),
     };
     Ok(LidcItem {
-        key,
-        patient,
-        series_uid,
+        key: key.to_owned(),
+        patient: patient.to_owned(),
+        series_uid: series_uid.map(str::to_owned),
         image: image.clone(),
         masks,
     })
@@ -384,7 +386,7 @@ mod tests {
         let items = parse_lidc(&bytes, 4).unwrap();
         let keys: Vec<_> = items
             .iter()
-            .map(|i| (i.key, i.patient, i.series_uid))
+            .map(|i| (i.key.as_str(), i.patient.as_str(), i.series_uid.as_deref()))
             .collect();
         assert_eq!(
             keys,

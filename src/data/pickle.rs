@@ -249,7 +249,7 @@ impl fmt::Debug for Payload<'_> {
 }
 
 /// Element types the reader accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ElementType {
     F4,
     F8,
@@ -295,7 +295,7 @@ impl fmt::Display for ElementType {
 }
 
 /// Byte order as numpy records it; one-byte types have none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ByteOrder {
     Little,
     Big,
@@ -303,7 +303,7 @@ pub enum ByteOrder {
 }
 
 /// Element type and byte order of an array.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Dtype {
     pub element: ElementType,
     pub byte_order: ByteOrder,

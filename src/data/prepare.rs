@@ -1,6 +1,6 @@
 //! `probunet prepare`: an LIDC pickle (or the synthetic generator) into a store.
 use super::lidc::{parse_lidc_with_progress, LidcError, LidcItem};
-use super::pickle::{binary_u8, finite_f32_le, ArrayView};
+use super::pickle::{binary_u8, finite_f32_le, ArrayView, Dtype};
 use super::split::{Split, SplitFractions, SplitName};
 use super::store::SourceFile;
 use super::store::{
@@ -11,7 +11,7 @@ use super::synthetic::{Synthetic, SyntheticConfig};
 use super::DataError;
 use crate::metrics::EmptyConvention;
 use memmap2::{Mmap, UncheckedAdvice};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::Read;
@@ -444,7 +444,7 @@ pub fn prepare_pickle(
         return Ok(Outcome::AlreadyPrepared(options.out.clone()));
     }
     let plan = plan_pickle(&parsed, source, annotators)?;
-    // Keys and UIDs are copied out; the copy reads the arrays with pread, so the maps'
+    // The items own their keys and UIDs, and the arrays are read with pread, so the maps'
     // pages (fault-around brings in 64 KiB around every opcode read) can go.
     for p in &parsed {
         release(p.map, p.map);
@@ -539,7 +539,6 @@ pub fn prepare_pickle(
 fn plan_pickle(parsed: &[Parsed], source: Source, annotators: usize) -> Result<Plan, DataError> {
     let first = &parsed[0];
     let shape = first.items[0].image.shape().to_vec();
-    // Sized up front: a rehash would read every key again, paging their neighbourhood in.
     let mut seen: HashMap<&str, &Path> =
         HashMap::with_capacity(parsed.iter().map(|p| p.items.len()).sum());
     let mut plan = Plan {
@@ -555,17 +554,10 @@ fn plan_pickle(parsed: &[Parsed], source: Source, annotators: usize) -> Result<P
         patients: Vec::new(),
         series_uids: Vec::new(),
     };
-    let (mut image_dtypes, mut mask_dtypes) = (BTreeSet::new(), BTreeSet::new());
+    let (mut image_dtypes, mut mask_dtypes) = (HashSet::new(), HashSet::new());
     for p in parsed {
-        for (n, item) in p.items.iter().enumerate() {
-            // Reading the keys faults their neighbourhood back in: give it back as we go.
-            if n % 512 == 0 {
-                let done = (item.key.as_ptr() as usize)
-                    .saturating_sub(p.map.as_ptr() as usize)
-                    .min(p.map.len());
-                release(p.map, &p.map[..done]);
-            }
-            if let Some(other) = seen.insert(item.key, &p.path) {
+        for item in &p.items {
+            if let Some(other) = seen.insert(&item.key, &p.path) {
                 return Err(DataError::Store {
                     path: p.path.clone(),
                     why: format!("item {:?} is also in {}", item.key, other.display()),
@@ -583,17 +575,21 @@ fn plan_pickle(parsed: &[Parsed], source: Source, annotators: usize) -> Result<P
                     ),
                 });
             }
-            image_dtypes.insert(item.image.dtype().to_string());
-            mask_dtypes.extend(item.masks.iter().map(|m| m.dtype().to_string()));
-            plan.keys.push(item.key.to_string());
-            plan.patients.push(item.patient.to_string());
-            plan.series_uids.push(item.series_uid.map(str::to_string));
+            image_dtypes.insert(item.image.dtype());
+            mask_dtypes.extend(item.masks.iter().map(|m| m.dtype()));
+            plan.keys.push(item.key.clone());
+            plan.patients.push(item.patient.clone());
+            plan.series_uids.push(item.series_uid.clone());
         }
     }
     plan.shape.items = plan.keys.len();
+    let names = |dtypes: HashSet<Dtype>| {
+        let names: BTreeSet<String> = dtypes.iter().map(Dtype::to_string).collect();
+        names.into_iter().collect()
+    };
     plan.dtypes_seen = DtypesSeen {
-        image: image_dtypes.into_iter().collect(),
-        masks: mask_dtypes.into_iter().collect(),
+        image: names(image_dtypes),
+        masks: names(mask_dtypes),
     };
     Ok(plan)
 }
