@@ -18,7 +18,7 @@ fn main() {
         );
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    build_cpu_allocator(&lib);
+    build_memory_shim(&lib);
     let cuda = lib.join("libtorch_cuda.so");
     if cuda.exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
@@ -27,20 +27,23 @@ fn main() {
     }
 }
 
-/// The caching CPU allocator (src/memory), compiled against the headers next to `lib`.
-fn build_cpu_allocator(lib: &std::path::Path) {
-    let source = "src/memory/cpu_allocator.cpp";
-    println!("cargo:rerun-if-changed={source}");
+/// src/memory's C++ (the caching CPU allocator, CUDA memory statistics), compiled against
+/// the headers next to `lib`.
+fn build_memory_shim(lib: &std::path::Path) {
+    let sources = ["src/memory/cpu_allocator.cpp", "src/memory/cuda_stats.cpp"];
+    for source in sources {
+        println!("cargo:rerun-if-changed={source}");
+    }
     println!("cargo:rerun-if-env-changed=PROBUNET_PYTHON");
     let include = lib.with_file_name("include");
     cc::Build::new()
         .cpp(true)
         .std("c++17")
-        .file(source)
+        .files(sources)
         .include(&include)
         .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi())
         .flag_if_supported("-Wno-unused-parameter")
-        .compile("probunet_cpu_allocator");
+        .compile("probunet_memory");
 }
 
 /// The C++ ABI libtorch was built with, as torch-sys decides it: asked of the python that

@@ -182,8 +182,9 @@ def bench_torch(export, samples, batch, device):
         "mean_ged": float(np.mean([s["ged"] for s in scores])),
         "mean_hm_iou": float(np.mean([s["hm_iou"] for s in scores])),
         "mean_diversity": float(np.mean([s["diversity"] for s in scores])),
-        # ru_maxrss is in KiB on Linux.
-        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if cpu else None,
+        # ru_maxrss is in KiB on Linux; on CUDA, what the caching allocator handed out.
+        "peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if cpu
+                     else torch.cuda.max_memory_allocated() / 2**20),
     }
 
 

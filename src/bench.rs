@@ -127,8 +127,11 @@ pub fn measure(
     sync(device);
     let sample_s = start.elapsed().as_secs_f64() / reps as f64;
     let (peak_mib, peak_kind) = match device {
-        Device::Cpu => (peak_rss_mib(), "rss"),
-        _ => (None, "cuda_max_allocated (not exposed by tch)"),
+        Device::Cuda(n) => (
+            crate::memory::cuda_peak_allocated(n).map(|b| b as f64 / (1 << 20) as f64),
+            "cuda_max_allocated",
+        ),
+        _ => (peak_rss_mib(), "rss"),
     };
     Ok(Measurement {
         implementation: "probunet".into(),

@@ -187,8 +187,10 @@ pub fn measure(args: &BenchEvalArgs, export: Option<&Path>) -> Result<BenchRepor
         mean_hm_iou: mean(&scores, |s| s.phiseg.hm_iou),
         mean_diversity: mean(&scores, |s| s.phiseg.diversity),
         peak_mib: match device {
-            Device::Cpu => peak_rss_mib(),
-            _ => None,
+            Device::Cuda(n) => {
+                crate::memory::cuda_peak_allocated(n).map(|b| b as f64 / (1 << 20) as f64)
+            }
+            _ => peak_rss_mib(),
         },
     })
 }

@@ -14,6 +14,24 @@ extern "C" {
     fn probunet_cpu_allocator_install(limit_bytes: usize);
     fn probunet_cpu_allocator_empty_cache();
     fn probunet_cpu_allocator_stats(out: *mut u64);
+    fn probunet_cuda_peak_allocated(device: i32, out: *mut i64) -> i32;
+    fn probunet_cuda_reset_peak(device: i32) -> i32;
+}
+
+/// Peak bytes libtorch's CUDA caching allocator has handed out on `device` since the last
+/// [`reset_cuda_peak`] (PyTorch's `torch.cuda.max_memory_allocated`); `None` where there is
+/// no CUDA device to ask.
+pub fn cuda_peak_allocated(device: usize) -> Option<u64> {
+    let mut out = 0i64;
+    // SAFETY: plain FFI (cuda_stats.cpp); it writes one i64 and catches libtorch's errors.
+    let ok = unsafe { probunet_cuda_peak_allocated(device as i32, &mut out) } == 0;
+    ok.then_some(out.max(0) as u64)
+}
+
+/// Starts a new peak for [`cuda_peak_allocated`]; `false` where there is no CUDA device.
+pub fn reset_cuda_peak(device: usize) -> bool {
+    // SAFETY: plain FFI (cuda_stats.cpp); it catches libtorch's errors.
+    unsafe { probunet_cuda_reset_peak(device as i32) == 0 }
 }
 
 /// Freed memory kept for reuse unless `PROBUNET_CPU_CACHE_MIB` says otherwise.
@@ -115,6 +133,21 @@ pub fn stats() -> Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cuda_statistics_answer_none_without_a_cuda_device() {
+        if tch::Cuda::is_available() {
+            let before = cuda_peak_allocated(0).expect("a CUDA device answers");
+            assert!(reset_cuda_peak(0));
+            let t = tch::Tensor::zeros([1 << 20], (tch::Kind::Float, tch::Device::Cuda(0)));
+            let peak = cuda_peak_allocated(0).expect("a CUDA device answers");
+            assert!(peak >= 4 << 20, "{peak} after {before}");
+            drop(t);
+        } else {
+            assert_eq!(cuda_peak_allocated(0), None);
+            assert!(!reset_cuda_peak(0));
+        }
+    }
 
     #[test]
     fn the_environment_chooses_the_allocator_and_bad_values_are_named() {
