@@ -29,7 +29,13 @@
 namespace {
 
 constexpr std::size_t kHeader = 64;
-constexpr std::size_t kLarge = std::size_t{1} << 20;
+// Blocks from 64 KiB up are cached: glibc serves smaller ones from its heap, but between
+// 64 KiB and its mmap threshold it grows and trims the heap's top every step, faulting the
+// same pages in again (4,000-5,000 faults a batch-5 step before these were cached).
+constexpr std::size_t kLarge = std::size_t{64} << 10;
+// Size classes: 4 KiB steps below 1 MiB, 64 KiB steps above.
+constexpr std::size_t kFineClass = std::size_t{4} << 10;
+constexpr std::size_t kFineLimit = std::size_t{1} << 20;
 constexpr std::size_t kClass = std::size_t{64} << 10;
 constexpr std::size_t kHugePage = std::size_t{2} << 20;
 constexpr std::uint64_t kMagic = 0x70726f62756e6574ULL;  // "probunet"
@@ -93,7 +99,8 @@ class CachingCpuAllocator final : public c10::Allocator {
   }
 
   void* allocate_large(std::size_t n) {
-    const std::size_t size_class = round_up(n + kHeader, kClass);
+    const std::size_t size_class =
+        round_up(n + kHeader, n + kHeader < kFineLimit ? kFineClass : kClass);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = free_.find(size_class);
@@ -106,17 +113,16 @@ class CachingCpuAllocator final : public c10::Allocator {
       }
     }
     stats.misses++;
+    if (size_class < kHugePage) {
+      // Too small to hold a huge page: map it as it is.
+      void* base = map_anonymous(size_class);
+      stats.mapped_bytes += size_class;
+      return with_header(base, size_class, base, size_class);
+    }
     // Over-map by a huge page so the block can start on a 2 MiB boundary, then give
     // the slack back.
     const std::size_t len = size_class + kHugePage;
-    void* raw = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (raw == MAP_FAILED) {
-      empty_cache();
-      raw = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (raw == MAP_FAILED) {
-        throw std::bad_alloc();
-      }
-    }
+    void* raw = map_anonymous(len);
     const auto start = reinterpret_cast<std::uintptr_t>(raw);
     const auto aligned = round_up(start, kHugePage);
     if (aligned > start) {
@@ -130,6 +136,20 @@ class CachingCpuAllocator final : public c10::Allocator {
     madvise(base, size_class, MADV_HUGEPAGE);
     stats.mapped_bytes += size_class;
     return with_header(base, size_class, base, size_class);
+  }
+
+  // Maps `len` fresh bytes; when the kernel refuses, once more after handing the cache
+  // back.
+  void* map_anonymous(std::size_t len) {
+    void* raw = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) {
+      empty_cache();
+      raw = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (raw == MAP_FAILED) {
+        throw std::bad_alloc();
+      }
+    }
+    return raw;
   }
 
   std::size_t limit_;

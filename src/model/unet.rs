@@ -31,7 +31,9 @@ impl DownBlock {
             xs.shallow_clone()
         };
         for conv in &self.convs {
-            xs = conv.forward(&xs).relu();
+            // In place: a convolution's backward needs its input, not its output, and
+            // ReLU's needs only its result, so no fresh tensor is wanted here.
+            xs = conv.forward(&xs).relu_();
         }
         xs
     }
