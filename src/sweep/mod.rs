@@ -177,23 +177,7 @@ pub fn print_plan(target: &Target) -> Result<(), SweepError> {
         line.push(state.as_str().into());
         lines.push(line);
     }
-    let widths: Vec<usize> = (0..lines[0].len())
-        .map(|c| {
-            lines
-                .iter()
-                .map(|l| l[c].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for line in &lines {
-        let cells: Vec<String> = line
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        println!("{}", cells.join("  ").trim_end());
-    }
+    print!("{}", summary::aligned(&lines));
     for (index, error) in plan.check_trials() {
         println!(
             "trial {} ({}) will fail: {error}",

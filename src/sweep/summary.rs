@@ -257,26 +257,7 @@ pub fn table(plan: &Plan, rows: &[Row]) -> String {
         ]);
         lines.push(line);
     }
-    let columns = lines[0].len();
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| {
-            lines
-                .iter()
-                .map(|l| l[c].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for line in &lines {
-        let cells: Vec<String> = line
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = aligned(&lines);
     let failed: Vec<&Row> = rows
         .iter()
         .filter(|r| r.state == TrialState::Failed)
@@ -333,6 +314,33 @@ pub fn verdict(plan: &Plan, rows: &[Row]) -> String {
             best.best.and_then(|v| v.ged).unwrap_or(f64::NAN),
             best.best.map_or(0, |v| v.step)
         ));
+    }
+    out
+}
+
+/// `lines` as left-aligned columns two spaces apart, one line each (trailing spaces trimmed):
+/// the plan and summary tables.
+pub(crate) fn aligned(lines: &[Vec<String>]) -> String {
+    let columns = lines.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            lines
+                .iter()
+                .filter_map(|l| l.get(c))
+                .map(|cell| cell.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for line in lines {
+        let cells: Vec<String> = line
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
     }
     out
 }
