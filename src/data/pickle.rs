@@ -352,11 +352,13 @@ pub struct ArrayView<'a> {
     data: Payload<'a>,
 }
 
+/// An f32's exponent bits: all set for infinities and NaNs.
+const F32_EXPONENT: u32 = 0x7f80_0000;
+
 /// Whether every little-endian f32 in `bytes` is finite (a vectorised check).
 pub fn finite_f32_le(bytes: &[u8]) -> bool {
-    const EXPONENT: u32 = 0x7f80_0000;
     let bad = bytes.chunks_exact(4).fold(false, |bad, b| {
-        bad | (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & EXPONENT == EXPONENT)
+        bad | (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & F32_EXPONENT == F32_EXPONENT)
     });
     !bad
 }
@@ -512,7 +514,6 @@ impl ArrayView<'_> {
     /// value was finite. `false` (another layout, or a bad value) leaves the element-wise
     /// path to do the work and name the first bad value.
     fn bulk_f32(&self, out: &mut [f32]) -> bool {
-        const EXPONENT: u32 = 0x7f80_0000;
         if !self.c_ordered() || self.dtype.byte_order == ByteOrder::Big {
             return false;
         }
@@ -521,14 +522,14 @@ impl ArrayView<'_> {
             ElementType::F4 => {
                 for (o, b) in out.iter_mut().zip(self.data.chunks_exact(4)) {
                     let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                    bad |= v.to_bits() & EXPONENT == EXPONENT;
+                    bad |= v.to_bits() & F32_EXPONENT == F32_EXPONENT;
                     *o = v;
                 }
             }
             ElementType::F8 => {
                 for (o, b) in out.iter_mut().zip(self.data.chunks_exact(8)) {
                     let v = f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32;
-                    bad |= v.to_bits() & EXPONENT == EXPONENT;
+                    bad |= v.to_bits() & F32_EXPONENT == F32_EXPONENT;
                     *o = v;
                 }
             }

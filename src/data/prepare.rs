@@ -343,17 +343,13 @@ fn fetch<'x>(
     view: &'x ArrayView<'_>,
     scratch: &'x mut Vec<u8>,
 ) -> Result<ArrayView<'x>, DataError> {
-    let (base, at) = (source.map.as_ptr() as usize, view.data().as_ptr() as usize);
-    if at < base || at >= base + source.map.len() {
+    let Some(offset) = source.offset_of(view) else {
         return Ok(view
             .with_data(view.data())
             .expect("the payload's own length"));
-    }
+    };
     scratch.resize(view.data().len(), 0);
-    source
-        .file
-        .read_exact_at(scratch, (at - base) as u64)
-        .map_err(|e| DataError::io(&source.path, e))?;
+    source.read_at(offset, scratch)?;
     Ok(view
         .with_data(scratch)
         .expect("a buffer of the payload's length"))
@@ -363,15 +359,13 @@ fn fetch<'x>(
 /// from the file (no copy through the map or a scratch buffer), or from protocol 2's
 /// decoded copy.
 fn read_verbatim(source: &Parsed, view: &ArrayView<'_>, out: &mut [u8]) -> Result<(), DataError> {
-    let (base, at) = (source.map.as_ptr() as usize, view.data().as_ptr() as usize);
-    if at < base || at >= base + source.map.len() {
-        out.copy_from_slice(view.data());
-        return Ok(());
+    match source.offset_of(view) {
+        Some(offset) => source.read_at(offset, out),
+        None => {
+            out.copy_from_slice(view.data());
+            Ok(())
+        }
     }
-    source
-        .file
-        .read_exact_at(out, (at - base) as u64)
-        .map_err(|e| DataError::io(&source.path, e))
 }
 
 /// One parsed input file.
@@ -380,6 +374,23 @@ struct Parsed<'m> {
     map: &'m Mmap,
     file: File,
     items: Vec<LidcItem<'m>>,
+}
+
+impl Parsed<'_> {
+    /// Where in the file `view`'s payload lies; `None` for protocol 2's decoded copies,
+    /// which live outside the map.
+    fn offset_of(&self, view: &ArrayView<'_>) -> Option<u64> {
+        let (base, at) = (self.map.as_ptr() as usize, view.data().as_ptr() as usize);
+        (base..base + self.map.len())
+            .contains(&at)
+            .then(|| (at - base) as u64)
+    }
+
+    fn read_at(&self, offset: u64, out: &mut [u8]) -> Result<(), DataError> {
+        self.file
+            .read_exact_at(out, offset)
+            .map_err(|e| DataError::io(&self.path, e))
+    }
 }
 
 /// Reads an LIDC pickle (or a folder of them) into a store. Nothing is written unless the
