@@ -70,8 +70,20 @@ fn sync(device: Device) {
     }
 }
 
+/// This process's peak memory on `device`, MiB, and what was measured: the peak CUDA
+/// allocation of libtorch's caching allocator, or the peak resident set.
+pub(crate) fn peak_mib(device: Device) -> (Option<f64>, &'static str) {
+    match device {
+        Device::Cuda(n) => (
+            crate::memory::cuda_peak_allocated(n).map(|b| b as f64 / (1 << 20) as f64),
+            "cuda_max_allocated",
+        ),
+        _ => (peak_rss_mib(), "rss"),
+    }
+}
+
 /// Peak resident set of this process, MiB (Linux).
-pub(crate) fn peak_rss_mib() -> Option<f64> {
+fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -126,13 +138,7 @@ pub fn measure(
     }
     sync(device);
     let sample_s = start.elapsed().as_secs_f64() / reps as f64;
-    let (peak_mib, peak_kind) = match device {
-        Device::Cuda(n) => (
-            crate::memory::cuda_peak_allocated(n).map(|b| b as f64 / (1 << 20) as f64),
-            "cuda_max_allocated",
-        ),
-        _ => (peak_rss_mib(), "rss"),
-    };
+    let (peak_mib, peak_kind) = peak_mib(device);
     Ok(Measurement {
         implementation: "probunet".into(),
         batch,

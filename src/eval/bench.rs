@@ -13,7 +13,7 @@
 use super::batch::{batch_noise, BatchCounts};
 use super::command::probabilities;
 use super::EvalError;
-use crate::bench::{last_json_line, peak_rss_mib, python, repo};
+use crate::bench::{last_json_line, peak_mib, python, repo};
 use crate::data::synthetic::{Synthetic, SyntheticConfig};
 use crate::device::{describe, DeviceSpec};
 use crate::metrics::ImageScores;
@@ -186,12 +186,7 @@ pub fn measure(args: &BenchEvalArgs, export: Option<&Path>) -> Result<BenchRepor
         mean_ged: mean(&scores, |s| s.phiseg.ged),
         mean_hm_iou: mean(&scores, |s| s.phiseg.hm_iou),
         mean_diversity: mean(&scores, |s| s.phiseg.diversity),
-        peak_mib: match device {
-            Device::Cuda(n) => {
-                crate::memory::cuda_peak_allocated(n).map(|b| b as f64 / (1 << 20) as f64)
-            }
-            _ => peak_rss_mib(),
-        },
+        peak_mib: peak_mib(device).0,
     })
 }
 
