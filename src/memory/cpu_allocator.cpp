@@ -42,10 +42,9 @@ constexpr std::uint64_t kMagic = 0x70726f62756e6574ULL;  // "probunet"
 
 struct Header {
   std::uint64_t magic;
-  // 0: a small block from posix_memalign; otherwise the size class of a mapped block.
+  // 0: a small block from posix_memalign; otherwise the size class of a mapped block,
+  // which starts at the header and spans exactly that many bytes.
   std::size_t size_class;
-  void* map_base;
-  std::size_t map_len;
 };
 static_assert(sizeof(Header) <= kHeader, "the header fits its slot");
 
@@ -81,12 +80,10 @@ class CachingCpuAllocator final : public c10::Allocator {
   std::atomic<std::uint64_t> cached_bytes{0};
 
  private:
-  static void* with_header(void* block, std::size_t size_class, void* base, std::size_t len) {
+  static void* with_header(void* block, std::size_t size_class) {
     auto* h = static_cast<Header*>(block);
     h->magic = kMagic;
     h->size_class = size_class;
-    h->map_base = base;
-    h->map_len = len;
     return static_cast<char*>(block) + kHeader;
   }
 
@@ -95,7 +92,7 @@ class CachingCpuAllocator final : public c10::Allocator {
     if (posix_memalign(&block, kHeader, n + kHeader) != 0) {
       throw std::bad_alloc();
     }
-    return with_header(block, 0, nullptr, 0);
+    return with_header(block, 0);
   }
 
   void* allocate_large(std::size_t n) {
@@ -117,7 +114,7 @@ class CachingCpuAllocator final : public c10::Allocator {
       // Too small to hold a huge page: map it as it is.
       void* base = map_anonymous(size_class);
       stats.mapped_bytes += size_class;
-      return with_header(base, size_class, base, size_class);
+      return with_header(base, size_class);
     }
     // Over-map by a huge page so the block can start on a 2 MiB boundary, then give
     // the slack back.
@@ -135,7 +132,7 @@ class CachingCpuAllocator final : public c10::Allocator {
     void* base = reinterpret_cast<void*>(aligned);
     madvise(base, size_class, MADV_HUGEPAGE);
     stats.mapped_bytes += size_class;
-    return with_header(base, size_class, base, size_class);
+    return with_header(base, size_class);
   }
 
   // Maps `len` fresh bytes; when the kernel refuses, once more after handing the cache
@@ -160,8 +157,8 @@ class CachingCpuAllocator final : public c10::Allocator {
 CachingCpuAllocator* g_allocator = nullptr;
 
 void unmap(Header* h) {
-  g_allocator->stats.mapped_bytes -= h->map_len;
-  munmap(h->map_base, h->map_len);
+  g_allocator->stats.mapped_bytes -= h->size_class;
+  munmap(h, h->size_class);
 }
 
 void CachingCpuAllocator::raw_delete(void* data) {
