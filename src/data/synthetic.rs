@@ -10,7 +10,8 @@
 //! Because the generator knows the true reader distribution, it can say what an ideal
 //! model would score: the GED of fresh reader draws against the given annotations.
 use crate::metrics::{ged, BitMask, EmptyConvention, PairCounts};
-use rand::{Rng, SeedableRng};
+use crate::seed::{normal, rng};
+use rand::Rng;
 use rand_pcg::Pcg64;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -56,27 +57,6 @@ pub struct SyntheticItem {
     pub patient: String,
     pub image: Vec<f32>,
     pub masks: Vec<u8>,
-}
-
-/// splitmix64: decorrelates (seed, stream, index) into one RNG seed.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// The RNG of one (seed, stream, index): independent of every other triple, so each item
-/// (or each evaluated image) has its own reproducible randomness.
-pub(crate) fn rng(seed: u64, stream: u64, index: u64) -> Pcg64 {
-    Pcg64::seed_from_u64(mix(mix(seed ^ mix(stream)) ^ index))
-}
-
-/// A standard normal draw (Box-Muller).
-pub(crate) fn normal(rng: &mut Pcg64) -> f64 {
-    let u: f64 = rng.gen_range(f64::EPSILON..1.0);
-    let v: f64 = rng.gen();
-    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
 }
 
 const STREAM_PATIENT: u64 = 1;

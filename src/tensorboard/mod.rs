@@ -209,10 +209,12 @@ impl EventWriter {
         self.write_hparams(SESSION_END_INFO_TAG, HParamsData::SessionEndInfo(info))
     }
 
-    /// Marks a restart at `step` (a run resumed from its checkpoint): TensorBoard then
-    /// discards what the interrupted process logged at this step and after, so no step is
-    /// shown twice.
+    /// Marks a restart after `step`, the step of the checkpoint a run resumes from:
+    /// TensorBoard then discards what the interrupted process logged after it (a START
+    /// at s drops every event at steps >= s, so the marker is at `step + 1` and the
+    /// checkpoint's own step stays), so no step is shown twice.
     pub fn add_restart(&mut self, step: i64, checkpoint: &str) -> Result<(), TensorboardError> {
+        let step = step + 1;
         let log = proto::SessionLog {
             status: 1,
             checkpoint_path: checkpoint.to_owned(),
@@ -314,11 +316,7 @@ fn create_event_file(dir: &Path, prefix: &str) -> Result<(File, PathBuf), Tensor
 /// The machine's name for the file name, as TensorFlow's writer puts it there;
 /// characters that could break the path are replaced.
 fn hostname() -> String {
-    let name = fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| fs::read_to_string("/etc/hostname"))
-        .unwrap_or_default();
-    let name: String = name
-        .trim()
+    crate::sys::hostname()
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
@@ -327,12 +325,7 @@ fn hostname() -> String {
                 '_'
             }
         })
-        .collect();
-    if name.is_empty() {
-        "localhost".to_owned()
-    } else {
-        name
-    }
+        .collect()
 }
 
 fn unix_secs_f64(time: SystemTime) -> f64 {
@@ -808,6 +801,30 @@ mod tests {
         assert_eq!(path, dir.join("p.2"));
         assert_eq!(fs::read_to_string(dir.join("p.0")).unwrap(), "keep");
         assert_eq!(fs::read_to_string(dir.join("p.1")).unwrap(), "keep");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// TensorFlow's `Event.session_log` is field 7 (6 is the deprecated `log_message`,
+    /// which TensorBoard ignores); the marker sits one past the checkpoint's step.
+    #[test]
+    fn a_restart_is_a_session_log_start_in_field_7_after_the_checkpoint_step() {
+        let dir = temp_dir("restart");
+        let mut writer = EventWriter::create(&dir).unwrap();
+        writer.add_restart(200, "ckpt").unwrap();
+        let path = writer.path().to_owned();
+        writer.close().unwrap();
+        let payloads = records(&fs::read(&path).unwrap());
+        let marker = &payloads[1];
+        // wall_time (key 0x09, 8 bytes), step (key 0x10, varint 201 = c9 01), then the
+        // key of field 7, length-delimited: 7 << 3 | 2 = 0x3a.
+        assert_eq!((marker[0], marker[9]), (0x09, 0x10), "{marker:?}");
+        assert_eq!(marker[10..13], [0xc9, 0x01, 0x3a], "{marker:?}");
+        let event = proto::Event::decode(marker.as_slice()).unwrap();
+        assert_eq!(event.step, 201);
+        match event.what {
+            Some(proto::event::What::SessionLog(log)) => assert_eq!(log.status, 1),
+            other => panic!("expected a session log, got {other:?}"),
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 

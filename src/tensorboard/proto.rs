@@ -20,7 +20,7 @@ pub struct Event {
     pub wall_time: f64,
     #[prost(int64, tag = "2")]
     pub step: i64,
-    #[prost(oneof = "event::What", tags = "3, 5, 6")]
+    #[prost(oneof = "event::What", tags = "3, 5, 7")]
     pub what: Option<event::What>,
 }
 
@@ -31,7 +31,8 @@ pub mod event {
         FileVersion(String),
         #[prost(message, tag = "5")]
         Summary(super::Summary),
-        #[prost(message, tag = "6")]
+        /// Field 7: field 6 is the deprecated `log_message`, which readers ignore.
+        #[prost(message, tag = "7")]
         SessionLog(super::SessionLog),
     }
 }
