@@ -1,9 +1,10 @@
 //! Data: the LIDC pickle reader, the prepared store, the synthetic dataset, the split and
-//! the training loader.
+//! training loader, and where an experiment's data comes from ([`source`]).
 pub mod lidc;
 pub mod loader;
 pub mod pickle;
 pub mod prepare;
+pub mod source;
 pub mod split;
 pub mod store;
 pub mod synthetic;

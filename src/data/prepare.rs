@@ -99,6 +99,7 @@ fn already_prepared(
     source: &Source,
     options: &PrepareOptions,
 ) -> Result<bool, DataError> {
+    super::store::check_replaceable(dir)?;
     if !dir.exists() || options.force {
         return Ok(false);
     }

@@ -10,6 +10,7 @@ use super::synthetic::SyntheticConfig;
 use super::DataError;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -434,10 +435,80 @@ pub struct Store {
     pub masks: Tensor,
 }
 
+impl Manifest {
+    /// What in the manifest contradicts itself: per-item lists of another length than
+    /// the items, split indices past the end. A store whose manifest was edited by hand
+    /// is refused here rather than indexed out of bounds later.
+    pub fn check(&self) -> Result<(), String> {
+        let items = self.shape.items;
+        for (name, len) in [
+            ("keys", self.keys.len()),
+            ("patients", self.patients.len()),
+            ("series_uids", self.series_uids.len()),
+        ] {
+            if len != items {
+                return Err(format!("{name} lists {len} entries for {items} items"));
+            }
+        }
+        for part in SplitName::ALL {
+            if let Some(&bad) = self.split.indices(part).iter().find(|&&i| i >= items) {
+                return Err(format!(
+                    "split.{part} names item {bad}, but the store has {items} items"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The safetensors header of a store's arrays must be the one prepare writes for the
+/// manifest's shape: names, dtypes, shapes and offsets.
+fn check_header(header: &[u8], shape: StoreShape) -> Result<(), String> {
+    #[derive(Deserialize, PartialEq, Debug)]
+    struct Entry {
+        dtype: String,
+        shape: Vec<usize>,
+        data_offsets: [usize; 2],
+    }
+    let entries: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| format!("unreadable safetensors header: {e}"))?;
+    let entry = |name: &str| -> Result<Entry, String> {
+        let value = entries
+            .get(name)
+            .ok_or_else(|| format!("the safetensors header has no {name:?} tensor"))?;
+        serde_json::from_value(value.clone()).map_err(|e| format!("tensor {name:?}: {e}"))
+    };
+    let (images, masks) = (shape.image_bytes(), shape.mask_bytes());
+    let expected = [
+        ("images", "F32", vec![shape.items, 1, shape.height, shape.width], [0, images]),
+        (
+            "masks",
+            "U8",
+            vec![shape.items, shape.annotators, shape.height, shape.width],
+            [images, images + masks],
+        ),
+    ];
+    for (name, dtype, dims, offsets) in expected {
+        let found = entry(name)?;
+        if found.dtype != dtype || found.shape != dims || found.data_offsets != offsets {
+            return Err(format!(
+                "tensor {name:?} is {} {:?} at {:?}, but the manifest's shape needs {dtype} \
+                 {dims:?} at {offsets:?}",
+                found.dtype, found.shape, found.data_offsets
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens `dir`, checking that the arrays agree with the manifest.
     pub fn open(dir: &Path) -> Result<Store, DataError> {
         let manifest = read_manifest(dir)?;
+        manifest.check().map_err(|why| DataError::Store {
+            path: dir.join(MANIFEST_FILE),
+            why,
+        })?;
         let path = dir.join(ARRAYS_FILE);
         let bad = |why: String| DataError::Store {
             path: path.clone(),
@@ -456,6 +527,10 @@ impl Store {
                 "{len} bytes, but the manifest's shape {shape:?} needs {expected}: truncated or not this store's file"
             )));
         }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header)
+            .map_err(|_| bad("truncated safetensors header".into()))?;
+        check_header(&header, shape).map_err(bad)?;
         // SAFETY: the map is read-only and lives only for the copies below; a store is
         // written once and renamed into place, never modified in place.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::io(&path, e))?;
@@ -503,6 +578,57 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, DataError> {
     Ok(manifest)
 }
 
+/// Refuses to let prepare replace `dir` unless it is missing, empty, or recognisably a
+/// store that prepare made (a manifest of this format and the arrays, nothing else):
+/// `--force` must never delete a user's folder or file.
+pub fn check_replaceable(dir: &Path) -> Result<(), DataError> {
+    let refuse = |why: String| DataError::Store {
+        path: dir.to_path_buf(),
+        why,
+    };
+    let metadata = match fs::symlink_metadata(dir) {
+        Ok(metadata) => metadata,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(DataError::io(dir, e)),
+    };
+    if !metadata.is_dir() {
+        return Err(refuse(
+            "is not a folder; prepare writes a store folder there only where none is: \
+             choose another --out"
+                .into(),
+        ));
+    }
+    let mut foreign = Vec::new();
+    let mut count = 0;
+    for entry in fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
+        let name = entry.map_err(|e| DataError::io(dir, e))?.file_name();
+        count += 1;
+        if name != MANIFEST_FILE && name != ARRAYS_FILE {
+            foreign.push(name.to_string_lossy().into_owned());
+        }
+    }
+    if count == 0 {
+        return Ok(());
+    }
+    let not_a_store = |what: String| {
+        refuse(format!(
+            "is not a probunet store ({what}); prepare replaces only a store it made, \
+             even with --force: choose another --out"
+        ))
+    };
+    if let Some(first) = foreign.first() {
+        let more = match foreign.len() {
+            1 => String::new(),
+            n => format!(" and {} more", n - 1),
+        };
+        return Err(not_a_store(format!("it holds {first}{more}")));
+    }
+    match read_manifest(dir) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(not_a_store(format!("its {MANIFEST_FILE} is not one: {e}"))),
+    }
+}
+
 /// A store under construction in a hidden sibling of its final folder; `commit` renames it
 /// into place and dropping it without commit removes it.
 #[derive(Debug)]
@@ -514,6 +640,7 @@ pub struct StoreBuilder {
 
 impl StoreBuilder {
     pub fn new(target: &Path) -> Result<Self, DataError> {
+        check_replaceable(target)?;
         let name = target.file_name().ok_or_else(|| DataError::Store {
             path: target.into(),
             why: "not a folder name".into(),
@@ -589,6 +716,84 @@ impl Drop for StoreBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn small_store(dir: &Path) -> PathBuf {
+        let out = dir.join("store");
+        let options = crate::data::prepare::PrepareOptions {
+            out: out.clone(),
+            force: false,
+            split: Default::default(),
+            split_seed: 0,
+        };
+        let config = SyntheticConfig {
+            items: 12,
+            size: 16,
+            ..SyntheticConfig::default()
+        };
+        crate::data::prepare::prepare_synthetic(config, &options).unwrap();
+        out
+    }
+
+    /// F7: a manifest edited by hand, or arrays whose header disagrees with it, are
+    /// refused when the store opens, naming the file and what is wrong.
+    #[test]
+    fn a_store_whose_manifest_or_header_lies_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = small_store(dir.path());
+        assert!(Store::open(&store).is_ok());
+        let manifest_path = store.join(MANIFEST_FILE);
+        let good = fs::read_to_string(&manifest_path).unwrap();
+        let mut manifest: serde_json::Value = serde_json::from_str(&good).unwrap();
+        manifest["keys"].as_array_mut().unwrap().pop();
+        fs::write(&manifest_path, manifest.to_string()).unwrap();
+        let err = Store::open(&store).unwrap_err().to_string();
+        assert!(err.contains("manifest.json: keys lists 11 entries for 12 items"), "{err}");
+        let mut manifest: serde_json::Value = serde_json::from_str(&good).unwrap();
+        manifest["split"]["val"][0] = serde_json::json!(1_000_000_000u64);
+        fs::write(&manifest_path, manifest.to_string()).unwrap();
+        let err = Store::open(&store).unwrap_err().to_string();
+        assert!(err.contains("split.val names item 1000000000"), "{err}");
+        fs::write(&manifest_path, &good).unwrap();
+        let arrays = store.join(ARRAYS_FILE);
+        let bytes = fs::read(&arrays).unwrap();
+        let at = bytes.windows(4).position(|w| w == b"\"U8\"").unwrap();
+        let mut tampered = bytes.clone();
+        tampered[at + 1] = b'I';
+        fs::write(&arrays, tampered).unwrap();
+        let err = Store::open(&store).unwrap_err().to_string();
+        assert!(
+            err.contains("data.safetensors") && err.contains("tensor \"masks\" is I8"),
+            "{err}"
+        );
+    }
+
+    /// F5: `prepare --force --out` a project folder once deleted it, and a file was
+    /// moved aside; only an empty folder or a store prepare made may be replaced.
+    #[test]
+    fn only_a_missing_or_empty_folder_or_a_store_may_be_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        assert!(check_replaceable(&missing).is_ok());
+        let empty = dir.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        assert!(check_replaceable(&empty).is_ok());
+        let file = dir.path().join("notes.txt");
+        fs::write(&file, "mine").unwrap();
+        let err = check_replaceable(&file).unwrap_err().to_string();
+        assert!(err.contains("notes.txt") && err.contains("is not a folder"), "{err}");
+        let project = dir.path().join("project");
+        fs::create_dir(&project).unwrap();
+        fs::write(project.join("main.rs"), "fn main() {}").unwrap();
+        fs::write(project.join(MANIFEST_FILE), "{}").unwrap();
+        let err = check_replaceable(&project).unwrap_err().to_string();
+        assert!(err.contains("is not a probunet store (it holds main.rs)"), "{err}");
+        fs::remove_file(project.join("main.rs")).unwrap();
+        let err = check_replaceable(&project).unwrap_err().to_string();
+        assert!(err.contains("manifest.json is not one"), "{err}");
+        assert!(StoreBuilder::new(&file).is_err());
+        assert_eq!(fs::read_to_string(&file).unwrap(), "mine");
+        assert!(project.join(MANIFEST_FILE).exists());
+    }
 
     #[test]
     fn region_writes_straddle_chunks_and_land_in_order() {

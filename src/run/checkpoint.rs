@@ -1,7 +1,7 @@
 //! Checkpoints: `checkpoints/step-<N>/` with the model, the optimiser moments and the
 //! training position, each written under a hidden name and renamed into place, so a
 //! killed process leaves either a whole checkpoint or none.
-use super::TrainError;
+use super::RunError;
 use crate::data::loader::LoaderState;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +27,20 @@ pub struct TrainState {
     /// The validation GED measured at this step, if validation ran here.
     pub val_ged: Option<f64>,
     pub created_at: chrono::DateTime<chrono::Utc>,
+    /// The log interval the checkpoint fell inside, so that the resumed run's next
+    /// row averages the same steps as an uninterrupted run's.
+    #[serde(default)]
+    pub interval: Option<OpenInterval>,
+}
+
+/// A log interval in progress: what its steps summed so far.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OpenInterval {
+    pub steps: u64,
+    pub skipped: u64,
+    pub sums: super::StepStats,
+    /// Seconds it has run.
+    pub seconds: f64,
 }
 
 /// A checkpoint on disk.
@@ -41,9 +55,9 @@ impl Checkpoint {
         self.dir.join(MODEL_FILE)
     }
 
-    pub fn optimizer_tensors(&self) -> Result<HashMap<String, Tensor>, TrainError> {
+    pub fn optimizer_tensors(&self) -> Result<HashMap<String, Tensor>, RunError> {
         let path = self.dir.join(OPTIMIZER_FILE);
-        let tensors = Tensor::read_safetensors(&path).map_err(|e| TrainError::Checkpoint {
+        let tensors = Tensor::read_safetensors(&path).map_err(|e| RunError::Checkpoint {
             path,
             why: e.to_string(),
         })?;
@@ -51,13 +65,13 @@ impl Checkpoint {
     }
 
     /// Reads a checkpoint folder.
-    pub fn open(dir: &Path) -> Result<Checkpoint, TrainError> {
+    pub fn open(dir: &Path) -> Result<Checkpoint, RunError> {
         let path = dir.join(STATE_FILE);
-        let text = fs::read_to_string(&path).map_err(|e| TrainError::Checkpoint {
+        let text = fs::read_to_string(&path).map_err(|e| RunError::Checkpoint {
             path: path.clone(),
             why: e.to_string(),
         })?;
-        let state = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        let state = serde_json::from_str(&text).map_err(|e| RunError::Checkpoint {
             path,
             why: e.to_string(),
         })?;
@@ -69,8 +83,8 @@ impl Checkpoint {
 }
 
 /// The variable shapes in a safetensors file, read from its header alone.
-fn stored_shapes(path: &Path) -> Result<BTreeMap<String, Vec<i64>>, TrainError> {
-    let bad = |why: String| TrainError::Checkpoint {
+fn stored_shapes(path: &Path) -> Result<BTreeMap<String, Vec<i64>>, RunError> {
+    let bad = |why: String| RunError::Checkpoint {
         path: path.to_path_buf(),
         why,
     };
@@ -107,7 +121,7 @@ fn stored_shapes(path: &Path) -> Result<BTreeMap<String, Vec<i64>>, TrainError> 
 /// Whether `model_file` holds exactly the variables of `vs`, with the same shapes. `Ok(None)`
 /// when it does; otherwise a description of the first variable (by name) that is missing,
 /// extra or shaped differently, with both shapes, and how many differ in all.
-pub fn shape_mismatch(vs: &nn::VarStore, model_file: &Path) -> Result<Option<String>, TrainError> {
+pub fn shape_mismatch(vs: &nn::VarStore, model_file: &Path) -> Result<Option<String>, RunError> {
     let stored = stored_shapes(model_file)?;
     let model: BTreeMap<String, Vec<i64>> = vs
         .variables()
@@ -153,8 +167,8 @@ pub struct Checkpoints {
     keep_last: usize,
 }
 
-fn io_error(path: &Path, e: std::io::Error) -> TrainError {
-    TrainError::Checkpoint {
+fn io_error(path: &Path, e: std::io::Error) -> RunError {
+    RunError::Checkpoint {
         path: path.to_path_buf(),
         why: e.to_string(),
     }
@@ -168,12 +182,17 @@ impl Checkpoints {
         }
     }
 
+    /// The folder that holds them.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn best_dir(&self) -> PathBuf {
         self.root.join("best")
     }
 
     /// Completed step checkpoints, oldest first.
-    pub fn steps(&self) -> Result<Vec<(u64, PathBuf)>, TrainError> {
+    pub fn steps(&self) -> Result<Vec<(u64, PathBuf)>, RunError> {
         if !self.root.exists() {
             return Ok(Vec::new());
         }
@@ -194,7 +213,7 @@ impl Checkpoints {
         Ok(found)
     }
 
-    pub fn latest(&self) -> Result<Option<Checkpoint>, TrainError> {
+    pub fn latest(&self) -> Result<Option<Checkpoint>, RunError> {
         match self.steps()?.last() {
             Some((_, dir)) => Checkpoint::open(dir).map(Some),
             None => Ok(None),
@@ -208,56 +227,119 @@ impl Checkpoints {
         optimizer: &[(String, Tensor)],
         state: &TrainState,
         best: bool,
-    ) -> Result<PathBuf, TrainError> {
+    ) -> Result<PathBuf, RunError> {
         let name = if best {
             "best".to_string()
         } else {
             format!("step-{:08}", state.step)
         };
-        let target = self.root.join(&name);
         let partial = self.root.join(format!(".{name}.partial"));
-        if partial.exists() {
-            fs::remove_dir_all(&partial).map_err(|e| io_error(&partial, e))?;
+        self.write_partial(&partial, model, (!best).then_some(optimizer), state)?;
+        let target = self.root.join(&name);
+        self.swap_into_place(&partial, &target, &name)?;
+        if !best {
+            self.prune()?;
         }
-        fs::create_dir_all(&partial).map_err(|e| io_error(&partial, e))?;
+        Ok(target)
+    }
+
+    /// A whole checkpoint under the hidden name `partial`, synced to disk.
+    fn write_partial(
+        &self,
+        partial: &Path,
+        model: &[(String, Tensor)],
+        optimizer: Option<&[(String, Tensor)]>,
+        state: &TrainState,
+    ) -> Result<(), RunError> {
+        if partial.exists() {
+            fs::remove_dir_all(partial).map_err(|e| io_error(partial, e))?;
+        }
+        fs::create_dir_all(partial).map_err(|e| io_error(partial, e))?;
         let write = |file: &str, tensors: &[(String, Tensor)]| {
             let path = partial.join(file);
-            Tensor::write_safetensors(tensors, &path).map_err(|e| TrainError::Checkpoint {
+            Tensor::write_safetensors(tensors, &path).map_err(|e| RunError::Checkpoint {
                 path,
                 why: e.to_string(),
             })
         };
         write(MODEL_FILE, model)?;
-        if !best {
+        if let Some(optimizer) = optimizer {
             write(OPTIMIZER_FILE, optimizer)?;
         }
         let state_path = partial.join(STATE_FILE);
-        let json = serde_json::to_vec_pretty(state).expect("the state serialises");
+        let json = serde_json::to_vec_pretty(state).map_err(|e| RunError::Checkpoint {
+            path: state_path.clone(),
+            why: e.to_string(),
+        })?;
         fs::write(&state_path, json).map_err(|e| io_error(&state_path, e))?;
-        for file in fs::read_dir(&partial).map_err(|e| io_error(&partial, e))? {
-            let path = file.map_err(|e| io_error(&partial, e))?.path();
+        for file in fs::read_dir(partial).map_err(|e| io_error(partial, e))? {
+            let path = file.map_err(|e| io_error(partial, e))?.path();
             fs::File::open(&path)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io_error(&path, e))?;
         }
+        Ok(())
+    }
+
+    /// Renames `partial` to `target`; an existing `target` is moved to `.<name>.old`
+    /// first and removed after. A `.old` left by a process killed mid-swap is recovered
+    /// (see [`Checkpoints::repair`]) before it is reused.
+    fn swap_into_place(&self, partial: &Path, target: &Path, name: &str) -> Result<(), RunError> {
+        let old = self.root.join(format!(".{name}.old"));
+        self.repair_one(target, &old)?;
         if target.exists() {
-            let old = self.root.join(format!(".{name}.old"));
-            fs::rename(&target, &old).map_err(|e| io_error(&target, e))?;
-            fs::rename(&partial, &target).map_err(|e| io_error(&target, e))?;
-            fs::remove_dir_all(&old).map_err(|e| io_error(&old, e))?;
+            fs::rename(target, &old).map_err(|e| io_error(target, e))?;
+            fs::rename(partial, target).map_err(|e| io_error(target, e))?;
+            fs::remove_dir_all(&old).map_err(|e| io_error(&old, e))
         } else {
-            fs::rename(&partial, &target).map_err(|e| io_error(&target, e))?;
+            fs::rename(partial, target).map_err(|e| io_error(target, e))
         }
-        if !best {
-            let steps = self.steps()?;
-            for (_, dir) in steps
-                .iter()
-                .take(steps.len().saturating_sub(self.keep_last))
-            {
-                fs::remove_dir_all(dir).map_err(|e| io_error(dir, e))?;
+    }
+
+    /// Keeps the newest `keep_last` step checkpoints.
+    fn prune(&self) -> Result<(), RunError> {
+        let steps = self.steps()?;
+        for (_, dir) in steps
+            .iter()
+            .take(steps.len().saturating_sub(self.keep_last))
+        {
+            fs::remove_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// Puts back what a process killed inside [`Checkpoints::save`] left: a `.<name>.old`
+    /// whose `<name>` is missing was the checkpoint (killed between the two renames) and
+    /// is renamed back; one beside its `<name>` is stale and removed; `.partial` folders
+    /// were never complete and are removed.
+    pub fn repair(&self) -> Result<(), RunError> {
+        if !self.root.exists() {
+            return Ok(());
+        }
+        for entry in fs::read_dir(&self.root).map_err(|e| io_error(&self.root, e))? {
+            let path = entry.map_err(|e| io_error(&self.root, e))?.path();
+            let Some(file) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let hidden = file.strip_prefix('.');
+            if let Some(name) = hidden.and_then(|f| f.strip_suffix(".old")) {
+                self.repair_one(&self.root.join(name), &path)?;
+            } else if hidden.is_some_and(|f| f.ends_with(".partial")) {
+                fs::remove_dir_all(&path).map_err(|e| io_error(&path, e))?;
             }
         }
-        Ok(target)
+        Ok(())
+    }
+
+    fn repair_one(&self, target: &Path, old: &Path) -> Result<(), RunError> {
+        if !old.exists() {
+            return Ok(());
+        }
+        if target.exists() {
+            fs::remove_dir_all(old).map_err(|e| io_error(old, e))
+        } else {
+            fs::rename(old, target).map_err(|e| io_error(old, e))
+        }
     }
 }
 
@@ -334,5 +416,53 @@ mod tests {
         std::fs::write(&junk, b"12").unwrap();
         let err = shape_mismatch(&model(ModelConfig::default()), &junk).unwrap_err();
         assert!(err.to_string().contains("junk.safetensors"), "{err}");
+    }
+
+    fn state(step: u64) -> TrainState {
+        TrainState {
+            step,
+            epoch: 0,
+            loader: LoaderState {
+                epoch: 0,
+                cursor: 0,
+                epoch_rng: crate::seed::rng(0, 0, 0),
+                draw_rng: crate::seed::rng(0, 0, 1),
+            },
+            optimizer_steps: step,
+            best_val_ged: None,
+            val_ged: None,
+            created_at: chrono::Utc::now(),
+            interval: None,
+        }
+    }
+
+    /// A process killed between the two renames of a swap leaves `.best.old` and no
+    /// `best`; one killed after them but before the removal leaves both.
+    #[test]
+    fn a_swap_killed_at_any_point_is_repaired_and_best_can_be_replaced_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoints = Checkpoints::new(dir.path().join("checkpoints"), 2);
+        let weights = vec![("w".to_string(), Tensor::from_slice(&[1.0f32]))];
+        checkpoints.save(&weights, &weights, &state(10), true).unwrap();
+        let root = dir.path().join("checkpoints");
+        // Killed between the renames: only the old copy is there.
+        fs::rename(root.join("best"), root.join(".best.old")).unwrap();
+        fs::create_dir_all(root.join(".best.partial")).unwrap();
+        checkpoints.repair().unwrap();
+        assert_eq!(Checkpoint::open(&root.join("best")).unwrap().state.step, 10);
+        assert!(!root.join(".best.old").exists() && !root.join(".best.partial").exists());
+        // Killed before removing the old copy: the stale one goes, the swap works again.
+        copy_dir(&root.join("best"), &root.join(".best.old"));
+        checkpoints.save(&weights, &weights, &state(20), true).unwrap();
+        assert_eq!(Checkpoint::open(&root.join("best")).unwrap().state.step, 20);
+        assert!(!root.join(".best.old").exists());
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for entry in fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
     }
 }

@@ -1,79 +1,54 @@
-//! The run folder, `runs/<name>-<timestamp>/`: the resolved spec, provenance, metrics.csv,
-//! TensorBoard events and checkpoints of one training run.
-use super::TrainError;
+//! `metrics.csv`: one row per training log interval and per validation, appended as
+//! training goes and cut back to a checkpoint's step on resume.
+use super::{write_atomic, RunError};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-pub const SPEC_FILE: &str = "spec.toml";
-pub const META_FILE: &str = "meta.json";
-pub const METRICS_FILE: &str = "metrics.csv";
-
-#[derive(Debug, Clone)]
-pub struct RunDir {
-    pub path: PathBuf,
+/// The logged terms of a step, or their sums or means over a log interval.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct StepStats {
+    pub loss: f64,
+    pub elbo: f64,
+    pub kl: f64,
+    pub reconstruction: f64,
+    pub reg: f64,
+    pub grad_norm: f64,
 }
 
-fn io_error(path: &Path, e: std::io::Error) -> TrainError {
-    TrainError::Run {
-        path: path.to_path_buf(),
-        why: e.to_string(),
+impl StepStats {
+    pub fn is_finite(&self) -> bool {
+        [
+            self.loss,
+            self.elbo,
+            self.kl,
+            self.reconstruction,
+            self.reg,
+            self.grad_norm,
+        ]
+        .iter()
+        .all(|v| v.is_finite())
     }
-}
 
-impl RunDir {
-    /// A new, empty `runs_dir/<name>-<YYYYmmdd-HHMMSS>` (with a counter if that exists).
-    pub fn create(runs_dir: &Path, name: &str) -> Result<RunDir, TrainError> {
-        fs::create_dir_all(runs_dir).map_err(|e| io_error(runs_dir, e))?;
-        let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
-        for attempt in 1.. {
-            let folder = if attempt == 1 {
-                format!("{name}-{stamp}")
-            } else {
-                format!("{name}-{stamp}-{attempt}")
-            };
-            let path = runs_dir.join(folder);
-            match fs::create_dir(&path) {
-                Ok(()) => return Ok(RunDir { path }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(io_error(&path, e)),
-            }
+    fn zip(self, other: StepStats, f: impl Fn(f64, f64) -> f64) -> StepStats {
+        StepStats {
+            loss: f(self.loss, other.loss),
+            elbo: f(self.elbo, other.elbo),
+            kl: f(self.kl, other.kl),
+            reconstruction: f(self.reconstruction, other.reconstruction),
+            reg: f(self.reg, other.reg),
+            grad_norm: f(self.grad_norm, other.grad_norm),
         }
-        unreachable!("the loop returns")
     }
 
-    /// An existing run folder, for `--resume`.
-    pub fn open(path: &Path) -> Result<RunDir, TrainError> {
-        if !path.join(SPEC_FILE).is_file() {
-            return Err(TrainError::Run {
-                path: path.to_path_buf(),
-                why: format!("not a run folder (no {SPEC_FILE})"),
-            });
-        }
-        Ok(RunDir {
-            path: path.to_path_buf(),
-        })
+    pub fn add(self, other: StepStats) -> StepStats {
+        self.zip(other, |a, b| a + b)
     }
 
-    pub fn file(&self, name: &str) -> PathBuf {
-        self.path.join(name)
+    pub fn scaled(self, factor: f64) -> StepStats {
+        self.zip(self, |a, _| a * factor)
     }
-
-    pub fn checkpoints(&self) -> PathBuf {
-        self.path.join("checkpoints")
-    }
-
-    /// Writes `name` atomically (temporary name, then rename).
-    pub fn write_atomic(&self, name: &str, contents: &[u8]) -> Result<(), TrainError> {
-        write_atomic(&self.file(name), contents)
-    }
-}
-
-pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), TrainError> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    fs::write(&tmp, contents).map_err(|e| io_error(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| io_error(path, e))
 }
 
 /// Which kind of row: a training interval or a validation.
@@ -137,8 +112,8 @@ pub struct MetricsCsv {
 }
 
 impl MetricsCsv {
-    pub fn create(path: &Path) -> Result<Self, TrainError> {
-        let file = File::create(path).map_err(|e| io_error(path, e))?;
+    pub fn create(path: &Path) -> Result<Self, RunError> {
+        let file = File::create(path).map_err(|e| RunError::io(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
             writer: csv::Writer::from_writer(file),
@@ -147,24 +122,18 @@ impl MetricsCsv {
 
     /// Reopens after a resume from `step`: rows logged after it (by a process that died
     /// before its next checkpoint) are dropped, so no step appears twice.
-    pub fn resume(path: &Path, step: u64) -> Result<Self, TrainError> {
+    pub fn resume(path: &Path, step: u64) -> Result<Self, RunError> {
         let rows = read_rows_but_torn_tail(path)?;
         let mut fresh = csv::Writer::from_writer(Vec::new());
         for row in rows.iter().filter(|r| r.step <= step) {
-            fresh.serialize(row).map_err(|e| TrainError::Run {
-                path: path.to_path_buf(),
-                why: e.to_string(),
-            })?;
+            fresh.serialize(row).map_err(|e| corrupt(path, e))?;
         }
-        let bytes = fresh.into_inner().map_err(|e| TrainError::Run {
-            path: path.to_path_buf(),
-            why: e.to_string(),
-        })?;
+        let bytes = fresh.into_inner().map_err(|e| corrupt(path, e))?;
         write_atomic(path, &bytes)?;
         let file = OpenOptions::new()
             .append(true)
             .open(path)
-            .map_err(|e| io_error(path, e))?;
+            .map_err(|e| RunError::io(path, e))?;
         let writer = csv::WriterBuilder::new()
             .has_headers(rows.is_empty())
             .from_writer(file);
@@ -174,41 +143,32 @@ impl MetricsCsv {
         })
     }
 
-    pub fn write(&mut self, row: &MetricsRow) -> Result<(), TrainError> {
-        self.writer.serialize(row).map_err(|e| TrainError::Run {
-            path: self.path.clone(),
-            why: e.to_string(),
-        })
+    pub fn write(&mut self, row: &MetricsRow) -> Result<(), RunError> {
+        self.writer.serialize(row).map_err(|e| corrupt(&self.path, e))
     }
 
-    pub fn flush(&mut self) -> Result<(), TrainError> {
-        self.writer.flush().map_err(|e| io_error(&self.path, e))?;
+    pub fn flush(&mut self) -> Result<(), RunError> {
+        self.writer.flush().map_err(|e| RunError::io(&self.path, e))?;
         self.writer
             .get_ref()
             .sync_data()
-            .map_err(|e| io_error(&self.path, e))
+            .map_err(|e| RunError::io(&self.path, e))
     }
 }
 
 /// The rows of a metrics.csv whose writer may have been killed mid-line: a malformed last
 /// line is dropped, a malformed line before a good one is an error.
-pub fn read_rows_but_torn_tail(path: &Path) -> Result<Vec<MetricsRow>, TrainError> {
+pub fn read_rows_but_torn_tail(path: &Path) -> Result<Vec<MetricsRow>, RunError> {
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .from_path(path)
-        .map_err(|e| TrainError::Run {
-            path: path.to_path_buf(),
-            why: e.to_string(),
-        })?;
+        .map_err(|e| corrupt(path, e))?;
     let mut rows = Vec::new();
     let mut torn = None;
     for row in reader.deserialize::<MetricsRow>() {
         match (row, &torn) {
             (Ok(_), Some(e)) => {
-                return Err(TrainError::Run {
-                    path: path.to_path_buf(),
-                    why: format!("{e}"),
-                })
+                return Err(corrupt(path, e))
             }
             (Ok(row), None) => rows.push(row),
             (Err(e), _) => torn = Some(e),
@@ -218,16 +178,17 @@ pub fn read_rows_but_torn_tail(path: &Path) -> Result<Vec<MetricsRow>, TrainErro
 }
 
 /// Every row of a metrics.csv.
-pub fn read_rows(path: &Path) -> Result<Vec<MetricsRow>, TrainError> {
-    let mut reader = csv::Reader::from_path(path).map_err(|e| TrainError::Run {
-        path: path.to_path_buf(),
-        why: e.to_string(),
-    })?;
+pub fn read_rows(path: &Path) -> Result<Vec<MetricsRow>, RunError> {
+    let mut reader = csv::Reader::from_path(path).map_err(|e| corrupt(path, e))?;
     reader
         .deserialize()
         .collect::<Result<Vec<MetricsRow>, _>>()
-        .map_err(|e| TrainError::Run {
-            path: path.to_path_buf(),
-            why: e.to_string(),
-        })
+        .map_err(|e| corrupt(path, e))
+}
+
+fn corrupt(path: &Path, e: impl std::fmt::Display) -> RunError {
+    RunError::Corrupt {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    }
 }
