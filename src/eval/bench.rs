@@ -10,8 +10,7 @@
 //! image's noise; the PyTorch side then runs on exactly those inputs, so both score the
 //! same samples (their mean GEDs agree). The two sides alternate, `--repeats` times, so
 //! that load from other processes hits both alike; the table shows the best of each.
-use super::batch::{batch_noise, BatchCounts};
-use super::command::probabilities;
+use crate::score::{batch_noise, probabilities, BatchCounts};
 use super::EvalError;
 use crate::bench::{last_json_line, peak_mib, python, repo};
 use crate::data::synthetic::{Synthetic, SyntheticConfig};

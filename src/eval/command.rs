@@ -9,24 +9,24 @@
 //! `<split>-<n>.csv` (one row per image), `<split>-<n>-{best,median,worst}.png` (figures
 //! of the images with the lowest, median and highest GED), and the same summaries and
 //! figures as TensorBoard events.
-use super::batch::{batch_noise, BatchCounts};
-use super::report::{self, CsvRow, FigureRow, Summaries, CONVENTIONS};
+use super::report::{self, CsvRow, EvalReport, ReportContext, Summaries};
 use super::EvalError;
-use crate::config;
+use crate::config::{self, Experiment};
 use crate::data::loader::in_order;
 use crate::data::split::SplitName;
 use crate::data::store::Store;
 use crate::device::{describe, DeviceSpec};
 use crate::metrics::{EmptyConvention, ImageScores, Summary};
 use crate::model::ProbUNet;
+use crate::run::{shape_mismatch, write_atomic, Checkpoint, RunDir, MODEL_FILE};
+use crate::score::{sample_items, BatchCounts, FigureRow};
 use crate::tensorboard::EventWriter;
-use crate::train::run::{write_atomic, RunDir, SPEC_FILE};
-use crate::train::{open_store, shape_mismatch, Checkpoint, Checkpoints, MODEL_FILE};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
-use tch::{nn, Tensor};
+use tch::{nn, Device, Tensor};
 
 /// The sample counts evaluated unless asked otherwise (Kohl et al. report 16 and 100).
 pub const DEFAULT_SAMPLES: [usize; 2] = [16, 100];
@@ -86,8 +86,6 @@ pub struct EvalOptions {
     pub store: Option<PathBuf>,
     /// Bootstrap resamples for the intervals.
     pub bootstrap: usize,
-    /// Progress lines on stderr.
-    pub progress: bool,
 }
 
 impl EvalOptions {
@@ -103,7 +101,6 @@ impl EvalOptions {
             seed: 0,
             store: None,
             bootstrap: DEFAULT_BOOTSTRAP,
-            progress: false,
         }
     }
 }
@@ -120,13 +117,7 @@ pub struct SampleReport {
 
 impl SampleReport {
     pub fn summary(&self, convention: EmptyConvention, metric: &str) -> Option<&Summary> {
-        self.summaries
-            .iter()
-            .find(|(c, _)| *c == convention)?
-            .1
-            .iter()
-            .find(|(name, _)| *name == metric)
-            .map(|(_, summary)| summary)
+        report::find_summary(&self.summaries, convention, metric)
     }
 }
 
@@ -159,7 +150,7 @@ struct Chosen {
 }
 
 fn choose_checkpoint(run: &RunDir, choice: &CheckpointChoice) -> Result<Chosen, EvalError> {
-    let checkpoints = Checkpoints::new(run.checkpoints(), 1);
+    let checkpoints = run.checkpoints(1);
     let from_dir = |dir: &Path, note: Option<String>| -> Result<Chosen, EvalError> {
         let model = dir.join(MODEL_FILE);
         if !model.is_file() {
@@ -183,7 +174,7 @@ fn choose_checkpoint(run: &RunDir, choice: &CheckpointChoice) -> Result<Chosen, 
                 why: format!(
                     ": {} holds no best or step-N checkpoint (did training stop before its \
                      first checkpoint?); pass --checkpoint PATH to evaluate one from elsewhere",
-                    run.checkpoints().display()
+                    checkpoints.root().display()
                 ),
             }),
         }
@@ -197,7 +188,7 @@ fn choose_checkpoint(run: &RunDir, choice: &CheckpointChoice) -> Result<Chosen, 
                 latest(Some(format!(
                     "no best checkpoint in {} (validation never gave a finite GED); \
                      evaluating the last one",
-                    run.checkpoints().display()
+                    checkpoints.root().display()
                 )))
             }
         }
@@ -220,16 +211,6 @@ fn choose_checkpoint(run: &RunDir, choice: &CheckpointChoice) -> Result<Chosen, 
     }
 }
 
-/// `[b, n, H, W]` foreground probabilities of the given noise.
-pub(super) fn probabilities(
-    model: &ProbUNet,
-    images: &Tensor,
-    eps: &Tensor,
-) -> Result<Tensor, EvalError> {
-    let logits = tch::no_grad(|| model.sample_with_noise(images, eps))?;
-    Ok(logits.select(2, 0).sigmoid())
-}
-
 fn split_sizes(store: &Store) -> String {
     SplitName::ALL
         .iter()
@@ -238,13 +219,34 @@ fn split_sizes(store: &Store) -> String {
         .join(", ")
 }
 
-/// Evaluates a run as `options` say and writes the results into `RUN/eval/`.
-pub fn evaluate(options: &EvalOptions) -> Result<EvalOutcome, EvalError> {
-    let started = Instant::now();
+/// How far an evaluation has got: images scored of the split's, at the largest count.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalProgress {
+    pub split: SplitName,
+    pub done: usize,
+    pub total: usize,
+    pub samples: usize,
+    pub seconds: f64,
+}
+
+/// What is evaluated: the run, its spec, the checkpoint's model and the store.
+struct Loaded {
+    run: RunDir,
+    experiment: Experiment,
+    chosen: Chosen,
+    device: Device,
+    model: ProbUNet,
+    /// Owns the model's variables.
+    _vs: nn::VarStore,
+    store: Store,
+}
+
+/// The sample counts asked for, sorted and distinct, all positive.
+fn sample_counts(options: &EvalOptions) -> Result<Vec<usize>, EvalError> {
     let mut samples = options.samples.clone();
     samples.sort_unstable();
     samples.dedup();
-    if samples.is_empty() || samples[0] == 0 {
+    if samples.first().is_none_or(|&n| n == 0) {
         return Err(EvalError::Options(format!(
             "--samples must be positive counts, got {:?}",
             options.samples
@@ -253,12 +255,16 @@ pub fn evaluate(options: &EvalOptions) -> Result<EvalOutcome, EvalError> {
     if options.batch == 0 {
         return Err(EvalError::Options("--batch must be positive".into()));
     }
+    Ok(samples)
+}
+
+/// The run's model with the chosen checkpoint's weights, and the store to score.
+fn load(options: &EvalOptions) -> Result<Loaded, EvalError> {
     let run = RunDir::open(&options.run)?;
-    let spec = run.file(SPEC_FILE);
+    let spec = run.spec_path();
     let experiment = config::load(&spec, &[], &[])?.experiment;
     let chosen = choose_checkpoint(&run, &options.checkpoint)?;
     let device = options.device.resolve()?;
-
     let mut vs = nn::VarStore::new(device);
     let model = ProbUNet::new(&vs.root(), experiment.model.clone())?;
     if let Some(why) = shape_mismatch(&vs, &chosen.model)? {
@@ -276,231 +282,267 @@ pub fn evaluate(options: &EvalOptions) -> Result<EvalOutcome, EvalError> {
         why: e.to_string(),
     })?;
     vs.freeze();
-
     let store = match &options.store {
         Some(dir) => Store::open(dir)?,
-        None => open_store(&experiment)?,
+        None => run.open_store(&experiment)?.0,
     };
     let shape = store.manifest.shape;
     model
         .check_input(&[1, 1, shape.height as i64, shape.width as i64])
         .map_err(|e| EvalError::Options(format!("{}: {e}", store.dir.display())))?;
-    let split = options.split;
+    Ok(Loaded {
+        run,
+        experiment,
+        chosen,
+        device,
+        model,
+        _vs: vs,
+        store,
+    })
+}
+
+/// The scores of every image of the split at every count.
+struct Scored {
+    items: Vec<usize>,
+    /// Per count, per image.
+    scores: Vec<Vec<ImageScores>>,
+    empty_annotations: Vec<u32>,
+}
+
+/// One sampling pass at the largest count; every count is scored on its prefix.
+fn score_split(
+    loaded: &Loaded,
+    options: &EvalOptions,
+    samples: &[usize],
+    progress: &mut dyn FnMut(EvalProgress),
+) -> Result<Scored, EvalError> {
+    let (store, split) = (&loaded.store, options.split);
     let items = store.split(split).to_vec();
     if items.is_empty() {
         return Err(EvalError::EmptySplit {
             store: store.dir.clone(),
             split,
-            sizes: split_sizes(&store),
+            sizes: split_sizes(store),
         });
     }
-
-    // One sampling pass at the largest count; every count is scored on its prefix.
-    let big_n = *samples.last().expect("not empty");
-    let latent = experiment.model.latent_dim as usize;
+    let started = Instant::now();
+    let big_n = samples[samples.len() - 1];
     let mut scores: Vec<Vec<ImageScores>> = vec![Vec::with_capacity(items.len()); samples.len()];
     let mut empty_annotations: Vec<u32> = Vec::with_capacity(items.len());
-    let mut done = 0;
-    let mut next_report = 0;
-    for (idx, images, masks) in in_order(&store, split, options.batch, device) {
-        let eps = batch_noise(options.seed, &idx, big_n, latent);
-        let probs = probabilities(&model, &images, &eps)?;
-        let counts = BatchCounts::compute(&masks, &probs, &samples)?;
+    let (mut done, mut next_report) = (0, 0);
+    for (idx, images, masks) in in_order(store, split, options.batch, loaded.device) {
+        let probs = sample_items(&loaded.model, &images, &idx, big_n, options.seed)?;
+        let counts = BatchCounts::compute(&masks, &probs, samples)?;
         for (all, batch) in scores.iter_mut().zip(counts.scores()?) {
             all.extend(batch);
         }
         empty_annotations.extend(counts.empty_annotations());
         done += idx.len();
-        if options.progress && (done >= next_report || done == items.len()) {
-            let seconds = started.elapsed().as_secs_f64();
-            eprintln!(
-                "eval {split}: {done}/{} images ({:.1} images/s at {big_n} samples)",
-                items.len(),
-                done as f64 / seconds.max(1e-9)
-            );
+        if done >= next_report || done == items.len() {
+            progress(EvalProgress {
+                split,
+                done,
+                total: items.len(),
+                samples: big_n,
+                seconds: started.elapsed().as_secs_f64(),
+            });
             next_report = done + items.len().div_ceil(10);
         }
     }
+    Ok(Scored {
+        items,
+        scores,
+        empty_annotations,
+    })
+}
 
-    let eval_dir = run.path.join("eval");
-    std::fs::create_dir_all(&eval_dir).map_err(|e| EvalError::Io {
-        path: eval_dir.clone(),
+/// The synthetic store's ideal-model GED for `split`, with its sample count.
+fn ideal_ged(store: &Store, split: SplitName) -> Option<(f64, usize)> {
+    let ideal = store.manifest.ideal.as_ref()?;
+    let ged = match split {
+        SplitName::Val => ideal.ged_val,
+        SplitName::Test => ideal.ged_test,
+        SplitName::Train => return None,
+    };
+    Some((ged, ideal.samples))
+}
+
+fn report_context<'a>(
+    loaded: &'a Loaded,
+    options: &EvalOptions,
+    items: usize,
+    notes: &'a [String],
+) -> ReportContext<'a> {
+    let (store, shape) = (&loaded.store, loaded.store.manifest.shape);
+    ReportContext {
+        run: loaded.run.path.clone(),
+        split: options.split.to_string(),
+        items,
+        checkpoint: report::CheckpointRecord {
+            choice: options.checkpoint.to_string(),
+            path: loaded.chosen.label.clone(),
+            model: loaded.chosen.model.clone(),
+            step: loaded.chosen.step,
+        },
+        seed: options.seed,
+        bootstrap: options.bootstrap,
+        store: report::StoreRecord {
+            path: store.dir.clone(),
+            name: store.manifest.name.clone(),
+            annotators: shape.annotators,
+            height: shape.height,
+            width: shape.width,
+        },
+        ideal_reference: ideal_ged(store, options.split).map(|(ged, samples)| {
+            report::IdealRecord {
+                ged,
+                samples,
+                convention: store.manifest.ideal.as_ref().map(|i| i.convention.clone()),
+            }
+        }),
+        model: &loaded.experiment.model,
+        device: describe(loaded.device),
+        notes,
+    }
+}
+
+/// Where one evaluation writes: `RUN/eval/` and its TensorBoard file.
+struct Output {
+    dir: PathBuf,
+    events: EventWriter,
+    /// The step TensorBoard shows the results at: the checkpoint's.
+    step: i64,
+}
+
+/// Figures of the best, median and worst images by GED at `n` samples, written as PNG
+/// and to TensorBoard: the figures' paths and the report's examples.
+fn write_figures(
+    loaded: &Loaded,
+    options: &EvalOptions,
+    name: &str,
+    n: usize,
+    items: &[usize],
+    geds: &[f64],
+    out: &mut Output,
+) -> Result<(Vec<PathBuf>, BTreeMap<&'static str, report::Example>), EvalError> {
+    let store = &loaded.store;
+    let (mut figures, mut examples) = (Vec::new(), BTreeMap::new());
+    for (which, position) in report::examples(geds).into_iter().flatten() {
+        let item = items[position];
+        let index = Tensor::from_slice(&[item as i64]);
+        let image = store.images.f_index_select(0, &index)?.to_device(loaded.device);
+        let probs = sample_items(&loaded.model, &image, &[item], n, options.seed)?;
+        let row = FigureRow {
+            image: image.get(0),
+            masks: store.masks.get(item as i64),
+            probs: probs.get(0),
+        };
+        let picture = crate::score::figure(&[row], FIGURE_SAMPLES, true)?;
+        let path = out.dir.join(format!("{name}-{which}.png"));
+        write_atomic(&path, &picture.to_png()?)?;
+        out.events
+            .add_image(&format!("{name}/{which}"), out.step, &picture)?;
+        figures.push(path);
+        let example = report::Example {
+            item,
+            key: store.manifest.keys[item].clone(),
+            ged: geds[position],
+            figure: format!("{name}-{which}.png"),
+        };
+        examples.insert(which, example);
+    }
+    Ok((figures, examples))
+}
+
+/// Everything written for one sample count: JSON, CSV, figures, TensorBoard scalars.
+fn write_count(
+    loaded: &Loaded,
+    options: &EvalOptions,
+    context: &ReportContext,
+    n: usize,
+    scores: &[ImageScores],
+    scored: &Scored,
+    out: &mut Output,
+) -> Result<SampleReport, EvalError> {
+    let name = format!("{}-{n}", options.split);
+    let manifest = &loaded.store.manifest;
+    let rows: Vec<CsvRow> = scored
+        .items
+        .iter()
+        .zip(scores)
+        .zip(&scored.empty_annotations)
+        .map(|((&item, s), &empty)| {
+            let (key, patient) = (&manifest.keys[item], &manifest.patients[item]);
+            CsvRow::new(item, key.clone(), patient.clone(), empty, s)
+        })
+        .collect();
+    let summaries = report::summarise(scores, options.bootstrap, options.seed);
+    let geds: Vec<f64> = scores.iter().map(|s| s.phiseg.ged).collect();
+    let (figures, examples) =
+        write_figures(loaded, options, &name, n, &scored.items, &geds, out)?;
+    let json = out.dir.join(format!("{name}.json"));
+    let report = EvalReport::new(context, n, &summaries, examples);
+    crate::run::write_json(&json, &report)?;
+    let csv = out.dir.join(format!("{name}.csv"));
+    let bytes = report::csv_bytes(&rows).map_err(|e| EvalError::Io {
+        path: csv.clone(),
         why: e.to_string(),
     })?;
-    let mut events = EventWriter::create(&eval_dir)?;
-    let step = chosen.step.unwrap_or(0) as i64;
-    let ideal_ged = store.manifest.ideal.as_ref().and_then(|ideal| {
-        let ged = match split {
-            SplitName::Val => ideal.ged_val,
-            SplitName::Test => ideal.ged_test,
-            SplitName::Train => return None,
-        };
-        Some((ged, ideal.samples))
-    });
-    let mut notes: Vec<String> = chosen.note.iter().cloned().collect();
+    write_atomic(&csv, &bytes)?;
+    out.events
+        .add_scalars(out.step, &report::scalars(&name, &summaries))?;
+    Ok(SampleReport {
+        samples: n,
+        summaries,
+        json,
+        csv,
+        figures,
+    })
+}
+
+/// Evaluates a run as `options` say and writes the results into `RUN/eval/`, telling
+/// `progress` how far the sampling pass has got.
+pub fn evaluate(
+    options: &EvalOptions,
+    progress: &mut dyn FnMut(EvalProgress),
+) -> Result<EvalOutcome, EvalError> {
+    let started = Instant::now();
+    let samples = sample_counts(options)?;
+    let loaded = load(options)?;
+    let scored = score_split(&loaded, options, &samples, progress)?;
+    let dir = loaded.run.eval_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| EvalError::Io {
+        path: dir.clone(),
+        why: e.to_string(),
+    })?;
+    let mut out = Output {
+        events: EventWriter::create(&dir)?,
+        dir,
+        step: loaded.chosen.step.unwrap_or(0) as i64,
+    };
+    let mut notes: Vec<String> = loaded.chosen.note.iter().cloned().collect();
     if let Some(dir) = &options.store {
         notes.push(format!("store {} instead of the run's own", dir.display()));
     }
+    let context = report_context(&loaded, options, scored.items.len(), &notes);
     let mut reports = Vec::with_capacity(samples.len());
-    for (&n, scores) in samples.iter().zip(&scores) {
-        let name = format!("{split}-{n}");
-        let rows: Vec<CsvRow> = items
-            .iter()
-            .zip(scores)
-            .zip(&empty_annotations)
-            .map(|((&item, s), &empty)| {
-                CsvRow::new(
-                    item,
-                    store.manifest.keys[item].clone(),
-                    store.manifest.patients[item].clone(),
-                    empty,
-                    s,
-                )
-            })
-            .collect();
-        let summaries = report::summarise(scores, options.bootstrap, options.seed);
-
-        let geds: Vec<f64> = scores.iter().map(|s| s.phiseg.ged).collect();
-        let mut figures = Vec::new();
-        let mut examples = serde_json::Map::new();
-        for (which, position) in report::examples(&geds).into_iter().flatten() {
-            let item = items[position];
-            let index = Tensor::from_slice(&[item as i64]);
-            let image = store.images.index_select(0, &index).to_device(device);
-            let eps = batch_noise(options.seed, &[item], n, latent);
-            let probs = probabilities(&model, &image, &eps)?;
-            let row = FigureRow {
-                image: image.get(0),
-                masks: store.masks.get(item as i64),
-                probs: probs.get(0),
-            };
-            let picture = report::figure(&[row], FIGURE_SAMPLES, true)?;
-            let path = eval_dir.join(format!("{name}-{which}.png"));
-            write_atomic(&path, &picture.to_png()?)?;
-            events.add_image(&format!("{name}/{which}"), step, &picture)?;
-            figures.push(path);
-            examples.insert(
-                which.into(),
-                serde_json::json!({
-                    "item": item,
-                    "key": store.manifest.keys[item],
-                    "ged": geds[position],
-                    "figure": format!("{name}-{which}.png"),
-                }),
-            );
-        }
-
-        let metrics: serde_json::Map<String, serde_json::Value> = summaries
-            .iter()
-            .map(|(convention, per_metric)| {
-                let values: serde_json::Map<String, serde_json::Value> = per_metric
-                    .iter()
-                    .map(|(metric, summary)| {
-                        (
-                            (*metric).into(),
-                            serde_json::to_value(summary).expect("json"),
-                        )
-                    })
-                    .collect();
-                (convention.as_str().into(), values.into())
-            })
-            .collect();
-        let json = serde_json::json!({
-            "run": run.path,
-            "split": split.to_string(),
-            "samples": n,
-            "items": items.len(),
-            "checkpoint": {
-                "choice": options.checkpoint.to_string(),
-                "path": chosen.label,
-                "model": chosen.model,
-                "step": chosen.step,
-            },
-            "seed": options.seed,
-            "noise": "per image: PCG64 seeded from (seed, store item index), Box-Muller; \
-                      the first n samples of a larger count are the samples at n",
-            "conventions": {
-                "default": EmptyConvention::default().as_str(),
-                "computed": CONVENTIONS.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
-                "phiseg": "IoU of two empty masks is 1 (distance 0)",
-                "kohl-nan": "IoU of two empty masks is NaN; means over pairs skip NaN",
-            },
-            "bootstrap": {
-                "resamples": options.bootstrap,
-                "seed": options.seed,
-                "interval": 0.95,
-                "method": "percentile bootstrap of the mean over images (NaN skipped)",
-            },
-            "metrics": metrics,
-            "examples": examples,
-            "store": {
-                "path": store.dir,
-                "name": store.manifest.name,
-                "annotators": shape.annotators,
-                "height": shape.height,
-                "width": shape.width,
-            },
-            "ideal_reference": ideal_ged.map(|(ged, samples)| serde_json::json!({
-                "ged": ged,
-                "samples": samples,
-                "convention": store.manifest.ideal.as_ref().map(|i| i.convention.clone()),
-            })),
-            "model": experiment.model,
-            "device": describe(device),
-            "probunet_version": env!("CARGO_PKG_VERSION"),
-            "created_at": chrono::Utc::now(),
-            "notes": notes,
-        });
-        let json_path = eval_dir.join(format!("{name}.json"));
-        let csv_path = eval_dir.join(format!("{name}.csv"));
-        write_atomic(
-            &json_path,
-            &serde_json::to_vec_pretty(&json).expect("the report serialises"),
-        )?;
-        let csv = report::csv_bytes(&rows).map_err(|e| EvalError::Io {
-            path: csv_path.clone(),
-            why: e.to_string(),
-        })?;
-        write_atomic(&csv_path, &csv)?;
-        // Tags `<split>-<n>/<metric>` (PHiSeg) and `.../<metric>_kohl_nan`; a NaN mean (no
-        // image defines the metric) is left out.
-        let scalars: Vec<(String, f64)> = summaries
-            .iter()
-            .flat_map(|(convention, per_metric)| {
-                let name = &name;
-                per_metric
-                    .iter()
-                    .filter(|(_, summary)| !summary.mean.is_nan())
-                    .map(move |(metric, summary)| {
-                        let suffix = match convention {
-                            EmptyConvention::PhiSeg => String::new(),
-                            other => format!("_{}", other.as_str().replace('-', "_")),
-                        };
-                        (format!("{name}/{metric}{suffix}"), summary.mean)
-                    })
-            })
-            .collect();
-        events.add_scalars(step, &scalars)?;
-        reports.push(SampleReport {
-            samples: n,
-            summaries,
-            json: json_path,
-            csv: csv_path,
-            figures,
-        });
+    for (&n, scores) in samples.iter().zip(&scored.scores) {
+        reports.push(write_count(
+            &loaded, options, &context, n, scores, &scored, &mut out,
+        )?);
     }
-    events.flush()?;
+    out.events.flush()?;
     Ok(EvalOutcome {
-        run: run.path.clone(),
-        checkpoint: chosen.label,
-        step: chosen.step,
-        split,
-        items: items.len(),
-        device: describe(device),
+        run: loaded.run.path.clone(),
+        checkpoint: loaded.chosen.label.clone(),
+        step: loaded.chosen.step,
+        split: options.split,
+        items: scored.items.len(),
+        device: describe(loaded.device),
         seconds: started.elapsed().as_secs_f64(),
         reports,
-        events: events.path().to_path_buf(),
+        events: out.events.path().to_path_buf(),
         notes,
-        ideal_ged,
+        ideal_ged: ideal_ged(&loaded.store, options.split),
     })
 }

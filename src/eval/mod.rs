@@ -53,6 +53,8 @@ pub enum EvalError {
         split: SplitName,
         sizes: String,
     },
+    #[error("{}: {why}", path.display())]
+    Io { path: PathBuf, why: String },
     #[error("{0}")]
     Options(String),
 }

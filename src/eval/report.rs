@@ -1,67 +1,14 @@
-//! What an evaluation writes: one CSV row per image, the aggregate summaries, and figures
-//! of images with their annotations and samples.
-use super::EvalError;
+//! What an evaluation writes at each sample count: one CSV row per image, the
+//! aggregate summaries with their intervals, the JSON report that says what produced
+//! them, and the TensorBoard scalars.
 use crate::metrics::{EmptyConvention, ImageMetrics, ImageScores, Summary};
-use crate::tensorboard::{Image, ImageGrid};
+use crate::model::ModelConfig;
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 /// Both conventions, the default first: the order of every output.
 pub const CONVENTIONS: [EmptyConvention; 2] = [EmptyConvention::PhiSeg, EmptyConvention::KohlNan];
-
-/// One image of a figure, its tensors on any device: `image` `[C, H, W]` (the first channel
-/// is shown), `masks` `[m, H, W]`, `probs` the `[n, H, W]` sample probabilities.
-#[derive(Debug)]
-pub struct FigureRow {
-    pub image: Tensor,
-    pub masks: Tensor,
-    pub probs: Tensor,
-}
-
-/// A grid with one row per image: the input, every annotation, the first `shown` samples
-/// (binarised at 0.5), the mean foreground probability over all samples and, with
-/// `variance`, the per-pixel variance of the probabilities over the samples, times 4 (so
-/// that white is the largest variance possible, half the samples at 0 and half at 1).
-pub fn figure(rows: &[FigureRow], shown: i64, variance: bool) -> Result<Image, EvalError> {
-    let first = rows
-        .first()
-        .ok_or_else(|| EvalError::Shapes("a figure needs at least one image".into()))?;
-    let (m, h, w) = (
-        first.masks.size()[0],
-        first.image.size()[1] as usize,
-        first.image.size()[2] as usize,
-    );
-    let shown = shown.min(first.probs.size()[0]);
-    let cols = 1 + m + shown + 1 + i64::from(variance);
-    let mut grid = ImageGrid::new(rows.len(), cols as usize, h, w)?;
-    let tile = |t: &Tensor| {
-        Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1]))
-    };
-    for (r, row) in rows.iter().enumerate() {
-        if row.masks.size()[0] != m || row.probs.size()[0] < shown {
-            return Err(EvalError::Shapes(format!(
-                "figure row {r}: {:?} masks and {:?} samples, the first row has {m} and {shown}",
-                row.masks.size(),
-                row.probs.size()
-            )));
-        }
-        let probs = row.probs.to_device(Device::Cpu).to_kind(Kind::Float);
-        grid.set_tile_f32(r, 0, &tile(&row.image.get(0))?)?;
-        for a in 0..m {
-            grid.set_tile_f32(r, 1 + a as usize, &tile(&row.masks.get(a))?)?;
-        }
-        for s in 0..shown {
-            grid.set_tile_f32(r, (1 + m + s) as usize, &tile(&probs.get(s).gt(0.5))?)?;
-        }
-        let col = (1 + m + shown) as usize;
-        grid.set_tile_f32(r, col, &tile(&probs.mean_dim(0, false, Kind::Float))?)?;
-        if variance {
-            let var = probs.var_dim(0, false, false) * 4.0;
-            grid.set_tile_f32(r, col + 1, &tile(&var)?)?;
-        }
-    }
-    Ok(grid.into_image())
-}
 
 /// One row of `eval/<split>-<n>.csv`.
 #[derive(Debug, Clone, Serialize)]
@@ -159,6 +106,163 @@ pub fn examples(values: &[f64]) -> Option<[(&'static str, usize); 3]> {
     ])
 }
 
+/// The summary of `metric` under `convention`.
+pub fn find_summary<'a>(
+    summaries: &'a Summaries,
+    convention: EmptyConvention,
+    metric: &str,
+) -> Option<&'a Summary> {
+    summaries
+        .iter()
+        .find(|(c, _)| *c == convention)?
+        .1
+        .iter()
+        .find(|(name, _)| *name == metric)
+        .map(|(_, summary)| summary)
+}
+
+/// TensorBoard scalars of one sample count: `<name>/<metric>` (PHiSeg) and
+/// `<name>/<metric>_kohl_nan`; a NaN mean (no image defines the metric) is left out.
+pub fn scalars(name: &str, summaries: &Summaries) -> Vec<(String, f64)> {
+    summaries
+        .iter()
+        .flat_map(|(convention, per_metric)| {
+            let suffix = match convention {
+                EmptyConvention::PhiSeg => String::new(),
+                other => format!("_{}", other.as_str().replace('-', "_")),
+            };
+            per_metric
+                .iter()
+                .filter(|(_, summary)| !summary.mean.is_nan())
+                .map(move |(metric, summary)| (format!("{name}/{metric}{suffix}"), summary.mean))
+        })
+        .collect()
+}
+
+/// The checkpoint an evaluation read.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointRecord {
+    /// What was asked: best, last, or a path.
+    pub choice: String,
+    /// The checkpoint folder, or the model file given.
+    pub path: PathBuf,
+    pub model: PathBuf,
+    pub step: Option<u64>,
+}
+
+/// One of the best, median and worst images, pictured in a figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Example {
+    pub item: usize,
+    pub key: String,
+    pub ged: f64,
+    pub figure: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreRecord {
+    pub path: PathBuf,
+    pub name: String,
+    pub annotators: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IdealRecord {
+    pub ged: f64,
+    pub samples: usize,
+    pub convention: Option<String>,
+}
+
+/// `eval/<split>-<n>.json`: the aggregates under both conventions and everything that
+/// produced them.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub run: PathBuf,
+    pub split: String,
+    pub samples: usize,
+    pub items: usize,
+    pub checkpoint: CheckpointRecord,
+    pub seed: u64,
+    pub noise: &'static str,
+    pub conventions: serde_json::Value,
+    pub bootstrap: serde_json::Value,
+    /// Convention, then metric, then its summary.
+    pub metrics: BTreeMap<&'static str, BTreeMap<&'static str, Summary>>,
+    pub examples: BTreeMap<&'static str, Example>,
+    pub store: StoreRecord,
+    pub ideal_reference: Option<IdealRecord>,
+    pub model: ModelConfig,
+    pub device: String,
+    pub probunet_version: &'static str,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub notes: Vec<String>,
+}
+
+/// What [`EvalReport::new`] takes beside the summaries.
+pub struct ReportContext<'a> {
+    pub run: PathBuf,
+    pub split: String,
+    pub items: usize,
+    pub checkpoint: CheckpointRecord,
+    pub seed: u64,
+    pub bootstrap: usize,
+    pub store: StoreRecord,
+    pub ideal_reference: Option<IdealRecord>,
+    pub model: &'a ModelConfig,
+    pub device: String,
+    pub notes: &'a [String],
+}
+
+impl EvalReport {
+    pub fn new(
+        context: &ReportContext,
+        samples: usize,
+        summaries: &Summaries,
+        examples: BTreeMap<&'static str, Example>,
+    ) -> EvalReport {
+        let metrics = summaries
+            .iter()
+            .map(|(convention, per_metric)| {
+                let values = per_metric.iter().map(|(m, s)| (*m, *s)).collect();
+                (convention.as_str(), values)
+            })
+            .collect();
+        EvalReport {
+            run: context.run.clone(),
+            split: context.split.clone(),
+            samples,
+            items: context.items,
+            checkpoint: context.checkpoint.clone(),
+            seed: context.seed,
+            noise: "per image: PCG64 seeded from (seed, store item index), Box-Muller; \
+                    the first n samples of a larger count are the samples at n",
+            conventions: serde_json::json!({
+                "default": EmptyConvention::default().as_str(),
+                "computed": CONVENTIONS.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
+                "phiseg": "IoU of two empty masks is 1 (distance 0)",
+                "kohl-nan": "IoU of two empty masks is NaN; means over pairs skip NaN",
+            }),
+            bootstrap: serde_json::json!({
+                "resamples": context.bootstrap,
+                "seed": context.seed,
+                "interval": 0.95,
+                "method": "percentile bootstrap of the mean over images (NaN skipped)",
+            }),
+            metrics,
+            examples,
+            store: context.store.clone(),
+            ideal_reference: context.ideal_reference.clone(),
+            model: context.model.clone(),
+            device: context.device.clone(),
+            probunet_version: env!("CARGO_PKG_VERSION"),
+            created_at: chrono::Utc::now(),
+            notes: context.notes.to_vec(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,43 +279,6 @@ mod tests {
             Some([("best", 1), ("median", 1), ("worst", 1)])
         );
         assert_eq!(examples(&[f64::NAN]), None);
-    }
-
-    #[test]
-    fn a_figure_row_has_input_annotations_samples_mean_and_variance() {
-        let (h, w) = (8, 12);
-        let image = Tensor::full([1, h, w], 0.5, (Kind::Float, Device::Cpu));
-        let masks = Tensor::ones([4, h, w], (Kind::Uint8, Device::Cpu));
-        // Two samples at 0 and two at 1: mean 1/2 and the largest variance, 1/4.
-        let probs = Tensor::cat(
-            &[
-                Tensor::zeros([2, h, w], (Kind::Float, Device::Cpu)),
-                Tensor::ones([2, h, w], (Kind::Float, Device::Cpu)),
-            ],
-            0,
-        );
-        let row = || FigureRow {
-            image: image.shallow_clone(),
-            masks: masks.shallow_clone(),
-            probs: probs.shallow_clone(),
-        };
-        let picture = figure(&[row(), row()], 3, true).unwrap();
-        let cols = 1 + 4 + 3 + 2;
-        let gap = ImageGrid::SEPARATOR;
-        assert_eq!(picture.width(), cols * w as usize + (cols - 1) * gap);
-        assert_eq!(picture.height(), 2 * h as usize + gap);
-        let pixel = |col: usize| picture.pixels()[col * (w as usize + gap)];
-        assert_eq!(
-            (0..cols).map(pixel).collect::<Vec<_>>(),
-            [128, 255, 255, 255, 255, 0, 0, 255, 128, 255]
-        );
-        let without = figure(&[row()], 10, false).unwrap();
-        assert_eq!(
-            without.width(),
-            10 * w as usize + 9 * gap,
-            "4 samples, no variance"
-        );
-        assert!(figure(&[], 3, true).is_err());
     }
 
     #[test]

@@ -12,8 +12,8 @@
 //! The host then turns the counts into GED, HM-IoU (the assignment is solved there) and
 //! diversity under both conventions ([`crate::metrics`] holds the definitions; its CPU
 //! [`crate::metrics::ncc`] is the reference that the tensor NCC here is tested against).
-use super::EvalError;
-use crate::data::synthetic;
+use super::ScoreError;
+use crate::seed::item_noise;
 use crate::metrics::{ImageScores, PairCounts, PredictionCounts, CE_EPS};
 use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
@@ -37,16 +37,16 @@ impl BatchCounts {
     /// `masks` is `[b, m, H, W]` (0/1, any kind) and `probs` the `[b, N, H, W]` foreground
     /// probabilities, on the same device; `prefixes` are the sample counts to score, each
     /// at most `N` (the first `n` samples are scored for count `n`).
-    pub fn compute(masks: &Tensor, probs: &Tensor, prefixes: &[usize]) -> Result<Self, EvalError> {
+    pub fn compute(masks: &Tensor, probs: &Tensor, prefixes: &[usize]) -> Result<Self, ScoreError> {
         let (ms, ps) = (masks.size(), probs.size());
         if ms.len() != 4 || ps.len() != 4 || ms[0] != ps[0] || ms[2..] != ps[2..] {
-            return Err(EvalError::Shapes(format!(
+            return Err(ScoreError::Shapes(format!(
                 "masks {ms:?} and probabilities {ps:?} must be [b, m, H, W] and [b, n, H, W]"
             )));
         }
         let (m, big_n) = (ms[1] as usize, ps[1] as usize);
         if let Some(&bad) = prefixes.iter().find(|&&n| n == 0 || n > big_n) {
-            return Err(EvalError::Shapes(format!(
+            return Err(ScoreError::Shapes(format!(
                 "cannot score {bad} samples out of {big_n}"
             )));
         }
@@ -104,7 +104,7 @@ impl BatchCounts {
     /// The metrics of every image under both conventions, one vector per sample count (in
     /// the order of `prefixes`), each in image order. Images run in parallel (the
     /// assignment of HM-IoU is the host's main cost at 100 samples).
-    pub fn scores(&self) -> Result<Vec<Vec<ImageScores>>, EvalError> {
+    pub fn scores(&self) -> Result<Vec<Vec<ImageScores>>, ScoreError> {
         let (m, k) = (self.m, self.m + self.big_n);
         let width = 2 + m;
         let per_image: Vec<Vec<ImageScores>> = (0..self.images())
@@ -132,7 +132,7 @@ impl BatchCounts {
                         };
                         Ok(ImageScores::from_parts(&counts, row[0], &prediction)?)
                     })
-                    .collect::<Result<Vec<_>, EvalError>>()
+                    .collect::<Result<Vec<_>, ScoreError>>()
             })
             .collect::<Result<_, _>>()?;
         Ok((0..self.prefixes.len())
@@ -169,21 +169,7 @@ fn ncc(masks: &Tensor, probs: &Tensor) -> Tensor {
         / valid.sum_dim_intlist(-1, false, Kind::Double)
 }
 
-/// The RNG stream of evaluation noise (the synthetic generator's streams are 1 to 4).
-const STREAM_EVAL_NOISE: u64 = 16;
-
-/// The latent noise of one store item: `samples * latent_dim` standard-normal values drawn
-/// from the item's own seeded RNG, row-major `[samples, latent_dim]`. It depends on nothing
-/// else, so an image gets the same samples whatever the batch size, device or order, and
-/// the first `n` of `N` samples are the samples of an evaluation with `n`.
-pub fn item_noise(seed: u64, item: usize, samples: usize, latent_dim: usize) -> Vec<f32> {
-    let mut rng = synthetic::rng(seed, STREAM_EVAL_NOISE, item as u64);
-    (0..samples * latent_dim)
-        .map(|_| synthetic::normal(&mut rng) as f32)
-        .collect()
-}
-
-/// [`item_noise`] for a batch of items: `[items, samples, latent_dim]` on the CPU.
+/// [`item_noise`](crate::seed::item_noise) for a batch of items: `[items, samples, latent_dim]` on the CPU.
 pub fn batch_noise(seed: u64, items: &[usize], samples: usize, latent_dim: usize) -> Tensor {
     let values: Vec<f32> = items
         .iter()
