@@ -1,5 +1,11 @@
 //! probunet: train and evaluate the Probabilistic U-Net (Kohl et al. 2018) on ambiguous
 //! medical segmentation.
+//!
+//! Data flows one way: [`data`] (readers, stores, the loader) -> [`train`] (over
+//! [`model`]) -> the run folder ([`run`]) -> [`eval`], [`sweep`], which read it.
+//! [`score`] is the one sampling and scoring path of validation and eval. The library
+//! never prints: it returns values and emits typed events; the binary's `cli` module
+//! decides what a person sees.
 pub mod bench;
 pub mod config;
 pub mod data;
@@ -9,6 +15,10 @@ pub mod eval;
 pub mod memory;
 pub mod metrics;
 pub mod model;
+pub mod run;
+pub mod score;
+pub mod seed;
 pub mod sweep;
+pub mod sys;
 pub mod tensorboard;
 pub mod train;

@@ -1,0 +1,253 @@
+//! The sinks that write a run's own logs: metrics.csv and the run's one TensorBoard
+//! event file, plus JSON lines for whoever follows the run from outside (a sweep's
+//! parent process).
+use super::events::{EventSink, Interval, SinkError, TrainEvent, Validation};
+use crate::run::{MetricsCsv, MetricsRow, Phase};
+use crate::tensorboard::{EventWriter, HParamValue, SessionStatus};
+use std::io::Write;
+use std::time::SystemTime;
+
+/// metrics.csv: a row per log interval and per validation.
+pub struct MetricsSink {
+    csv: MetricsCsv,
+}
+
+impl MetricsSink {
+    pub fn new(csv: MetricsCsv) -> Self {
+        MetricsSink { csv }
+    }
+}
+
+fn interval_row(i: &Interval) -> MetricsRow {
+    let mut row = MetricsRow::new(i.step, i.epoch, Phase::Train);
+    row.loss = Some(i.means.loss);
+    row.elbo = Some(i.means.elbo);
+    row.kl = Some(i.means.kl);
+    row.reconstruction = Some(i.means.reconstruction);
+    row.reg = Some(i.means.reg);
+    row.grad_norm = Some(i.means.grad_norm);
+    row.lr = Some(i.lr);
+    row.beta = Some(i.beta);
+    row.images_per_s = Some(i.images_per_s);
+    row.skipped = i.skipped;
+    row
+}
+
+fn validation_row(v: &Validation) -> MetricsRow {
+    let mut row = MetricsRow::new(v.step, v.epoch, Phase::Val);
+    row.elbo = Some(v.elbo);
+    row.kl = Some(v.kl);
+    row.ged = Some(v.ged);
+    row.hm_iou = Some(v.hm_iou);
+    row
+}
+
+impl EventSink for MetricsSink {
+    fn event(&mut self, event: &TrainEvent) -> Result<(), SinkError> {
+        let row = match event {
+            TrainEvent::Interval(i) => interval_row(i),
+            TrainEvent::Validation(v) => validation_row(v),
+            _ => return Ok(()),
+        };
+        self.csv.write(&row).map_err(|e| SinkError::new("metrics.csv", e))
+    }
+
+    fn flush(&mut self) -> Result<(), SinkError> {
+        self.csv.flush().map_err(|e| SinkError::new("metrics.csv", e))
+    }
+}
+
+/// The HParams session a sweep trial records in its run's event file.
+#[derive(Debug, Clone)]
+pub struct HParamsSession {
+    pub hparams: Vec<(String, HParamValue)>,
+    pub group: String,
+    pub started: SystemTime,
+}
+
+/// The run's one TensorBoard event file.
+pub struct TensorboardSink {
+    writer: EventWriter,
+    session: Option<HParamsSession>,
+}
+
+impl TensorboardSink {
+    pub fn new(writer: EventWriter, session: Option<HParamsSession>) -> Self {
+        TensorboardSink { writer, session }
+    }
+
+    fn write(&mut self, event: &TrainEvent) -> Result<(), crate::tensorboard::TensorboardError> {
+        match event {
+            TrainEvent::Started {
+                step,
+                resumed,
+                ideal_ged,
+                run,
+                ..
+            } => {
+                if *resumed {
+                    let checkpoint = run.join(crate::run::CHECKPOINTS_DIR);
+                    self.writer
+                        .add_restart(*step as i64, &checkpoint.display().to_string())?;
+                } else {
+                    if let Some(s) = &self.session {
+                        self.writer
+                            .add_hparams_session_start(&s.hparams, &s.group, s.started)?;
+                    }
+                    if let Some(ideal) = ideal_ged {
+                        self.writer.add_scalar("val_ged_ideal", *ideal, 0)?;
+                    }
+                }
+            }
+            TrainEvent::Interval(i) => self.interval(i)?,
+            TrainEvent::Validation(v) => self.validation(v)?,
+            TrainEvent::Finished(_) => self.end_session(SessionStatus::Success)?,
+            TrainEvent::Failed { .. } => self.end_session(SessionStatus::Failure)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn interval(&mut self, i: &Interval) -> Result<(), crate::tensorboard::TensorboardError> {
+        let m = &i.means;
+        self.writer.add_scalars(
+            i.step as i64,
+            &[
+                ("train_loss", m.loss),
+                ("train_elbo", m.elbo),
+                ("train_kl", m.kl),
+                ("rec_loss", m.reconstruction),
+                ("train_reg_loss", m.reg),
+                ("grad_norm", m.grad_norm),
+                ("learning_rate", i.lr),
+                ("beta", i.beta),
+                ("images_per_sec", i.images_per_s),
+            ],
+        )
+    }
+
+    fn validation(&mut self, v: &Validation) -> Result<(), crate::tensorboard::TensorboardError> {
+        let step = v.step as i64;
+        self.writer.add_scalars(
+            step,
+            &[
+                ("val_elbo", v.elbo),
+                ("val_kl", v.kl),
+                ("val_ged", v.ged),
+                ("val_hm_iou", v.hm_iou),
+            ],
+        )?;
+        if let Some(grid) = &v.grid {
+            self.writer.add_image("val_samples", step, grid)?;
+        }
+        Ok(())
+    }
+
+    /// A sweep trial's session ends with the run; a plain run has no session.
+    fn end_session(&mut self, status: SessionStatus) -> Result<(), crate::tensorboard::TensorboardError> {
+        if self.session.is_some() {
+            self.writer
+                .add_hparams_session_end(status, SystemTime::now())?;
+        }
+        self.writer.flush()
+    }
+}
+
+impl EventSink for TensorboardSink {
+    fn event(&mut self, event: &TrainEvent) -> Result<(), SinkError> {
+        self.write(event)
+            .map_err(|e| SinkError::new("TensorBoard events", e))
+    }
+
+    fn flush(&mut self) -> Result<(), SinkError> {
+        self.writer
+            .flush()
+            .map_err(|e| SinkError::new("TensorBoard events", e))
+    }
+}
+
+/// One JSON object per line, flushed per event: how a sweep trial's process reports to
+/// its parent. Images are left out.
+pub struct JsonLinesSink<W: Write> {
+    out: W,
+    name: String,
+}
+
+impl<W: Write> JsonLinesSink<W> {
+    /// `name` says where the lines go, for errors.
+    pub fn new(out: W, name: impl Into<String>) -> Self {
+        JsonLinesSink {
+            out,
+            name: name.into(),
+        }
+    }
+}
+
+impl<W: Write> EventSink for JsonLinesSink<W> {
+    fn event(&mut self, event: &TrainEvent) -> Result<(), SinkError> {
+        let line = serde_json::to_string(event).map_err(|e| SinkError::new(&self.name, e))?;
+        writeln!(self.out, "{line}")
+            .and_then(|()| self.out.flush())
+            .map_err(|e| SinkError::new(&self.name, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::events::{Outcome, StepStats};
+
+    #[test]
+    fn json_lines_round_trip_and_leave_images_out() {
+        let mut sink = JsonLinesSink::new(Vec::new(), "test");
+        let events = [
+            TrainEvent::Step {
+                step: 3,
+                total_steps: 10,
+            },
+            TrainEvent::Interval(Interval {
+                step: 5,
+                total_steps: 10,
+                epoch: 0,
+                means: StepStats {
+                    loss: 1.5,
+                    ..StepStats::default()
+                },
+                lr: 1e-3,
+                beta: 1.0,
+                images_per_s: 20.0,
+                skipped: 0,
+            }),
+            TrainEvent::Validation(Validation {
+                step: 5,
+                epoch: 0,
+                elbo: -3.0,
+                kl: 0.5,
+                ged: 0.4,
+                hm_iou: 0.6,
+                grid: Some(crate::tensorboard::Image::grey(1, 1, vec![0]).unwrap()),
+            }),
+            TrainEvent::Finished(Outcome {
+                run: "runs/x".into(),
+                steps: 10,
+                val_ged: Some(0.4),
+                best_val_ged: Some(0.4),
+                hm_iou: Some(0.6),
+                ideal_ged: None,
+                skipped: 0,
+            }),
+        ];
+        for event in &events {
+            sink.event(event).unwrap();
+        }
+        let text = String::from_utf8(sink.out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert!(lines[0].starts_with(r#"{"event":"step","#), "{}", lines[0]);
+        assert!(!lines[2].contains("grid"), "{}", lines[2]);
+        let back: TrainEvent = serde_json::from_str(lines[1]).unwrap();
+        assert!(matches!(back, TrainEvent::Interval(i) if i.means.loss == 1.5 && i.step == 5));
+        let back: TrainEvent = serde_json::from_str(lines[3]).unwrap();
+        assert!(matches!(back, TrainEvent::Finished(o) if o.steps == 10));
+    }
+}
