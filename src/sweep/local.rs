@@ -1,19 +1,22 @@
 //! Local sweeps: `--jobs N` trials at once on this machine, each a child process
-//! `probunet train --sweep <folder> --trial N --plain` with its share of the CPU cores
+//! `probunet sweep trial <folder> N --events -` with its share of the CPU cores
 //! (libtorch's generator and thread count are process-wide, so trials cannot share a
-//! process without losing their determinism) and, on GPUs, its device. The children's
-//! progress lines drive one bar per running trial under an overall bar.
+//! process without losing their determinism) and, on GPUs, its device. A child reports
+//! its training to the sweep as JSON lines ([`TrainEvent`]s) on its stdout; its stderr,
+//! the human lines, goes to the trial's `train.log`. The sweep tells the caller what
+//! happens as [`SweepEvent`]s.
 use super::plan::Plan;
 use super::summary::{trial_state, TrialState};
-use super::trial::{checkpoint_step, hostname, State, Status, TrialLock, LOG_FILE};
+use super::trial::{checkpoint_step, State, Status, LOG_FILE};
 use super::SweepError;
-use crate::train;
-use chrono::Utc;
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use crate::run::RunLock;
+use crate::train::{self, TrainEvent};
+use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -28,8 +31,6 @@ pub struct LocalOptions {
     pub devices: Vec<String>,
     /// Threads of each trial (its share of the cores).
     pub threads: usize,
-    /// Plain lines instead of progress bars even on a terminal.
-    pub plain: bool,
     /// Run failed trials again (by default they stay failed).
     pub retry_failed: bool,
 }
@@ -110,131 +111,142 @@ impl Report {
     }
 }
 
+/// The trials a local run will run, and what the others are doing.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    pub name: String,
+    pub folder: PathBuf,
+    pub trials: usize,
+    pub finished: usize,
+    /// Failed, and not retried.
+    pub failed: usize,
+    /// Run by another process now.
+    pub busy: usize,
+    /// The trials to run, in order.
+    pub to_run: Vec<usize>,
+    pub jobs: usize,
+    pub threads: usize,
+    pub devices: Vec<String>,
+    /// Steps each trial to run has left, where known.
+    pub steps_left: HashMap<usize, u64>,
+}
+
+/// What a local sweep tells as it goes.
+#[derive(Debug)]
+pub enum SweepEvent<'a> {
+    /// Which trials run, before any starts.
+    Queued(&'a Queue),
+    /// The trial's process holds the trial and starts training.
+    TrialStarted {
+        index: usize,
+        id: &'a str,
+        device: Option<&'a str>,
+        threads: usize,
+        /// The checkpoint step it resumes from, 0 for a fresh start.
+        resume_from: u64,
+    },
+    /// A line the trial's process wrote (its stderr, also kept in its train.log).
+    TrialLine {
+        index: usize,
+        id: &'a str,
+        line: &'a str,
+    },
+    /// An event of the trial's training.
+    Training {
+        index: usize,
+        id: &'a str,
+        event: &'a TrainEvent,
+    },
+    TrialEnded {
+        index: usize,
+        id: &'a str,
+        state: State,
+        /// Its step count at the end, when known.
+        steps: Option<u64>,
+        error: Option<&'a str>,
+    },
+}
+
+/// Where the sweep's events go; called from the worker threads.
+pub type Observer<'a> = &'a (dyn Fn(SweepEvent) + Sync);
+
 struct Ctx<'a> {
     folder: &'a Path,
     plan: &'a Plan,
     options: &'a LocalOptions,
     stop: &'a Stop,
     exe: PathBuf,
-    bars: Option<MultiProgress>,
-    overall: ProgressBar,
-    totals: HashMap<usize, u64>,
+    observe: Observer<'a>,
     counts: Mutex<Report>,
-    queued: usize,
 }
 
-impl Ctx<'_> {
-    /// A line that stays: above the bars, or on stderr.
-    fn say(&self, line: &str) {
-        match &self.bars {
-            Some(bars) => {
-                let _ = bars.println(line);
-            }
-            None => eprintln!("{line}"),
+/// Which trials to run: those not finished, nor failed (unless retried), nor run by
+/// another process.
+fn queue(folder: &Path, plan: &Plan, options: &LocalOptions) -> Queue {
+    let mut queue = Queue {
+        name: plan.name.clone(),
+        folder: folder.to_path_buf(),
+        trials: plan.trials.len(),
+        finished: 0,
+        failed: 0,
+        busy: 0,
+        to_run: Vec::new(),
+        jobs: options.jobs,
+        threads: options.threads,
+        devices: options.devices.clone(),
+        steps_left: HashMap::new(),
+    };
+    for trial in &plan.trials {
+        match trial_state(folder, plan, trial.index) {
+            TrialState::Finished => queue.finished += 1,
+            TrialState::Failed if !options.retry_failed => queue.failed += 1,
+            TrialState::Running => queue.busy += 1,
+            _ => queue.to_run.push(trial.index),
         }
     }
+    queue
+}
 
-    fn update_overall(&self) {
-        let c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let running = c.ran - c.finished - c.failed - c.interrupted;
-        self.overall.set_message(format!(
-            "{}/{} trials done, {running} running, {} failed",
-            c.finished, self.queued, c.failed
-        ));
+/// The very executable running now, even if its file is replaced during the sweep (an
+/// upgrade, a rebuild): every trial runs the same probunet.
+fn this_executable() -> Result<PathBuf, SweepError> {
+    let this = Path::new("/proc/self/exe");
+    if this.exists() {
+        return Ok(this.to_path_buf());
     }
+    std::env::current_exe().map_err(|e| {
+        SweepError::Other(format!(
+            "cannot find the probunet executable to run trials: {e}"
+        ))
+    })
 }
 
 /// Runs every trial of `plan` in `folder` that has not finished (nor failed, unless
 /// retried) with `options.jobs` at once.
-pub fn run(
+pub fn run_pending(
     folder: &Path,
     plan: &Plan,
     options: &LocalOptions,
     stop: &Stop,
+    observe: Observer,
 ) -> Result<Report, SweepError> {
-    let mut queue = Vec::new();
-    let (mut finished, mut failed, mut busy) = (0, 0, 0);
-    for trial in &plan.trials {
-        match trial_state(folder, plan, trial.index) {
-            TrialState::Finished => finished += 1,
-            TrialState::Failed if !options.retry_failed => failed += 1,
-            TrialState::Running => busy += 1,
-            _ => queue.push(trial.index),
-        }
+    let mut queue = queue(folder, plan, options);
+    if !queue.to_run.is_empty() {
+        queue.steps_left = prepare(folder, plan, &queue.to_run);
     }
-    let mut line = format!(
-        "sweep {}: {} trials in {}: {finished} finished",
-        plan.name,
-        plan.trials.len(),
-        folder.display()
-    );
-    if failed > 0 {
-        line.push_str(&format!(
-            ", {failed} failed (--retry-failed runs them again)"
-        ));
-    }
-    if busy > 0 {
-        line.push_str(&format!(", {busy} being run by another process"));
-    }
-    if queue.is_empty() {
-        println!("{line}; nothing to run");
+    observe(SweepEvent::Queued(&queue));
+    if queue.to_run.is_empty() {
         return Ok(Report::default());
     }
-    let devices = if options.devices.is_empty() {
-        "as each trial's spec says".to_string()
-    } else {
-        options.devices.join(", ")
-    };
-    println!(
-        "{line}, {} to run: {} at once, {} thread(s) each, devices: {devices}",
-        queue.len(),
-        options.jobs,
-        options.threads
-    );
-
-    let totals = prepare(folder, plan, &queue);
-
-    let plain = options.plain || !std::io::stderr().is_terminal();
-    let bars = (!plain).then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-    let overall = ProgressBar::new(totals.values().sum());
-    overall.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} trial-steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-        )
-        .expect("a valid template"),
-    );
-    let overall = match &bars {
-        Some(bars) => bars.add(overall),
-        None => {
-            overall.set_draw_target(ProgressDrawTarget::hidden());
-            overall
-        }
-    };
-    // The very executable running now, even if its file is replaced during the sweep
-    // (an upgrade, a rebuild): every trial runs the same probunet.
-    let this = Path::new("/proc/self/exe");
-    let exe = if this.exists() {
-        this.to_path_buf()
-    } else {
-        std::env::current_exe().map_err(|e| {
-            SweepError::Other(format!(
-                "cannot find the probunet executable to run trials: {e}"
-            ))
-        })?
-    };
     let ctx = Ctx {
         folder,
         plan,
         options,
         stop,
-        exe,
-        bars,
-        overall,
-        totals,
+        exe: this_executable()?,
+        observe,
         counts: Mutex::new(Report::default()),
-        queued: queue.len(),
     };
-    ctx.update_overall();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(options.jobs)
         .thread_name(|i| format!("sweep-worker-{i}"))
@@ -243,14 +255,14 @@ pub fn run(
     let next = AtomicUsize::new(0);
     let started = Instant::now();
     pool.scope(|scope| {
-        for slot in 0..options.jobs.min(queue.len()) {
-            let (ctx, next, queue) = (&ctx, &next, &queue);
+        for slot in 0..options.jobs.min(queue.to_run.len()) {
+            let (ctx, next, to_run) = (&ctx, &next, &queue.to_run);
             scope.spawn(move |_| loop {
                 if ctx.stop.requested() {
                     break;
                 }
                 let k = next.fetch_add(1, Ordering::SeqCst);
-                let Some(&index) = queue.get(k) else {
+                let Some(&index) = to_run.get(k) else {
                     break;
                 };
                 run_one(ctx, slot, index);
@@ -259,7 +271,6 @@ pub fn run(
     });
     let mut report = ctx.counts.into_inner().unwrap_or_else(|e| e.into_inner());
     report.wall_s = started.elapsed().as_secs_f64();
-    ctx.overall.finish_and_clear();
     Ok(report)
 }
 
@@ -276,9 +287,10 @@ pub fn prepare(folder: &Path, plan: &Plan, indices: &[usize]) -> HashMap<usize, 
         };
         let data = serde_json::to_string(&resolved.experiment.data).unwrap_or_default();
         let items = *items_by_data.entry(data).or_insert_with(|| {
-            train::open_store(&resolved.experiment)
+            crate::run::data_source(&resolved.experiment)
                 .ok()
-                .map(|store| store.split(crate::data::split::SplitName::Train).len())
+                .and_then(|source| source.open().ok())
+                .map(|(store, _)| store.split(crate::data::split::SplitName::Train).len())
         });
         if let Some(total) =
             items.and_then(|items| train::planned_steps(&resolved.experiment, items))
@@ -290,16 +302,6 @@ pub fn prepare(folder: &Path, plan: &Plan, indices: &[usize]) -> HashMap<usize, 
     totals
 }
 
-/// `S` and `T` of a child's `step S/T  ...` progress line.
-fn parse_step(line: &str) -> Option<(u64, u64)> {
-    let (step, total) = line
-        .strip_prefix("step ")?
-        .split_whitespace()
-        .next()?
-        .split_once('/')?;
-    Some((step.parse().ok()?, total.parse().ok()?))
-}
-
 fn describe_exit(exit: &ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (exit.code(), exit.signal()) {
@@ -309,95 +311,95 @@ fn describe_exit(exit: &ExitStatus) -> String {
     }
 }
 
+/// How a trial's process ended, as it told.
+struct Followed {
+    exit: ExitStatus,
+    /// The last step it reported.
+    last_step: Option<u64>,
+    /// The error of its `Failed` event.
+    error: Option<String>,
+}
+
+/// A status for a trial whose process could not say how it ended.
+fn fallback_status(state: State, launched: DateTime<Utc>, device: Option<&str>, threads: usize) -> Status {
+    Status {
+        state,
+        error: None,
+        steps: None,
+        total_steps: None,
+        attempts: 1,
+        wall_s: 0.0,
+        started_at: launched,
+        attempt_started_at: launched,
+        ended_at: None,
+        host: crate::sys::hostname(),
+        pid: 0,
+        device: device.map(Into::into),
+        threads: Some(threads),
+    }
+}
+
+/// How the trial ended: what its own status.json says of this attempt, else (a process
+/// killed or crashed before it could say) recorded here from its exit.
+fn settle(
+    ctx: &Ctx,
+    dir: &Path,
+    followed: Followed,
+    launched: DateTime<Utc>,
+    device: Option<&str>,
+) -> (State, Option<String>, Option<u64>) {
+    let current = Status::read(dir);
+    match current.as_ref() {
+        // Finished by this attempt, or by another process before this one looked.
+        Some(s) if s.state == State::Finished => return (s.state, None, s.steps),
+        Some(s) if s.attempt_started_at >= launched && s.state != State::Running => {
+            return (s.state, s.error.clone(), s.steps)
+        }
+        _ if RunLock::is_held(dir) => {
+            // Another process runs it (its own child failed to take the lock).
+            return (State::Running, Some("being run by another process".into()), None);
+        }
+        _ => {}
+    }
+    let interrupted = ctx.stop.requested()
+        || std::os::unix::process::ExitStatusExt::signal(&followed.exit) == Some(libc::SIGINT);
+    let state = match interrupted {
+        true => State::Interrupted,
+        false => State::Failed,
+    };
+    let mut why = format!("the trial's process {}", describe_exit(&followed.exit));
+    if let Some(error) = followed.error {
+        why.push_str(&format!(": {error}"));
+    }
+    let mut status =
+        current.unwrap_or_else(|| fallback_status(state, launched, device, ctx.options.threads));
+    if status.attempt_started_at < launched {
+        status.attempts += 1;
+        status.attempt_started_at = launched;
+    }
+    status.state = state;
+    status.error = Some(why.clone());
+    status.ended_at = Some(Utc::now());
+    status.steps = checkpoint_step(dir).or(followed.last_step);
+    let _ = status.write(dir);
+    (state, Some(why), followed.last_step)
+}
+
 fn run_one(ctx: &Ctx, slot: usize, index: usize) {
     let trial = &ctx.plan.trials[index];
     let dir = ctx.plan.trial_dir(ctx.folder, index);
-    let device = (!ctx.options.devices.is_empty())
-        .then(|| ctx.options.devices[slot % ctx.options.devices.len()].clone());
+    let devices = &ctx.options.devices;
+    let device = (!devices.is_empty()).then(|| devices[slot % devices.len()].as_str());
     let start_step = checkpoint_step(&dir).unwrap_or(0);
     let launched = Utc::now();
-    {
-        let mut c = ctx.counts.lock().unwrap_or_else(|e| e.into_inner());
-        c.ran += 1;
-    }
-    ctx.update_overall();
-    let outcome = spawn_and_follow(ctx, index, &dir, device.as_deref(), start_step);
-    let (state, error, end_step) = match outcome {
-        Ok((exit, last_step, last_error)) => {
-            let current = Status::read(&dir);
-            let this_attempt = current.clone().filter(|s| s.attempt_started_at >= launched);
-            match this_attempt {
-                Some(s) if s.state != State::Running => (s.state, s.error, s.steps),
-                _ if TrialLock::is_held(&dir) => {
-                    // Another process runs it (its own child failed to take the lock).
-                    (
-                        State::Running,
-                        Some("being run by another process".into()),
-                        None,
-                    )
-                }
-                _ => {
-                    // The trial's process ended without saying how (killed, crashed):
-                    // record it here.
-                    let interrupted = ctx.stop.requested()
-                        || std::os::unix::process::ExitStatusExt::signal(&exit)
-                            == Some(libc::SIGINT);
-                    let state = if interrupted {
-                        State::Interrupted
-                    } else {
-                        State::Failed
-                    };
-                    let mut why = format!("the trial's process {}", describe_exit(&exit));
-                    if let Some(line) = last_error {
-                        why.push_str(&format!(": {line}"));
-                    }
-                    let now = Utc::now();
-                    let mut status = current.unwrap_or(Status {
-                        state,
-                        error: None,
-                        steps: None,
-                        total_steps: None,
-                        attempts: 1,
-                        wall_s: 0.0,
-                        started_at: launched,
-                        attempt_started_at: launched,
-                        ended_at: None,
-                        host: hostname(),
-                        pid: 0,
-                        device: device.clone(),
-                        threads: Some(ctx.options.threads),
-                    });
-                    if status.attempt_started_at < launched {
-                        status.attempts += 1;
-                        status.attempt_started_at = launched;
-                    }
-                    status.state = state;
-                    status.error = Some(why.clone());
-                    status.ended_at = Some(now);
-                    status.steps = checkpoint_step(&dir).or(last_step);
-                    let _ = status.write(&dir);
-                    (state, Some(why), last_step)
-                }
-            }
-        }
+    ctx.counts.lock().unwrap_or_else(|e| e.into_inner()).ran += 1;
+    let (state, error, end_step) = match spawn_and_follow(ctx, index, &dir, device) {
+        Ok(followed) => settle(ctx, &dir, followed, launched, device),
         Err(why) => {
             let _ = std::fs::create_dir_all(&dir);
-            let now = Utc::now();
-            let status = Status {
-                state: State::Failed,
-                error: Some(why.clone()),
-                steps: None,
-                total_steps: None,
-                attempts: 1,
-                wall_s: 0.0,
-                started_at: now,
-                attempt_started_at: now,
-                ended_at: Some(now),
-                host: hostname(),
-                pid: 0,
-                device: device.clone(),
-                threads: Some(ctx.options.threads),
-            };
+            let mut status = fallback_status(State::Failed, launched, device, ctx.options.threads);
+            status.error = Some(why.clone());
+            status.ended_at = Some(Utc::now());
             let _ = status.write(&dir);
             (State::Failed, Some(why), None)
         }
@@ -413,32 +415,19 @@ fn run_one(ctx: &Ctx, slot: usize, index: usize) {
             State::Running => c.ran -= 1,
         }
     }
-    ctx.update_overall();
-    let what = match (state, &error) {
-        (State::Finished, _) => format!("finished ({} steps)", end_step.unwrap_or(0)),
-        (state, Some(error)) => format!("{}: {error}", state.as_str()),
-        (state, None) => state.as_str().to_string(),
-    };
-    ctx.say(&format!("trial {} {what}", trial.id));
+    (ctx.observe)(SweepEvent::TrialEnded {
+        index,
+        id: &trial.id,
+        state,
+        steps: end_step,
+        error: error.as_deref(),
+    });
 }
 
-/// Runs the trial's process and follows its progress; returns how it exited, the last
-/// step it reported and its last error line.
-fn spawn_and_follow(
-    ctx: &Ctx,
-    index: usize,
-    dir: &Path,
-    device: Option<&str>,
-    start_step: u64,
-) -> Result<(ExitStatus, Option<u64>, Option<String>), String> {
-    let trial = &ctx.plan.trials[index];
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let log_path = dir.join(LOG_FILE);
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+/// The trial's process: its own process group (so a terminal's Ctrl-C reaches only the
+/// sweep, which forwards exactly one SIGINT per Ctrl-C), a SIGINT when the sweep dies,
+/// JSON events on its stdout and human lines on its stderr.
+fn trial_command(ctx: &Ctx, index: usize, device: Option<&str>) -> (Command, Vec<String>) {
     let threads = ctx.options.threads.to_string();
     let mut args: Vec<String> = vec![
         "train".into(),
@@ -449,19 +438,12 @@ fn spawn_and_follow(
         "--plain".into(),
         "--threads".into(),
         threads.clone(),
+        "--events".into(),
+        "-".into(),
     ];
     if let Some(device) = device {
         args.extend(["--device".into(), device.into()]);
     }
-    let _ = writeln!(
-        log,
-        "=== {} probunet {}",
-        Utc::now().format("%Y-%m-%d %H:%M:%S UTC"),
-        args.join(" ")
-    );
-    let stdout = log
-        .try_clone()
-        .map_err(|e| format!("cannot share {}: {e}", log_path.display()))?;
     let mut command = Command::new(&ctx.exe);
     command
         .args(&args)
@@ -475,104 +457,126 @@ fn spawn_and_follow(
             std::env::var_os("OMP_WAIT_POLICY").unwrap_or_else(|| "PASSIVE".into()),
         )
         .stdin(Stdio::null())
-        .stdout(Stdio::from(stdout))
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    {
-        use std::os::unix::process::CommandExt;
-        // Its own process group, so a terminal's Ctrl-C reaches only the sweep, which
-        // forwards exactly one SIGINT per Ctrl-C.
-        command.process_group(0);
-        // Named as the sweep itself was, rather than /proc/self/exe, in ps and top.
-        command.arg0(
-            std::env::args_os()
-                .next()
-                .unwrap_or_else(|| "probunet".into()),
-        );
-        #[cfg(target_os = "linux")]
-        // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
-        unsafe {
-            // If the sweep dies, its trials get a Ctrl-C and checkpoint.
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT);
-                Ok(())
-            });
-        }
+    use std::os::unix::process::CommandExt;
+    command.process_group(0);
+    // Named as the sweep itself was, rather than /proc/self/exe, in ps and top.
+    command.arg0(
+        std::env::args_os()
+            .next()
+            .unwrap_or_else(|| "probunet".into()),
+    );
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
+    unsafe {
+        // If the sweep dies, its trials get a Ctrl-C and checkpoint.
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT);
+            Ok(())
+        });
     }
+    (command, args)
+}
+
+/// The trial's train.log, opened for appending with a header line for this attempt.
+fn open_log(dir: &Path, args: &[String]) -> Result<File, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let path = dir.join(LOG_FILE);
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let _ = writeln!(
+        log,
+        "=== {} probunet {}",
+        Utc::now().format("%Y-%m-%d %H:%M:%S UTC"),
+        args.join(" ")
+    );
+    Ok(log)
+}
+
+/// Runs the trial's process and follows it to its end.
+fn spawn_and_follow(
+    ctx: &Ctx,
+    index: usize,
+    dir: &Path,
+    device: Option<&str>,
+) -> Result<Followed, String> {
+    let (mut command, args) = trial_command(ctx, index, device);
+    let mut log = open_log(dir, &args)?;
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", ctx.exe.display()))?;
     ctx.stop.register(index, child.id());
-    let bar = ctx.bars.as_ref().map(|bars| {
-        let bar = ProgressBar::new(ctx.totals.get(&index).map_or(0, |t| t + start_step))
-            .with_position(start_step);
-        bar.set_style(
-            ProgressStyle::with_template("  {prefix} {bar:20} {pos}/{len}  {wide_msg}")
-                .expect("a valid template"),
-        );
-        bar.set_prefix(trial.id.clone());
-        bars.insert_before(&ctx.overall, bar)
-    });
-    let where_ = device.unwrap_or("its spec's device");
-    ctx.say(&format!(
-        "trial {} started on {where_} with {} thread(s){}",
-        trial.id,
-        ctx.options.threads,
-        if start_step > 0 {
-            format!(", resuming from step {start_step}")
-        } else {
-            String::new()
-        }
-    ));
-    let (mut last_step, mut last_error) = (None, None);
-    let mut reported = start_step;
-    if let Some(stderr) = child.stderr.take() {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let _ = writeln!(log, "{line}");
-            if let Some((step, total)) = parse_step(&line) {
-                last_step = Some(step);
-                ctx.overall.inc(step.saturating_sub(reported));
-                reported = reported.max(step);
-                if let Some(bar) = &bar {
-                    bar.set_length(total);
-                    bar.set_position(step);
-                    let rest = line.split_once("  ").map_or("", |(_, rest)| rest.trim());
-                    bar.set_message(rest.to_string());
-                }
-            } else if let Some(error) = line.strip_prefix("error: ") {
-                last_error = Some(error.to_string());
-            }
-            if ctx.bars.is_none() {
-                eprintln!("[{}] {line}", trial.id);
-            }
-        }
-    }
+    let (last_step, error) = follow(ctx, index, device, &mut child, &mut log);
     let exit = child.wait();
     ctx.stop.unregister(index);
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-        if let Some(bars) = &ctx.bars {
-            bars.remove(&bar);
-        }
-    }
     let exit = exit.map_err(|e| format!("waiting for the trial's process: {e}"))?;
     let _ = writeln!(log, "=== {}", describe_exit(&exit));
-    Ok((exit, last_step, last_error))
+    Ok(Followed {
+        exit,
+        last_step,
+        error,
+    })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_lines_parse() {
-        assert_eq!(
-            parse_step("step 20/60  epoch 1  loss 3.2  val GED 0.4"),
-            Some((20, 60))
-        );
-        assert_eq!(parse_step("step 5/5"), Some((5, 5)));
-        assert_eq!(parse_step("steps 5/5"), None);
-        assert_eq!(parse_step("step x/5"), None);
-        assert_eq!(parse_step("run folder: runs/x"), None);
-    }
+/// Reads the child's JSON events (a thread) and its stderr lines (here, into the log)
+/// until both close: the last step it reported and the error it failed with.
+fn follow(
+    ctx: &Ctx,
+    index: usize,
+    device: Option<&str>,
+    child: &mut Child,
+    log: &mut File,
+) -> (Option<u64>, Option<String>) {
+    let id = &ctx.plan.trials[index].id;
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    std::thread::scope(|scope| {
+        let events = scope.spawn(|| {
+            let (mut last_step, mut error) = (None, None);
+            for line in stdout.into_iter().flat_map(|s| BufReader::new(s).lines()) {
+                let Ok(line) = line else { break };
+                let Ok(event) = serde_json::from_str::<TrainEvent>(&line) else {
+                    continue;
+                };
+                match &event {
+                    // Only now is it known that this process holds the trial.
+                    TrainEvent::Started { step, .. } => (ctx.observe)(SweepEvent::TrialStarted {
+                        index,
+                        id,
+                        device,
+                        threads: ctx.options.threads,
+                        resume_from: *step,
+                    }),
+                    TrainEvent::Step { step, .. } => last_step = Some(*step),
+                    TrainEvent::Failed { error: e, .. } => error = Some(e.clone()),
+                    _ => {}
+                }
+                (ctx.observe)(SweepEvent::Training {
+                    index,
+                    id,
+                    event: &event,
+                });
+            }
+            (last_step, error)
+        });
+        let mut error_line = None;
+        for line in stderr.into_iter().flat_map(|s| BufReader::new(s).lines()) {
+            let Ok(line) = line else { break };
+            let _ = writeln!(log, "{line}");
+            if let Some(error) = line.strip_prefix("error: ") {
+                error_line = Some(error.to_string());
+            }
+            (ctx.observe)(SweepEvent::TrialLine {
+                index,
+                id,
+                line: &line,
+            });
+        }
+        let (last_step, error) = events.join().unwrap_or((None, None));
+        // A process that failed before training started said why only on stderr.
+        (last_step, error.or(error_line))
+    })
 }

@@ -4,7 +4,7 @@
 //! A sweep spec (see [`spec`]) names a base experiment and the axes to vary. Its plan,
 //! the table of trials, is drawn once and kept in `runs/<sweep>/sweep.json`; each trial
 //! runs in `runs/<sweep>/<trial-id>/`, an ordinary run folder, through one entry point,
-//! `probunet train --sweep runs/<sweep> --trial N` ([`trial::run`]). A local sweep runs
+//! `probunet sweep trial runs/<sweep> N` ([`trial::run_trial`]). A local sweep runs
 //! `--jobs` of those processes at once ([`local`]); `--emit slurm` writes a job array
 //! that runs one per task ([`slurm`]); `--collect` summarises whatever finished
 //! ([`summary`]).
@@ -15,11 +15,12 @@ pub mod spec;
 pub mod summary;
 pub mod trial;
 
-pub use local::{LocalOptions, Report, Stop};
+pub use local::{LocalOptions, Observer, Queue, Report, Stop, SweepEvent};
 pub use plan::Plan;
 pub use spec::{SlurmOptions, SweepSpec};
 
 use crate::config::ConfigError;
+use crate::run::RunError;
 use crate::tensorboard::TensorboardError;
 use crate::train::TrainError;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,8 @@ pub enum SweepError {
     Train(Box<TrainError>),
     #[error(transparent)]
     Tensorboard(#[from] TensorboardError),
+    #[error(transparent)]
+    Run(#[from] RunError),
     #[error(
         "trial {index} interrupted at step {step}; its checkpoint is in {}. Resume it with: \
          probunet train --sweep {} --trial {index} (or run the sweep again)",
@@ -51,27 +54,47 @@ pub enum SweepError {
         folder: PathBuf,
         run: PathBuf,
     },
-    /// A trial stopped on a non-finite loss: the hint names the sweep's retry command, not
+    /// A trial stopped on a non-finite loss: the hint names the sweep's own commands, not
     /// `train --resume` (which would leave the sweep's records behind).
-    #[error(
-        "trial {index}: step {step}: non-finite {what}; the trial stopped (train.on_nan = \"stop\"). \
-         Its last good checkpoint is in {}. Retry it from there with: probunet train --sweep {} \
-         --trial {index} --set train.lr=<lower> (or every failed trial: probunet sweep {} \
-         --retry-failed), or set train.on_nan = \"skip\" in the sweep spec",
-        run.display(), folder.display(), folder.display()
-    )]
+    #[error("{}", non_finite_advice(*index, *step, what, folder, run, *has_checkpoint))]
     TrialNonFinite {
         index: usize,
         step: u64,
         what: String,
         folder: PathBuf,
         run: PathBuf,
+        /// Whether the trial wrote a checkpoint that a re-run resumes from.
+        has_checkpoint: bool,
     },
     /// The sweep ran, but not every trial finished.
     #[error("{message}")]
     Incomplete { interrupted: bool, message: String },
     #[error("{0}")]
     Other(String),
+}
+
+fn non_finite_advice(
+    index: usize,
+    step: u64,
+    what: &str,
+    folder: &Path,
+    run: &Path,
+    has_checkpoint: bool,
+) -> String {
+    let restart = match has_checkpoint {
+        true => format!(
+            "Its last good checkpoint is in {}; a re-run resumes from it.",
+            run.display()
+        ),
+        false => "It stopped before its first checkpoint; a re-run starts afresh.".into(),
+    };
+    format!(
+        "trial {index}: step {step}: non-finite {what}; the trial stopped (train.on_nan = \"stop\"). \
+         {restart} Run it again with: probunet train --sweep {folder} --trial {index} (or every \
+         failed trial: probunet sweep {folder} --retry-failed); for other settings (a lower \
+         train.lr, or train.on_nan = \"skip\"), change the sweep spec and start a new sweep",
+        folder = folder.display()
+    )
 }
 
 impl From<TrainError> for SweepError {
@@ -133,11 +156,9 @@ impl Target {
     }
 }
 
-/// `probunet sweep --plan`: the trial table and each trial's state, running nothing and
-/// writing nothing.
-pub fn print_plan(target: &Target) -> Result<(), SweepError> {
-    let (plan, exists) = target.existing()?;
-    let mut shape: Vec<String> = plan
+/// The plan's shape: each axis with its size.
+fn plan_shape(plan: &Plan) -> String {
+    let shape: Vec<String> = plan
         .axes
         .iter()
         .map(|a| match &a.kind {
@@ -146,45 +167,48 @@ pub fn print_plan(target: &Target) -> Result<(), SweepError> {
             plan::AxisKind::Repeat(seeds) => format!("{} repeats", seeds.len()),
         })
         .collect();
-    if shape.is_empty() {
-        shape.push("no axes".into());
+    match shape.is_empty() {
+        true => "no axes".into(),
+        false => shape.join(" x "),
     }
-    println!(
-        "sweep {}: {} trials ({}) over {}, in {}{}",
+}
+
+/// `probunet sweep --plan`: the trial table and each trial's state, running nothing and
+/// writing nothing.
+pub fn plan_text(target: &Target) -> Result<String, SweepError> {
+    let (plan, exists) = target.existing()?;
+    let mut out = format!(
+        "sweep {}: {} trials ({}) over {}, in {}{}\n",
         plan.name,
         plan.trials.len(),
-        shape.join(" x "),
+        plan_shape(&plan),
         plan.base_source,
         target.folder.display(),
         if exists { "" } else { " (not started)" }
     );
     if !plan.fixed.is_empty() {
-        println!("every trial sets: {}", plan.fixed.join(" "));
+        out.push_str(&format!("every trial sets: {}\n", plan.fixed.join(" ")));
     }
-    let mut lines: Vec<Vec<String>> = Vec::new();
     let mut header = vec!["#".to_string(), "id".to_string()];
     header.extend(plan.axes.iter().map(|a| a.name.clone()));
     header.push("state".into());
-    lines.push(header);
+    let mut lines: Vec<Vec<String>> = vec![header];
     for trial in &plan.trials {
         let mut line = vec![trial.index.to_string(), trial.id.clone()];
         line.extend(trial.values.iter().map(plan::value_display));
-        let state = if exists {
-            summary::trial_state(&target.folder, &plan, trial.index)
-        } else {
-            TrialState::Pending
+        let state = match exists {
+            true => summary::trial_state(&target.folder, &plan, trial.index),
+            false => TrialState::Pending,
         };
         line.push(state.as_str().into());
         lines.push(line);
     }
-    print!("{}", summary::aligned(&lines));
+    out.push_str(&summary::aligned(&lines));
     for (index, error) in plan.check_trials() {
-        println!(
-            "trial {} ({}) will fail: {error}",
-            index, plan.trials[index].id
-        );
+        let id = &plan.trials[index].id;
+        out.push_str(&format!("trial {index} ({id}) will fail: {error}\n"));
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Collects the summary of the sweep in `folder`: writes `summary.csv` and returns the
@@ -201,35 +225,40 @@ pub fn summarise(folder: &Path, plan: &Plan) -> Result<(String, Vec<summary::Row
     Ok((text, rows))
 }
 
+/// What a local sweep did: its report, the summary to show, and how it ended (an
+/// `Incomplete` error when a trial failed or Ctrl-C stopped it).
+pub struct LocalRun {
+    pub report: Report,
+    pub summary: String,
+    pub end: Result<(), SweepError>,
+}
+
 /// `probunet sweep SPEC`: runs the trials that have not finished, `options.jobs` at a
-/// time, then writes and prints the summary. Returns an `Incomplete` error when a trial
-/// failed or Ctrl-C stopped the sweep (after the summary).
+/// time, then writes the summary.
 pub fn run_local(
     target: &Target,
     options: &LocalOptions,
     stop: &Stop,
-) -> Result<Report, SweepError> {
+    observe: Observer,
+) -> Result<LocalRun, SweepError> {
     let plan = target.create()?;
-    let report = local::run(&target.folder, &plan, options, stop)?;
-    let (text, rows) = summarise(&target.folder, &plan)?;
-    println!("{text}");
-    if report.ran > 0 {
-        println!(
-            "throughput: {} trial-steps in {:.1} s = {:.2} trial-steps/s ({} trials, {} at once, \
-             {} thread(s) each)",
-            report.trial_steps,
-            report.wall_s,
-            report.throughput(),
-            report.ran,
-            options.jobs,
-            options.threads
-        );
-    }
+    let report = local::run_pending(&target.folder, &plan, options, stop, observe)?;
+    let (summary, rows) = summarise(&target.folder, &plan)?;
+    let end = incomplete(target, &rows, stop.requested());
+    Ok(LocalRun {
+        report,
+        summary,
+        end,
+    })
+}
+
+/// The error of a sweep that left trials unfinished, with the command that goes on.
+fn incomplete(target: &Target, rows: &[summary::Row], stopped: bool) -> Result<(), SweepError> {
     let again = match &target.spec {
         Some(spec) => spec.path.display().to_string(),
         None => target.folder.display().to_string(),
     };
-    if stop.requested() {
+    if stopped {
         let stopped = rows
             .iter()
             .filter(|r| matches!(r.state, TrialState::Interrupted | TrialState::Pending))
@@ -257,17 +286,26 @@ pub fn run_local(
             ),
         });
     }
-    Ok(report)
+    Ok(())
 }
 
-/// `probunet sweep SPEC --emit slurm`: makes the sweep folder and writes the sbatch
-/// script for the trials still to run; returns its path, or `None` when none are left.
-pub fn emit_slurm(
-    target: &Target,
-    flags: &SlurmOptions,
-    retry_failed: bool,
-    out: Option<&Path>,
-) -> Result<Option<PathBuf>, SweepError> {
+/// What `--emit slurm` did.
+#[derive(Debug, Clone)]
+pub enum Emitted {
+    /// Every trial finished, runs, or failed (not retried): no script was written.
+    NothingLeft { sweep: String },
+    Script {
+        path: PathBuf,
+        /// Trials in the job array, of all the sweep's.
+        trials: usize,
+        total: usize,
+        concurrency: u32,
+        folder: PathBuf,
+    },
+}
+
+/// The Slurm options of the spec (or the folder's plan) overridden by the flags, checked.
+fn slurm_options(target: &Target, flags: &SlurmOptions) -> Result<SlurmOptions, SweepError> {
     let spec_options = match &target.spec {
         Some(spec) => spec.slurm.clone(),
         None => Plan::load(&target.folder)?.slurm,
@@ -280,6 +318,18 @@ pub fn emit_slurm(
         },
         None => SweepError::Other(format!("slurm option {why}")),
     })?;
+    Ok(options)
+}
+
+/// `probunet sweep SPEC --emit slurm`: makes the sweep folder and writes the sbatch
+/// script for the trials still to run.
+pub fn emit_slurm(
+    target: &Target,
+    flags: &SlurmOptions,
+    retry_failed: bool,
+    out: Option<&Path>,
+) -> Result<Emitted, SweepError> {
+    let options = slurm_options(target, flags)?;
     let plan = target.create()?;
     let indices: Vec<usize> = plan
         .trials
@@ -292,22 +342,14 @@ pub fn emit_slurm(
         })
         .collect();
     if indices.is_empty() {
-        println!(
-            "sweep {}: no trial is left to run (finished, running or failed; \
-             --retry-failed includes the failed ones)",
-            plan.name
-        );
-        return Ok(None);
+        return Ok(Emitted::NothingLeft { sweep: plan.name });
     }
     local::prepare(&target.folder, &plan, &indices);
-    let io = |path: &Path, e: std::io::Error| SweepError::Folder {
-        path: path.to_path_buf(),
-        why: e.to_string(),
-    };
     let logs = target.folder.join(slurm::LOG_DIR);
-    std::fs::create_dir_all(&logs).map_err(|e| io(&logs, e))?;
-    let folder = std::fs::canonicalize(&target.folder).map_err(|e| io(&target.folder, e))?;
-    let workdir = std::env::current_dir().map_err(|e| io(Path::new("."), e))?;
+    std::fs::create_dir_all(&logs).map_err(|e| RunError::io(&logs, e))?;
+    let folder =
+        std::fs::canonicalize(&target.folder).map_err(|e| RunError::io(&target.folder, e))?;
+    let workdir = std::env::current_dir().map_err(|e| RunError::io(Path::new("."), e))?;
     let exe = std::env::current_exe()
         .and_then(std::fs::canonicalize)
         .map_err(|e| SweepError::Other(format!("cannot find the probunet executable: {e}")))?;
@@ -315,23 +357,19 @@ pub fn emit_slurm(
     let path = out
         .map(Path::to_path_buf)
         .unwrap_or_else(|| target.folder.join("sweep.sbatch"));
-    crate::train::run::write_atomic(&path, text.as_bytes())?;
-    println!(
-        "wrote {}: {} of {} trials as a job array, at most {} at once\n\
-         submit it with:  sbatch {}\n\
-         then collect:    probunet sweep {} --collect",
-        path.display(),
-        indices.len(),
-        plan.trials.len(),
-        options.concurrency.unwrap_or(slurm::DEFAULT_CONCURRENCY),
-        path.display(),
-        target.folder.display()
-    );
-    Ok(Some(path))
+    crate::run::write_atomic(&path, text.as_bytes())?;
+    Ok(Emitted::Script {
+        path,
+        trials: indices.len(),
+        total: plan.trials.len(),
+        concurrency: options.concurrency.unwrap_or(slurm::DEFAULT_CONCURRENCY),
+        folder: target.folder.clone(),
+    })
 }
 
-/// `probunet sweep SPEC|FOLDER --collect`: the summary of whatever the folder holds.
-pub fn collect(target: &Target) -> Result<Vec<summary::Row>, SweepError> {
+/// `probunet sweep SPEC|FOLDER --collect`: the summary of whatever the folder holds (the
+/// text to show, and the rows).
+pub fn collect(target: &Target) -> Result<(String, Vec<summary::Row>), SweepError> {
     let (plan, exists) = target.existing()?;
     if !exists {
         return Err(SweepError::Folder {
@@ -339,9 +377,7 @@ pub fn collect(target: &Target) -> Result<Vec<summary::Row>, SweepError> {
             why: "does not exist yet: the sweep has not been started".into(),
         });
     }
-    let (text, rows) = summarise(&target.folder, &plan)?;
-    println!("{text}");
-    Ok(rows)
+    summarise(&target.folder, &plan)
 }
 
 /// `--devices 0,1` (or `cuda:0,cpu`) as device names, checked against what libtorch sees.

@@ -1,9 +1,10 @@
 //! What a sweep found: `runs/<sweep>/summary.csv` with a row per trial, and the table of
 //! trials sorted by validation GED that answers "which values are best".
 use super::plan::{value_display, Plan, SUMMARY_FILE};
-use super::trial::{checkpoint_step, State, Status, TrialLock, STATUS_FILE};
+use super::trial::{checkpoint_step, State, Status, STATUS_FILE};
+use crate::run::RunLock;
 use super::SweepError;
-use crate::train::run::{read_rows_but_torn_tail, write_atomic, Phase, METRICS_FILE};
+use crate::run::{read_rows_but_torn_tail, write_atomic, Phase, METRICS_FILE};
 use chrono::{DateTime, Utc};
 use std::path::Path;
 
@@ -37,7 +38,7 @@ impl TrialState {
 /// trial whose process is gone was interrupted).
 pub fn trial_state(folder: &Path, plan: &Plan, index: usize) -> TrialState {
     let dir = plan.trial_dir(folder, index);
-    if TrialLock::is_held(&dir) {
+    if RunLock::is_held(&dir) {
         return TrialState::Running;
     }
     match Status::read(&dir).map(|s| s.state) {

@@ -4,18 +4,16 @@
 //! `status.json` (what happened to it) and `.lock` (held while a process runs it).
 use super::plan::Plan;
 use super::SweepError;
-use crate::config::Flag;
-use crate::tensorboard::{EventWriter, SessionStatus};
-use crate::train::run::write_atomic;
-use crate::train::{self, Checkpoints, TrainError, TrainOptions};
+use crate::config::{Flag, Resolved};
+use crate::run::{write_json, RunDir, RunError, RunLock};
+use crate::train::{self, HParamsSession, TrainError, TrainOptions};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 pub const STATUS_FILE: &str = "status.json";
-pub const LOCK_FILE: &str = ".lock";
+pub use crate::run::LOCK_FILE;
 /// The output of the trial's process when a local sweep runs it.
 pub const LOG_FILE: &str = "train.log";
 /// Files of a trial folder that a fresh start keeps.
@@ -75,64 +73,17 @@ impl Status {
         serde_json::from_str(&text).ok()
     }
 
-    pub fn write(&self, dir: &Path) -> Result<(), TrainError> {
-        let json = serde_json::to_vec_pretty(self).expect("the status serialises");
-        write_atomic(&dir.join(STATUS_FILE), &json)
-    }
-}
-
-/// The host name, for status files (which host runs a trial).
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into())
-}
-
-/// An exclusive `flock` on a trial's `.lock`, held while a process runs the trial, so
-/// that two processes never run one trial and a dead one is told from a running one.
-#[derive(Debug)]
-pub struct TrialLock {
-    _file: File,
-}
-
-impl TrialLock {
-    /// The lock, or `None` when another process holds it.
-    pub fn try_acquire(dir: &Path) -> std::io::Result<Option<TrialLock>> {
-        use std::os::fd::AsRawFd;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(LOCK_FILE))?;
-        // SAFETY: flock on a descriptor this function owns; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(Some(TrialLock { _file: file }));
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            Ok(None)
-        } else {
-            Err(err)
-        }
-    }
-
-    /// Whether a process holds the lock of the trial in `dir` now.
-    pub fn is_held(dir: &Path) -> bool {
-        dir.join(LOCK_FILE).exists() && matches!(Self::try_acquire(dir), Ok(None))
+    pub fn write(&self, dir: &Path) -> Result<(), RunError> {
+        write_json(&dir.join(STATUS_FILE), self)
     }
 }
 
 /// The step of the trial's latest checkpoint, if it has one.
 pub fn checkpoint_step(dir: &Path) -> Option<u64> {
-    Checkpoints::new(dir.join("checkpoints"), 1)
-        .steps()
-        .ok()?
-        .last()
-        .map(|(step, _)| *step)
+    RunDir {
+        path: dir.to_path_buf(),
+    }
+    .checkpoint_step()
 }
 
 /// Which trial: `--trial`, else the first of [`INDEX_VARIABLES`] that is set.
@@ -157,11 +108,12 @@ pub fn trial_index(given: Option<usize>) -> Result<usize, SweepError> {
 }
 
 /// Options of one trial's process.
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct TrialOptions {
     /// `--device` and `--precision` flags, layered between the base and the trial's values.
     pub flags: Vec<Flag>,
     pub threads: Option<usize>,
+    /// Ctrl-C and where events go; the trial adds its HParams session.
     pub train: TrainOptions,
 }
 
@@ -169,14 +121,21 @@ pub struct TrialOptions {
 #[derive(Debug)]
 pub enum TrialEnd {
     Finished(train::Outcome),
-    AlreadyFinished { steps: Option<u64> },
+    AlreadyFinished { id: String, steps: Option<u64> },
 }
 
-/// Runs trial `index` of the sweep in `folder`: resumes it from its checkpoint if it has
-/// one, starts it afresh otherwise, and does nothing if it finished. Its `status.json`
-/// says how it ended; an error is returned as well (Interrupted for Ctrl-C).
-pub fn run(folder: &Path, index: usize, options: &TrialOptions) -> Result<TrialEnd, SweepError> {
-    let plan = Plan::load(folder)?;
+/// A trial that this process holds.
+struct Held {
+    index: usize,
+    id: String,
+    dir: PathBuf,
+    lock: RunLock,
+}
+
+/// Trial `index` of the plan in `folder`, with its lock: `--collect` and a starting
+/// sweep hold it for an instant to see whether the trial runs, so that is waited out
+/// (up to 3 s) before concluding that another process runs it.
+fn hold(folder: &Path, plan: &Plan, index: usize) -> Result<Held, SweepError> {
     let count = plan.trials.len();
     if index >= count {
         return Err(SweepError::Other(format!(
@@ -187,56 +146,51 @@ pub fn run(folder: &Path, index: usize, options: &TrialOptions) -> Result<TrialE
     }
     let trial = &plan.trials[index];
     let dir = plan.trial_dir(folder, index);
-    let io = |e: std::io::Error| SweepError::Folder {
-        path: dir.clone(),
-        why: e.to_string(),
-    };
-    std::fs::create_dir_all(&dir).map_err(io)?;
-    // `--collect` and a starting sweep hold the lock for an instant to see whether the
-    // trial runs: wait that out before concluding that another process runs it.
-    let mut lock = None;
+    std::fs::create_dir_all(&dir).map_err(|e| RunError::io(&dir, e))?;
     for _ in 0..30 {
-        lock = TrialLock::try_acquire(&dir).map_err(io)?;
-        if lock.is_some() {
-            break;
+        if let Some(lock) = RunLock::try_acquire(&dir)? {
+            let id = trial.id.clone();
+            return Ok(Held {
+                index,
+                id,
+                dir,
+                lock,
+            });
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let _lock = lock.ok_or_else(|| {
-        SweepError::Other(format!(
-            "trial {index} ({}) is being run by another process (it holds {})",
-            trial.id,
-            dir.join(LOCK_FILE).display()
-        ))
-    })?;
-    let previous = Status::read(&dir);
-    if let Some(status) = previous.as_ref().filter(|s| s.state == State::Finished) {
-        println!(
-            "trial {index} ({}) already finished ({} steps); nothing to do",
-            trial.id,
-            status.steps.unwrap_or(0)
-        );
-        return Ok(TrialEnd::AlreadyFinished {
-            steps: status.steps,
-        });
-    }
+    Err(SweepError::Other(format!(
+        "trial {index} ({}) is being run by another process (it holds {})",
+        trial.id,
+        dir.join(LOCK_FILE).display()
+    )))
+}
+
+/// The status of the attempt that starts now, after `previous`; a fresh start (no
+/// checkpoint to resume) clears what an attempt that never checkpointed left behind.
+fn begin_attempt(
+    held: &Held,
+    previous: Option<&Status>,
+    resume_from: Option<u64>,
+    options: &TrialOptions,
+) -> Result<Status, SweepError> {
     let now = Utc::now();
-    let started = Instant::now();
-    let resume_from = checkpoint_step(&dir);
-    let mut status = Status {
+    let status = Status {
         state: State::Running,
         error: None,
         steps: resume_from,
-        total_steps: previous.as_ref().and_then(|s| s.total_steps),
-        attempts: previous.as_ref().map_or(0, |s| s.attempts) + 1,
-        wall_s: previous.as_ref().map_or(0.0, |s| s.wall_s),
+        total_steps: previous.and_then(|s| s.total_steps),
+        attempts: previous.map_or(0, |s| s.attempts) + 1,
+        wall_s: match resume_from {
+            Some(_) => previous.map_or(0.0, |s| s.wall_s),
+            None => 0.0,
+        },
         started_at: previous
-            .as_ref()
             .filter(|_| resume_from.is_some())
             .map_or(now, |s| s.started_at),
         attempt_started_at: now,
         ended_at: None,
-        host: hostname(),
+        host: crate::sys::hostname(),
         pid: std::process::id(),
         device: options
             .flags
@@ -246,106 +200,144 @@ pub fn run(folder: &Path, index: usize, options: &TrialOptions) -> Result<TrialE
         threads: options.threads,
     };
     if resume_from.is_none() {
-        // A fresh start: clear what an attempt that never checkpointed left behind.
-        status.wall_s = 0.0;
-        for entry in std::fs::read_dir(&dir).map_err(io)?.flatten() {
-            let name = entry.file_name();
-            if KEEP.iter().any(|k| name == *k) {
-                continue;
-            }
-            let path = entry.path();
-            let removed = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            removed.map_err(|e| SweepError::Folder {
-                path: path.clone(),
-                why: format!("cannot clear it for a fresh start: {e}"),
-            })?;
+        clear_for_fresh_start(&held.dir)?;
+    }
+    status.write(&held.dir)?;
+    Ok(status)
+}
+
+fn clear_for_fresh_start(dir: &Path) -> Result<(), SweepError> {
+    for entry in std::fs::read_dir(dir).map_err(|e| RunError::io(dir, e))?.flatten() {
+        let name = entry.file_name();
+        if KEEP.iter().any(|k| name == *k) {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(|e| SweepError::Folder {
+            path: path.clone(),
+            why: format!("cannot clear it for a fresh start: {e}"),
+        })?;
+    }
+    Ok(())
+}
+
+/// Trains the trial: resumes it from its checkpoint, or starts it with its HParams
+/// session, in the one TensorBoard file of its run folder.
+fn train_trial(
+    held: Held,
+    plan: &Plan,
+    resolved: &Resolved,
+    resume_from: Option<u64>,
+    started: SystemTime,
+    options: TrialOptions,
+) -> Result<train::Outcome, TrainError> {
+    let trial = &plan.trials[held.index];
+    let mut train_options = options.train;
+    train_options.hparams = Some(HParamsSession {
+        hparams: plan.hparams(trial),
+        group: trial.group.clone(),
+        started,
+    });
+    let run = RunDir {
+        path: held.dir.clone(),
+    };
+    match resume_from {
+        Some(_) => train::resume(run, held.lock, resolved, train_options),
+        None => {
+            let run = RunDir::create_in(&run.path)?;
+            train::train_in(run, held.lock, resolved, train_options)
         }
     }
-    status.write(&dir)?;
+}
 
-    let finish = |status: &mut Status, state: State, error: Option<String>| {
+/// The sweep error of a training error, naming the trial.
+fn trial_error(folder: &Path, index: usize, e: TrainError) -> SweepError {
+    match e {
+        TrainError::Interrupted { step, run } => SweepError::Interrupted {
+            index,
+            step,
+            folder: folder.to_path_buf(),
+            run,
+        },
+        TrainError::NonFinite { step, what, run } => SweepError::TrialNonFinite {
+            index,
+            step,
+            what,
+            folder: folder.to_path_buf(),
+            has_checkpoint: checkpoint_step(&run).is_some(),
+            run,
+        },
+        e => SweepError::from(e),
+    }
+}
+
+/// Runs trial `index` of the sweep in `folder`: resumes it from its checkpoint if it has
+/// one, starts it afresh otherwise, and does nothing if it finished. Its `status.json`
+/// says how it ended; an error is returned as well (Interrupted for Ctrl-C).
+pub fn run_trial(
+    folder: &Path,
+    index: usize,
+    options: TrialOptions,
+) -> Result<TrialEnd, SweepError> {
+    let plan = Plan::load(folder)?;
+    let held = hold(folder, &plan, index)?;
+    let dir = held.dir.clone();
+    let previous = Status::read(&dir);
+    if let Some(status) = previous.as_ref().filter(|s| s.state == State::Finished) {
+        return Ok(TrialEnd::AlreadyFinished {
+            id: held.id,
+            steps: status.steps,
+        });
+    }
+    let started = Instant::now();
+    let resume_from = checkpoint_step(&dir);
+    let mut status = begin_attempt(&held, previous.as_ref(), resume_from, &options)?;
+    let start_time = SystemTime::from(status.started_at);
+    let mut finish = |state: State, error: Option<String>, steps: Option<u64>| {
         status.state = state;
         status.error = error;
+        status.steps = steps.or(status.steps);
         status.ended_at = Some(Utc::now());
         status.wall_s += started.elapsed().as_secs_f64();
+        if state == State::Finished {
+            status.total_steps = steps;
+        }
         status.write(&dir)
     };
     let resolved = match plan.resolve(folder, index, &options.flags) {
         Ok(resolved) => resolved,
         Err(e) => {
-            finish(&mut status, State::Failed, Some(e.to_string()))?;
+            finish(State::Failed, Some(e.to_string()), None)?;
             return Err(SweepError::Config(e));
         }
     };
     if let Some(threads) = options.threads {
         tch::set_num_threads(threads as i32);
     }
-    let mut hparams = None;
-    let result = (|| match resume_from {
-        Some(_) => train::resume(&dir, &resolved, &options.train),
-        None => {
-            let mut writer = EventWriter::create(&dir)?;
-            writer.add_hparams_session_start(
-                &plan.hparams(trial),
-                &trial.group,
-                SystemTime::from(now),
-            )?;
-            writer.flush()?;
-            hparams = Some(writer);
-            train::train_in(&dir, &resolved, &options.train)
-        }
-    })();
-    let end_session = |hparams: Option<EventWriter>, session: SessionStatus| {
-        let mut writer = match hparams {
-            Some(writer) => writer,
-            None => EventWriter::create(&dir)?,
-        };
-        writer.add_hparams_session_end(session, SystemTime::now())?;
-        writer.close()
-    };
-    match result {
+    match train_trial(held, &plan, &resolved, resume_from, start_time, options) {
         Ok(outcome) => {
-            status.steps = Some(outcome.steps);
-            status.total_steps = Some(outcome.steps);
-            end_session(hparams, SessionStatus::Success)?;
-            finish(&mut status, State::Finished, None)?;
+            finish(State::Finished, None, Some(outcome.steps))?;
             Ok(TrialEnd::Finished(outcome))
         }
-        Err(TrainError::Interrupted { step, run }) => {
-            status.steps = Some(step);
-            finish(
-                &mut status,
-                State::Interrupted,
-                Some(format!("interrupted at step {step}")),
-            )?;
-            Err(SweepError::Interrupted {
-                index,
-                step,
-                folder: folder.to_path_buf(),
-                run,
-            })
-        }
-        Err(TrainError::NonFinite { step, what, run }) => {
-            status.steps = Some(step);
-            let e = SweepError::TrialNonFinite {
-                index,
-                step,
-                what,
-                folder: folder.to_path_buf(),
-                run,
-            };
-            end_session(hparams, SessionStatus::Failure)?;
-            finish(&mut status, State::Failed, Some(e.to_string()))?;
-            Err(e)
-        }
         Err(e) => {
-            end_session(hparams, SessionStatus::Failure)?;
-            finish(&mut status, State::Failed, Some(e.to_string()))?;
-            Err(SweepError::from(e))
+            let e = trial_error(folder, index, e);
+            match &e {
+                SweepError::Interrupted { step, .. } => finish(
+                    State::Interrupted,
+                    Some(format!("interrupted at step {step}")),
+                    Some(*step),
+                )?,
+                SweepError::TrialNonFinite { step, .. } => {
+                    finish(State::Failed, Some(e.to_string()), Some(*step))?
+                }
+                _ => finish(State::Failed, Some(e.to_string()), None)?,
+            }
+            Err(e)
         }
     }
 }
