@@ -108,7 +108,7 @@ pub fn measure(
         .to_kind(Kind::Float);
     let mut train_step = || -> Result<()> {
         let (_, values) = forward_backward(&model, &mut adam, &image, &mask)?;
-        if !values[0].is_finite() {
+        if !values.loss.is_finite() {
             bail!("non-finite loss while benchmarking");
         }
         adam.step(1e-4);

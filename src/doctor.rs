@@ -80,7 +80,7 @@ pub fn run(args: &DoctorArgs) -> Result<()> {
         let start = Instant::now();
         let (_, values) = forward_backward(&model, &mut adam, &image, &mask)?;
         adam.step(1e-4);
-        loss = values[0];
+        loss = values.loss;
         times.push(start.elapsed().as_secs_f64());
     }
     anyhow::ensure!(

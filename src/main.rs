@@ -1,4 +1,8 @@
 //! The `probunet` command line: each subcommand is a thin entry into the library.
+mod cli {
+    pub mod progress;
+    pub mod sweep_progress;
+}
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use probunet::config::{self, Flag};
@@ -11,7 +15,7 @@ use probunet::doctor;
 use probunet::eval::{self as evaluation, CheckpointChoice, EvalOptions};
 use probunet::metrics::EmptyConvention;
 use probunet::sweep::{self, LocalOptions, SlurmOptions, Stop, SweepError, Target};
-use probunet::train::{TrainError, TrainOptions};
+use probunet::train::{EventSink, JsonLinesSink, TrainError, TrainOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -158,6 +162,31 @@ struct TrainArgs {
     /// $JOB_COMPLETION_INDEX].
     #[arg(long, value_name = "N", requires = "sweep")]
     trial: Option<usize>,
+    /// Also write every training event as a JSON line to FILE (`-`: standard output,
+    /// where the human lines then go to standard error).
+    #[arg(long, value_name = "FILE")]
+    events: Option<PathBuf>,
+}
+
+/// The sinks a command's flags ask for: progress lines or a bar, and JSON lines.
+fn sinks(plain: bool, events: Option<&std::path::Path>) -> Result<Vec<Box<dyn EventSink + Send>>> {
+    let mut sinks: Vec<Box<dyn EventSink + Send>> =
+        vec![Box::new(cli::progress::TrainProgress::new(plain))];
+    match events {
+        Some(path) if path == std::path::Path::new("-") => {
+            sinks.push(Box::new(JsonLinesSink::new(std::io::stdout(), "standard output")))
+        }
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .map_err(|e| anyhow::anyhow!("--events {}: {e}", path.display()))?;
+            sinks.push(Box::new(JsonLinesSink::new(
+                std::io::BufWriter::new(file),
+                path.display().to_string(),
+            )))
+        }
+        None => {}
+    }
+    Ok(sinks)
 }
 
 fn ctrl_c_finishes_the_step() -> Result<Arc<AtomicBool>> {
@@ -199,34 +228,42 @@ fn train(args: TrainArgs) -> Result<()> {
             threads: args.threads.map(|t| t as usize),
             train: TrainOptions {
                 interrupt: Some(ctrl_c_finishes_the_step()?),
-                plain_progress: args.plain,
+                sinks: sinks(args.plain, args.events.as_deref())?,
+                hparams: None,
             },
         };
-        return match sweep::trial::run(folder, index, &options)? {
+        return match sweep::trial::run_trial(folder, index, options)? {
             sweep::trial::TrialEnd::Finished(outcome) => {
-                println!(
+                eprintln!(
                     "trial {index} finished: {} steps in {}",
                     outcome.steps,
                     outcome.run.display()
                 );
                 Ok(())
             }
-            sweep::trial::TrialEnd::AlreadyFinished { .. } => Ok(()),
+            sweep::trial::TrialEnd::AlreadyFinished { id, steps } => {
+                eprintln!(
+                    "trial {index} ({id}) already finished ({} steps); nothing to do",
+                    steps.unwrap_or(0)
+                );
+                Ok(())
+            }
         };
     }
     let spec = match (&args.spec, &args.resume) {
         (Some(spec), _) => spec.clone(),
-        (None, Some(run)) => run.join(probunet::train::run::SPEC_FILE),
+        (None, Some(run)) => run.join(probunet::run::SPEC_FILE),
         (None, None) => unreachable!("clap requires one"),
     };
     let resolved = config::load(&spec, &flags, &args.sets)?;
     let options = TrainOptions {
         interrupt: Some(ctrl_c_finishes_the_step()?),
-        plain_progress: args.plain,
+        sinks: sinks(args.plain, args.events.as_deref())?,
+        hparams: None,
     };
     let outcome = match &args.resume {
-        Some(run) => probunet::train::resume(run, &resolved, &options)?,
-        None => probunet::train::train(&resolved, &options)?,
+        Some(run) => probunet::train::resume_path(run, &resolved, options)?,
+        None => probunet::train::train(&resolved, options)?,
     };
     println!(
         "trained {} steps in {}",
@@ -297,9 +334,17 @@ fn eval(args: EvalArgs) -> Result<()> {
         seed: args.seed,
         store: args.store,
         bootstrap: args.bootstrap,
-        progress: true,
     };
-    let outcome = evaluation::evaluate(&options)?;
+    let outcome = evaluation::evaluate(&options, &mut |p| {
+        eprintln!(
+            "eval {}: {}/{} images ({:.1} images/s at {} samples)",
+            p.split,
+            p.done,
+            p.total,
+            p.done as f64 / p.seconds.max(1e-9),
+            p.samples
+        )
+    })?;
     for note in &outcome.notes {
         println!("note: {note}");
     }
@@ -428,10 +473,11 @@ struct SweepArgs {
 fn sweep_command(args: SweepArgs) -> Result<()> {
     let target = Target::open(&args.spec)?;
     if args.plan {
-        return Ok(sweep::print_plan(&target)?);
+        print!("{}", sweep::plan_text(&target)?);
+        return Ok(());
     }
     if args.collect {
-        sweep::collect(&target)?;
+        println!("{}", sweep::collect(&target)?.0);
         return Ok(());
     }
     if let Some(Engine::Slurm) = args.emit {
@@ -445,7 +491,26 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
             concurrency: args.concurrency,
             extra: Vec::new(),
         };
-        sweep::emit_slurm(&target, &flags, args.retry_failed, args.out.as_deref())?;
+        match sweep::emit_slurm(&target, &flags, args.retry_failed, args.out.as_deref())? {
+            sweep::Emitted::NothingLeft { sweep } => println!(
+                "sweep {sweep}: no trial is left to run (finished, running or failed; \
+                 --retry-failed includes the failed ones)"
+            ),
+            sweep::Emitted::Script {
+                path,
+                trials,
+                total,
+                concurrency,
+                folder,
+            } => println!(
+                "wrote {}: {trials} of {total} trials as a job array, at most {concurrency} at once\n\
+                 submit it with:  sbatch {}\n\
+                 then collect:    probunet sweep {} --collect",
+                path.display(),
+                path.display(),
+                folder.display()
+            ),
+        }
         return Ok(());
     }
     let jobs = args.jobs as usize;
@@ -459,7 +524,6 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
         jobs,
         devices,
         threads: args.threads.map_or((cores / jobs).max(1), |t| t as usize),
-        plain: args.plain,
         retry_failed: args.retry_failed,
     };
     let stop = Arc::new(Stop::default());
@@ -474,8 +538,24 @@ fn sweep_command(args: SweepArgs) -> Result<()> {
             eprintln!("second Ctrl-C: stopping the trials at once, without a checkpoint");
         }
     })?;
-    sweep::run_local(&target, &options, &stop)?;
-    Ok(())
+    let progress = cli::sweep_progress::SweepProgress::new(args.plain);
+    let done = sweep::run_local(&target, &options, &stop, &|event| progress.observe(event))?;
+    progress.finish();
+    println!("{}", done.summary);
+    let report = &done.report;
+    if report.ran > 0 {
+        println!(
+            "throughput: {} trial-steps in {:.1} s = {:.2} trial-steps/s ({} trials, {} at once, \
+             {} thread(s) each)",
+            report.trial_steps,
+            report.wall_s,
+            report.throughput(),
+            report.ran,
+            options.jobs,
+            options.threads
+        );
+    }
+    Ok(done.end?)
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -5,7 +5,7 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use probunet::eval::BatchCounts;
+use probunet::score::BatchCounts;
 use probunet::metrics::{BitMask, EmptyConvention, ImageMetrics, Summary};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;

@@ -2,7 +2,7 @@
 //! failures, Ctrl-C and resume, and the per-trial entry point that cluster jobs use.
 mod common;
 
-use probunet::train::run::{read_rows, Phase};
+use probunet::run::{read_rows, Phase};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

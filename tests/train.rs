@@ -2,7 +2,7 @@
 //! resume after SIGKILL, Ctrl-C, non-finite losses and determinism.
 mod common;
 
-use probunet::train::run::{read_rows, MetricsRow, Phase};
+use probunet::run::{read_rows, MetricsRow, Phase};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -1,0 +1,110 @@
+//! How training looks on a terminal: an indicatif bar with step, loss and ETA, or plain
+//! periodic lines (cluster logs, `--plain`), drawn from the trainer's events.
+use indicatif::{ProgressBar, ProgressStyle};
+use probunet::train::events::Interval;
+use probunet::train::{EventSink, SinkError, TrainEvent};
+use std::io::IsTerminal;
+
+/// The text after `step S/T` in a progress line: the interval's means and the last
+/// validation.
+pub fn interval_text(i: &Interval, val: Option<(f64, f64)>) -> String {
+    let mut text = format!(
+        "epoch {}  loss {:.1}  elbo {:.1}  kl {:.3}  {:.1} img/s",
+        i.epoch, i.means.loss, i.means.elbo, i.means.kl, i.images_per_s
+    );
+    if let Some((ged, hm_iou)) = val {
+        text.push_str(&format!("  val GED {ged:.3}  HM-IoU {hm_iou:.3}"));
+    }
+    text
+}
+
+/// The progress of one training run.
+pub struct TrainProgress {
+    plain: bool,
+    bar: Option<ProgressBar>,
+    total: u64,
+    last_val: Option<(f64, f64)>,
+}
+
+impl TrainProgress {
+    /// A bar on a terminal unless `plain`; lines otherwise.
+    pub fn new(plain: bool) -> Self {
+        TrainProgress {
+            plain: plain || !std::io::stderr().is_terminal(),
+            bar: None,
+            total: 0,
+            last_val: None,
+        }
+    }
+
+    fn start(&mut self, total: u64, step: u64) {
+        self.total = total;
+        if self.plain {
+            return;
+        }
+        let bar = ProgressBar::new(total).with_position(step);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+        ) {
+            bar.set_style(style);
+        }
+        self.bar = Some(bar);
+    }
+
+    /// A line that stays (a warning), above the bar if there is one.
+    fn line(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl EventSink for TrainProgress {
+    fn event(&mut self, event: &TrainEvent) -> Result<(), SinkError> {
+        match event {
+            TrainEvent::StorePrepared { summary } => println!("{summary}"),
+            TrainEvent::Started {
+                run,
+                step,
+                total_steps,
+                resumed,
+                ..
+            } => {
+                match resumed {
+                    true => println!("resuming {} from step {step}", run.display()),
+                    false => println!("run folder: {}", run.display()),
+                }
+                self.start(*total_steps, *step);
+            }
+            TrainEvent::Step { step, .. } => {
+                if let Some(bar) = &self.bar {
+                    bar.set_position(*step);
+                }
+            }
+            TrainEvent::Interval(i) => {
+                let text = interval_text(i, self.last_val);
+                match &self.bar {
+                    Some(bar) => {
+                        bar.set_position(i.step);
+                        bar.set_message(text);
+                    }
+                    None => eprintln!("step {}/{}  {text}", i.step, self.total),
+                }
+            }
+            TrainEvent::Validation(v) => self.last_val = Some((v.ged, v.hm_iou)),
+            TrainEvent::Skipped { step, what } => {
+                self.line(&format!("step {step}: non-finite {what}; batch skipped"))
+            }
+            TrainEvent::Finished(_) | TrainEvent::Failed { .. } => self.finish(),
+            TrainEvent::Checkpoint { .. } => {}
+        }
+        Ok(())
+    }
+}
