@@ -313,93 +313,128 @@ fn invalid(key: &str, why: String) -> ConfigError {
     }
 }
 
+/// Refuses a count of 0 where the key needs at least one.
+fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        Err(invalid(key, "must be at least 1, got 0".into()))
+    } else {
+        Ok(())
+    }
+}
+
 impl Experiment {
     /// Checks what the types cannot: counts that must be positive, a finite learning
-    /// rate, exactly one of each pair of alternatives, and a buildable model.
+    /// rate, exactly one of each pair of alternatives, and a buildable model. The checks
+    /// run in a fixed order, so a spec with several faults always reports the same one.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let positive = |key: &str, value: u64| {
-            if value == 0 {
-                Err(invalid(key, "must be at least 1, got 0".into()))
-            } else {
-                Ok(())
-            }
-        };
-        match (&self.data.store, &self.data.synthetic) {
-            (Some(store), Some(_)) => {
-                return Err(invalid(
-                    "data",
-                    format!(
-                        "both data.store ({}) and data.synthetic are set; set exactly one",
-                        store.display()
-                    ),
-                ))
-            }
-            (None, None) => {
-                return Err(invalid(
-                    "data",
-                    "neither data.store nor data.synthetic is set; set exactly one".into(),
-                ))
-            }
-            _ => {}
+        self.data.check_source()?;
+        self.check_model()?;
+        if let Some(synthetic) = &self.data.synthetic {
+            self.check_synthetic(synthetic)?;
         }
+        self.train.check()?;
+        positive("log.every", self.log.every)
+    }
+
+    /// The model's own checks, with its keys named under `model.`.
+    fn check_model(&self) -> Result<(), ConfigError> {
         self.model.validate().map_err(|e| match e {
             ModelError::Config { key, why } => invalid(&format!("model.{key}"), why),
             other => invalid("model", other.to_string()),
-        })?;
-        if let Some(synthetic) = &self.data.synthetic {
-            positive("data.synthetic.items", synthetic.items as u64)?;
-            positive("data.synthetic.annotators", synthetic.annotators as u64)?;
-            let divisor = self.model.size_divisor() as usize;
-            if synthetic.size == 0 || synthetic.size % divisor != 0 {
-                return Err(invalid(
-                    "data.synthetic.size",
-                    format!(
-                        "must be a positive multiple of {divisor} for {} model levels, got {}",
-                        self.model.filters.len(),
-                        synthetic.size
-                    ),
-                ));
-            }
-        }
-        let train = &self.train;
-        positive("train.batch", train.batch as u64)?;
-        match (train.epochs, train.steps) {
-            (Some(epochs), Some(steps)) => {
-                return Err(invalid(
-                    "train",
-                    format!(
-                        "both train.epochs ({epochs}) and train.steps ({steps}) are set; \
-                         set exactly one"
-                    ),
-                ))
-            }
-            (None, None) => {
-                return Err(invalid(
-                    "train",
-                    "neither train.epochs nor train.steps is set; set exactly one".into(),
-                ))
-            }
-            (Some(epochs), None) => positive("train.epochs", epochs)?,
-            (None, Some(steps)) => positive("train.steps", steps)?,
-        }
-        if !(train.lr.is_finite() && train.lr > 0.0) {
+        })
+    }
+
+    /// Synthetic counts, and an image size the model's levels can halve down to.
+    fn check_synthetic(&self, synthetic: &SyntheticConfig) -> Result<(), ConfigError> {
+        positive("data.synthetic.items", synthetic.items as u64)?;
+        positive("data.synthetic.annotators", synthetic.annotators as u64)?;
+        let divisor = self.model.size_divisor() as usize;
+        if synthetic.size == 0 || synthetic.size % divisor != 0 {
             return Err(invalid(
-                "train.lr",
-                format!("must be finite and positive, got {}", train.lr),
+                "data.synthetic.size",
+                format!(
+                    "must be a positive multiple of {divisor} for {} model levels, got {}",
+                    self.model.filters.len(),
+                    synthetic.size
+                ),
             ));
         }
-        match train.schedule {
-            Schedule::Constant => {}
+        Ok(())
+    }
+}
+
+impl DataSpec {
+    /// Exactly one of `store` and `synthetic`: layers may leave both or neither set.
+    fn check_source(&self) -> Result<(), ConfigError> {
+        match (&self.store, &self.synthetic) {
+            (Some(store), Some(_)) => Err(invalid(
+                "data",
+                format!(
+                    "both data.store ({}) and data.synthetic are set; set exactly one",
+                    store.display()
+                ),
+            )),
+            (None, None) => Err(invalid(
+                "data",
+                "neither data.store nor data.synthetic is set; set exactly one".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl TrainSpec {
+    /// Positive counts, exactly one training length, and a usable learning rate and schedule.
+    fn check(&self) -> Result<(), ConfigError> {
+        positive("train.batch", self.batch as u64)?;
+        self.check_length()?;
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(invalid(
+                "train.lr",
+                format!("must be finite and positive, got {}", self.lr),
+            ));
+        }
+        self.schedule.check(self.lr)?;
+        positive("train.val_samples", self.val_samples as u64)?;
+        if let Some(items) = self.val_items {
+            positive("train.val_items", items as u64)?;
+        }
+        positive("train.keep_last", self.keep_last as u64)
+    }
+
+    /// Exactly one of `epochs` and `steps`, and that one positive.
+    fn check_length(&self) -> Result<(), ConfigError> {
+        match (self.epochs, self.steps) {
+            (Some(epochs), Some(steps)) => Err(invalid(
+                "train",
+                format!(
+                    "both train.epochs ({epochs}) and train.steps ({steps}) are set; \
+                     set exactly one"
+                ),
+            )),
+            (None, None) => Err(invalid(
+                "train",
+                "neither train.epochs nor train.steps is set; set exactly one".into(),
+            )),
+            (Some(epochs), None) => positive("train.epochs", epochs),
+            (None, Some(steps)) => positive("train.steps", steps),
+        }
+    }
+}
+
+impl Schedule {
+    /// Parameters that keep the rate finite, positive and at most `lr`.
+    fn check(&self, lr: f64) -> Result<(), ConfigError> {
+        match *self {
+            Schedule::Constant => Ok(()),
             Schedule::Cosine { min_lr, .. } => {
-                if !(min_lr.is_finite() && (0.0..=train.lr).contains(&min_lr)) {
+                if !(min_lr.is_finite() && (0.0..=lr).contains(&min_lr)) {
                     return Err(invalid(
                         "train.schedule.min_lr",
-                        format!(
-                            "must be between 0 and train.lr ({}), got {min_lr}",
-                            train.lr
-                        ),
+                        format!("must be between 0 and train.lr ({lr}), got {min_lr}"),
                     ));
                 }
+                Ok(())
             }
             Schedule::Step { every, gamma } => {
                 positive("train.schedule.every", every)?;
@@ -409,14 +444,9 @@ impl Experiment {
                         format!("must be finite and positive, got {gamma}"),
                     ));
                 }
+                Ok(())
             }
         }
-        positive("train.val_samples", train.val_samples as u64)?;
-        if let Some(items) = train.val_items {
-            positive("train.val_items", items as u64)?;
-        }
-        positive("train.keep_last", train.keep_last as u64)?;
-        positive("log.every", self.log.every)
     }
 }
 

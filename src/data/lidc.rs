@@ -207,6 +207,7 @@ pub fn parse_lidc_with_progress<'a>(
     Ok(items)
 }
 
+/// Reads one item's dict into an item whose arrays all have the image's shape.
 fn read_item<'a>(
     pickle: &Pickle<'a>,
     key: &'a str,
@@ -214,90 +215,11 @@ fn read_item<'a>(
     value: Value,
     expected_masks: usize,
 ) -> Result<LidcItem<'a>, LidcError> {
-    let fields = pickle
-        .as_dict(value)
-        .ok_or_else(|| LidcError::ItemNotDict {
-            key: key.to_owned(),
-            found: pickle.kind(value),
-        })?;
-    // A repeated field keeps its last value, as a Python dict would.
-    let (mut image, mut masks, mut series_uid) = (None, None, None);
-    for &(name, field) in fields {
-        match pickle.as_str(name) {
-            Some("image") => image = Some(field),
-            Some("masks") => masks = Some(field),
-            Some("series_uid") => series_uid = Some(field),
-            _ => {}
-        }
-    }
-    let missing = |field| LidcError::MissingField {
-        key: key.to_owned(),
-        field,
-    };
-    let wrong_type = |field, expected, value| LidcError::FieldType {
-        key: key.to_owned(),
-        field,
-        expected,
-        found: pickle.kind(value),
-    };
-    let image_value = image.ok_or_else(|| missing("image"))?;
-    let masks_value = masks.ok_or_else(|| missing("masks"))?;
-
-    let image = pickle
-        .as_array(image_value)
-        .ok_or_else(|| wrong_type("image", "a numpy array", image_value))?;
-    if image.shape().len() != 2 || image.is_empty() {
-        return Err(LidcError::ImageShape {
-            key: key.to_owned(),
-            shape: image.shape().to_vec(),
-        });
-    }
-    if !matches!(image.dtype().element, ElementType::F4 | ElementType::F8) {
-        return Err(LidcError::ImageDtype {
-            key: key.to_owned(),
-            dtype: image.dtype(),
-        });
-    }
-
-    let mask_values = pickle
-        .as_sequence(masks_value)
-        .ok_or_else(|| wrong_type("masks", "a list of numpy arrays", masks_value))?;
-    if mask_values.len() != expected_masks {
-        return Err(LidcError::MaskCount {
-            key: key.to_owned(),
-            expected: expected_masks,
-            found: mask_values.len(),
-        });
-    }
-    let masks = mask_values
-        .iter()
-        .enumerate()
-        .map(|(index, &value)| {
-            let mask = pickle.as_array(value).ok_or_else(|| LidcError::MaskType {
-                key: key.to_owned(),
-                index,
-                found: pickle.kind(value),
-            })?;
-            if mask.shape() != image.shape() {
-                return Err(LidcError::MaskShape {
-                    key: key.to_owned(),
-                    index,
-                    shape: mask.shape().to_vec(),
-                    image_shape: image.shape().to_vec(),
-                });
-            }
-            Ok(mask.clone())
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-
-    let series_uid = match series_uid {
-        None | Some(Value::None) => None,
-        Some(value) => Some(
-            pickle
-                .as_str(value)
-                .ok_or_else(|| wrong_type("series_uid", "a string", value))?,
-        ),
-    };
+    let reader = ItemReader { pickle, key };
+    let fields = reader.fields(value)?;
+    let image = reader.image(fields.image)?;
+    let masks = reader.masks(fields.masks, image, expected_masks)?;
+    let series_uid = reader.series_uid(fields.series_uid)?;
     Ok(LidcItem {
         key: key.to_owned(),
         patient: patient.to_owned(),
@@ -305,6 +227,139 @@ fn read_item<'a>(
         image: image.clone(),
         masks,
     })
+}
+
+/// The values of an item's fields, before their types are checked.
+struct ItemFields {
+    image: Value,
+    masks: Value,
+    series_uid: Option<Value>,
+}
+
+/// Checks the parts of one item's dict; every error it makes names the item's key.
+struct ItemReader<'p, 'a> {
+    pickle: &'p Pickle<'a>,
+    key: &'a str,
+}
+
+impl<'p, 'a> ItemReader<'p, 'a> {
+    fn missing(&self, field: &'static str) -> LidcError {
+        LidcError::MissingField {
+            key: self.key.to_owned(),
+            field,
+        }
+    }
+
+    fn wrong_type(&self, field: &'static str, expected: &'static str, value: Value) -> LidcError {
+        LidcError::FieldType {
+            key: self.key.to_owned(),
+            field,
+            expected,
+            found: self.pickle.kind(value),
+        }
+    }
+
+    /// The item's `image`, `masks` and optional `series_uid`; other fields are ignored.
+    fn fields(&self, value: Value) -> Result<ItemFields, LidcError> {
+        let fields = self
+            .pickle
+            .as_dict(value)
+            .ok_or_else(|| LidcError::ItemNotDict {
+                key: self.key.to_owned(),
+                found: self.pickle.kind(value),
+            })?;
+        // A repeated field keeps its last value, as a Python dict would.
+        let (mut image, mut masks, mut series_uid) = (None, None, None);
+        for &(name, field) in fields {
+            match self.pickle.as_str(name) {
+                Some("image") => image = Some(field),
+                Some("masks") => masks = Some(field),
+                Some("series_uid") => series_uid = Some(field),
+                _ => {}
+            }
+        }
+        Ok(ItemFields {
+            image: image.ok_or_else(|| self.missing("image"))?,
+            masks: masks.ok_or_else(|| self.missing("masks"))?,
+            series_uid,
+        })
+    }
+
+    /// A non-empty 2-D float array.
+    fn image(&self, value: Value) -> Result<&'p ArrayView<'a>, LidcError> {
+        let image = self
+            .pickle
+            .as_array(value)
+            .ok_or_else(|| self.wrong_type("image", "a numpy array", value))?;
+        if image.shape().len() != 2 || image.is_empty() {
+            return Err(LidcError::ImageShape {
+                key: self.key.to_owned(),
+                shape: image.shape().to_vec(),
+            });
+        }
+        if !matches!(image.dtype().element, ElementType::F4 | ElementType::F8) {
+            return Err(LidcError::ImageDtype {
+                key: self.key.to_owned(),
+                dtype: image.dtype(),
+            });
+        }
+        Ok(image)
+    }
+
+    /// Exactly `expected` arrays, each of the image's shape.
+    fn masks(
+        &self,
+        value: Value,
+        image: &ArrayView<'_>,
+        expected: usize,
+    ) -> Result<Vec<ArrayView<'a>>, LidcError> {
+        let mask_values = self
+            .pickle
+            .as_sequence(value)
+            .ok_or_else(|| self.wrong_type("masks", "a list of numpy arrays", value))?;
+        if mask_values.len() != expected {
+            return Err(LidcError::MaskCount {
+                key: self.key.to_owned(),
+                expected,
+                found: mask_values.len(),
+            });
+        }
+        mask_values
+            .iter()
+            .enumerate()
+            .map(|(index, &value)| {
+                let mask = self
+                    .pickle
+                    .as_array(value)
+                    .ok_or_else(|| LidcError::MaskType {
+                        key: self.key.to_owned(),
+                        index,
+                        found: self.pickle.kind(value),
+                    })?;
+                if mask.shape() != image.shape() {
+                    return Err(LidcError::MaskShape {
+                        key: self.key.to_owned(),
+                        index,
+                        shape: mask.shape().to_vec(),
+                        image_shape: image.shape().to_vec(),
+                    });
+                }
+                Ok(mask.clone())
+            })
+            .collect()
+    }
+
+    /// A string, or nothing when the field is absent or `None`.
+    fn series_uid(&self, value: Option<Value>) -> Result<Option<&'a str>, LidcError> {
+        match value {
+            None | Some(Value::None) => Ok(None),
+            Some(value) => self
+                .pickle
+                .as_str(value)
+                .map(Some)
+                .ok_or_else(|| self.wrong_type("series_uid", "a string", value)),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -419,33 +419,8 @@ pub fn prepare_pickle(
                 .collect::<Result<Vec<_>, _>>()
         }
     });
-    let maps = paths
-        .iter()
-        .map(|p| {
-            let file = File::open(p).map_err(|e| DataError::io(p, e))?;
-            // SAFETY: read-only map of an input the user hands us; we only read it.
-            let map = unsafe { Mmap::map(&file) }.map_err(|e| DataError::io(p, e))?;
-            Ok::<_, DataError>(map)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut parsed = Vec::with_capacity(maps.len());
-    for (path, map) in paths.iter().zip(&maps) {
-        let mut give_back = |pos: usize| release(map, &map[..pos.min(map.len())]);
-        let items =
-            parse_lidc_with_progress(map, annotators, &mut give_back).map_err(|source| {
-                DataError::Lidc {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
-        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-        parsed.push(Parsed {
-            path: path.clone(),
-            map,
-            file,
-            items,
-        });
-    }
+    let maps = map_files(&paths)?;
+    let parsed = parse_files(&paths, &maps, annotators)?;
     let files = fingerprints
         .join()
         .expect("the checksum thread does not panic")?;
@@ -462,79 +437,8 @@ pub fn prepare_pickle(
         release(p.map, p.map);
     }
     let split = Split::by_patient(&plan.patients, options.split, options.split_seed);
-
-    // Items in store order, with the file each came from.
-    let items: Vec<(&Parsed, &LidcItem)> = parsed
-        .iter()
-        .flat_map(|p| p.items.iter().map(move |i| (p, i)))
-        .collect();
-    let pixels = plan.shape.pixels();
     let builder = StoreBuilder::new(&options.out)?;
-    let lidc_error = |p: &Parsed, source| DataError::Lidc {
-        path: p.path.clone(),
-        source,
-    };
-    let mut image_scratch = Vec::new();
-    let mut image_values = vec![0f32; pixels];
-    let mut mask_scratch = Vec::new();
-    let stats = write_arrays(
-        &builder.arrays_path(),
-        plan.shape,
-        |i, bytes| {
-            let (file, item) = items[i];
-            if item.image.is_verbatim_f32() {
-                read_verbatim(file, &item.image, bytes)?;
-                if finite_f32_le(bytes) {
-                    return Ok(());
-                }
-            }
-            // Another layout, or a value to name: convert element-wise.
-            fetch(file, &item.image, &mut image_scratch)?
-                .write_f32(&mut image_values)
-                .map_err(|source| {
-                    lidc_error(
-                        file,
-                        LidcError::Image {
-                            key: item.key.to_owned(),
-                            source,
-                        },
-                    )
-                })?;
-            for (b, v) in bytes.chunks_exact_mut(4).zip(&image_values) {
-                b.copy_from_slice(&v.to_le_bytes());
-            }
-            Ok(())
-        },
-        |i, bytes| {
-            let (file, item) = items[i];
-            for (index, (mask, out)) in item
-                .masks
-                .iter()
-                .zip(bytes.chunks_exact_mut(pixels))
-                .enumerate()
-            {
-                if mask.is_verbatim_u8_mask() {
-                    read_verbatim(file, mask, out)?;
-                    if binary_u8(out) {
-                        continue;
-                    }
-                }
-                fetch(file, mask, &mut mask_scratch)?
-                    .write_u8_mask(out)
-                    .map_err(|source| {
-                        lidc_error(
-                            file,
-                            LidcError::Mask {
-                                key: item.key.to_owned(),
-                                index,
-                                source,
-                            },
-                        )
-                    })?;
-            }
-            Ok(())
-        },
-    )?;
+    let stats = write_pickle_arrays(&builder.arrays_path(), plan.shape, &parsed)?;
     let manifest = manifest(options, plan, split, stats);
     let dir = builder.commit(&manifest)?;
     let input_bytes = files.iter().map(|f| f.size).sum();
@@ -544,6 +448,168 @@ pub fn prepare_pickle(
         start.elapsed().as_secs_f64(),
         input_bytes,
     )))
+}
+
+/// Read-only maps of the input files, one per path.
+fn map_files(paths: &[PathBuf]) -> Result<Vec<Mmap>, DataError> {
+    paths
+        .iter()
+        .map(|p| {
+            let file = File::open(p).map_err(|e| DataError::io(p, e))?;
+            // SAFETY: read-only map of an input the user hands us; we only read it.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| DataError::io(p, e))?;
+            Ok(map)
+        })
+        .collect()
+}
+
+/// Parses each mapped file, giving back the pages the parser has passed so the resident
+/// set stays small, and keeps a handle on the file for reading the arrays with pread.
+fn parse_files<'m>(
+    paths: &[PathBuf],
+    maps: &'m [Mmap],
+    annotators: usize,
+) -> Result<Vec<Parsed<'m>>, DataError> {
+    let mut parsed = Vec::with_capacity(maps.len());
+    for (path, map) in paths.iter().zip(maps) {
+        let mut give_back = |pos: usize| release(map, &map[..pos.min(map.len())]);
+        let items =
+            parse_lidc_with_progress(map, annotators, &mut give_back).map_err(|source| {
+                DataError::Lidc {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+        parsed.push(Parsed {
+            path: path.clone(),
+            map,
+            file,
+            items,
+        });
+    }
+    Ok(parsed)
+}
+
+/// Writes the parsed items' images and masks, in store order, into the store's arrays.
+fn write_pickle_arrays(
+    path: &Path,
+    shape: StoreShape,
+    parsed: &[Parsed],
+) -> Result<Stats, DataError> {
+    // Items in store order, with the file each came from.
+    let items: Vec<(&Parsed, &LidcItem)> = parsed
+        .iter()
+        .flat_map(|p| p.items.iter().map(move |i| (p, i)))
+        .collect();
+    let mut images = ImageWriter::new(shape.pixels());
+    let mut masks = MaskWriter::new(shape.pixels());
+    write_arrays(
+        path,
+        shape,
+        |i, bytes| {
+            let (file, item) = items[i];
+            images.write(file, item, bytes)
+        },
+        |i, bytes| {
+            let (file, item) = items[i];
+            masks.write(file, item, bytes)
+        },
+    )
+}
+
+/// An item's error, named with the file the item is in.
+fn lidc_error(file: &Parsed, source: LidcError) -> DataError {
+    DataError::Lidc {
+        path: file.path.clone(),
+        source,
+    }
+}
+
+/// Puts an item's image into the store's little-endian f32 bytes. The buffers are kept
+/// across items so that images in another layout are converted without allocating.
+struct ImageWriter {
+    scratch: Vec<u8>,
+    values: Vec<f32>,
+}
+
+impl ImageWriter {
+    fn new(pixels: usize) -> Self {
+        Self {
+            scratch: Vec::new(),
+            values: vec![0f32; pixels],
+        }
+    }
+
+    fn write(&mut self, file: &Parsed, item: &LidcItem, bytes: &mut [u8]) -> Result<(), DataError> {
+        if item.image.is_verbatim_f32() {
+            read_verbatim(file, &item.image, bytes)?;
+            if finite_f32_le(bytes) {
+                return Ok(());
+            }
+        }
+        // Another layout, or a value to name: convert element-wise.
+        fetch(file, &item.image, &mut self.scratch)?
+            .write_f32(&mut self.values)
+            .map_err(|source| {
+                lidc_error(
+                    file,
+                    LidcError::Image {
+                        key: item.key.to_owned(),
+                        source,
+                    },
+                )
+            })?;
+        for (b, v) in bytes.chunks_exact_mut(4).zip(&self.values) {
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+        Ok(())
+    }
+}
+
+/// Puts an item's masks, one after another, into the store's 0/1 bytes; the scratch
+/// buffer is kept across items for masks in another layout.
+struct MaskWriter {
+    pixels: usize,
+    scratch: Vec<u8>,
+}
+
+impl MaskWriter {
+    fn new(pixels: usize) -> Self {
+        Self {
+            pixels,
+            scratch: Vec::new(),
+        }
+    }
+
+    fn write(&mut self, file: &Parsed, item: &LidcItem, bytes: &mut [u8]) -> Result<(), DataError> {
+        for (index, (mask, out)) in item
+            .masks
+            .iter()
+            .zip(bytes.chunks_exact_mut(self.pixels))
+            .enumerate()
+        {
+            if mask.is_verbatim_u8_mask() {
+                read_verbatim(file, mask, out)?;
+                if binary_u8(out) {
+                    continue;
+                }
+            }
+            fetch(file, mask, &mut self.scratch)?
+                .write_u8_mask(out)
+                .map_err(|source| {
+                    lidc_error(
+                        file,
+                        LidcError::Mask {
+                            key: item.key.to_owned(),
+                            index,
+                            source,
+                        },
+                    )
+                })?;
+        }
+        Ok(())
+    }
 }
 
 /// Keys, patients, shapes and dtypes of the merged files; a key in two files, or files of

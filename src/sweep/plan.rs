@@ -158,160 +158,208 @@ fn draw(distribution: &Distribution, rng: &mut Pcg64) -> toml::Value {
     }
 }
 
+/// The base experiment's TOML, and where it came from for messages and the plan.
+struct BaseText {
+    source: String,
+    text: String,
+}
+
+/// Reads the base experiment named by `spec`, refusing a sweep spec given as one.
+fn read_base(spec: &SweepSpec) -> Result<BaseText, SweepError> {
+    match &spec.base {
+        Base::File(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| SweepError::Spec {
+                path: spec.path.clone(),
+                why: format!("sweep.base: cannot read {}: {e}", path.display()),
+            })?;
+            if SweepSpec::is_sweep(&text) {
+                return Err(SweepError::Spec {
+                    path: spec.path.clone(),
+                    why: format!(
+                        "sweep.base: {} is a sweep spec, not an experiment",
+                        path.display()
+                    ),
+                });
+            }
+            Ok(BaseText {
+                source: path.display().to_string(),
+                text,
+            })
+        }
+        Base::Inline(text) => Ok(BaseText {
+            source: format!("{} [sweep.base]", spec.path.display()),
+            text: text.clone(),
+        }),
+    }
+}
+
+/// The grid axes, then the random ones, then the repeats' `train.seed` (when there are
+/// several), each named for tables.
+fn plan_axes(spec: &SweepSpec, base_seed: i64) -> Vec<Axis> {
+    let mut axes: Vec<Axis> = Vec::new();
+    for axis in &spec.grid {
+        axes.push(Axis {
+            key: axis.key.clone(),
+            name: String::new(),
+            kind: AxisKind::Grid(axis.values.clone()),
+        });
+    }
+    for axis in &spec.random {
+        axes.push(Axis {
+            key: axis.key.clone(),
+            name: String::new(),
+            kind: AxisKind::Random(axis.distribution.clone()),
+        });
+    }
+    if spec.repeats > 1 {
+        axes.push(Axis {
+            key: "train.seed".into(),
+            name: String::new(),
+            kind: AxisKind::Repeat((0..spec.repeats as i64).map(|r| base_seed + r).collect()),
+        });
+    }
+    name_axes(&mut axes);
+    axes
+}
+
+/// Names each axis by its key's last segment, or by the whole key where two share it.
+fn name_axes(axes: &mut [Axis]) {
+    let last = |key: &str| key.rsplit('.').next().unwrap_or(key).to_string();
+    let names: Vec<String> = axes.iter().map(|a| last(&a.key)).collect();
+    for (axis, name) in axes.iter_mut().zip(&names) {
+        axis.name = if names.iter().filter(|n| *n == name).count() > 1 {
+            axis.key.clone()
+        } else {
+            name.clone()
+        };
+    }
+}
+
+/// The values of the grid and random axes of every configuration: grid points, first
+/// axis slowest, each with `samples` draws seeded by the spec, so a plan is reproducible.
+fn configurations(spec: &SweepSpec) -> Vec<Vec<toml::Value>> {
+    let mut points: Vec<Vec<toml::Value>> = vec![Vec::new()];
+    for axis in &spec.grid {
+        points = points
+            .into_iter()
+            .flat_map(|point| {
+                axis.values.iter().map(move |v| {
+                    let mut p = point.clone();
+                    p.push(v.clone());
+                    p
+                })
+            })
+            .collect();
+    }
+    let mut rng = Pcg64::seed_from_u64(spec.seed);
+    let mut configurations = Vec::new();
+    for point in points {
+        for _ in 0..spec.samples {
+            let mut values = point.clone();
+            values.extend(spec.random.iter().map(|a| draw(&a.distribution, &mut rng)));
+            configurations.push(values);
+        }
+    }
+    configurations
+}
+
+/// Every configuration once per repeat, numbered in order; with several repeats, each
+/// repeat's seed is the last value.
+fn plan_trials(spec: &SweepSpec, axes: &[Axis], base_seed: i64) -> Vec<Trial> {
+    let configurations = configurations(spec);
+    let total = configurations.len() * spec.repeats as usize;
+    let width = (total.saturating_sub(1)).to_string().len().max(2);
+    let mut trials = Vec::with_capacity(total);
+    for values in configurations {
+        for repeat in 0..spec.repeats {
+            let mut values = values.clone();
+            if spec.repeats > 1 {
+                values.push(toml::Value::Integer(base_seed + repeat as i64));
+            }
+            trials.push(trial(trials.len(), width, axes, values));
+        }
+    }
+    trials
+}
+
+/// Trial `index` with one value per axis; `width` pads the index so ids sort in order.
+fn trial(index: usize, width: usize, axes: &[Axis], values: Vec<toml::Value>) -> Trial {
+    let id = trial_id(index, width, axes, &values);
+    let group: Vec<String> = axes
+        .iter()
+        .zip(&values)
+        .filter(|(axis, _)| !matches!(axis.kind, AxisKind::Repeat(_)))
+        .map(|(axis, v)| format!("{}={}", axis.name, value_display(v)))
+        .collect();
+    let sets = axes
+        .iter()
+        .zip(&values)
+        .map(|(axis, v)| format!("{}={}", axis.key, value_text(v)))
+        .collect();
+    Trial {
+        index,
+        id,
+        group: group.join(","),
+        values,
+        sets,
+    }
+}
+
+/// The padded index, then each axis's name and short value, cut to 96 bytes so that it
+/// stays a usable folder name however many axes there are.
+fn trial_id(index: usize, width: usize, axes: &[Axis], values: &[toml::Value]) -> String {
+    let parts: Vec<String> = axes
+        .iter()
+        .zip(values)
+        .map(|(axis, v)| {
+            let name = match axis.kind {
+                AxisKind::Repeat(_) => "seed".to_string(),
+                _ => axis.name.replace('.', "_"),
+            };
+            format!("{name}{}", id_part(v))
+        })
+        .collect();
+    let mut id = format!("{index:0width$}");
+    for part in &parts {
+        id.push('-');
+        id.push_str(part);
+    }
+    if id.len() > 96 {
+        let mut cut = 96;
+        while !id.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        id.truncate(cut);
+    }
+    id
+}
+
 impl Plan {
     /// Draws the trial table of `spec`. The base experiment must resolve with the
     /// spec's fixed overrides; a trial whose values do not resolve is planned all the
     /// same and fails when it runs (see [`Plan::check_trials`]).
     pub fn build(spec: &SweepSpec) -> Result<Plan, SweepError> {
-        let (base_source, base_text) = match &spec.base {
-            Base::File(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| SweepError::Spec {
-                    path: spec.path.clone(),
-                    why: format!("sweep.base: cannot read {}: {e}", path.display()),
-                })?;
-                if SweepSpec::is_sweep(&text) {
-                    return Err(SweepError::Spec {
-                        path: spec.path.clone(),
-                        why: format!(
-                            "sweep.base: {} is a sweep spec, not an experiment",
-                            path.display()
-                        ),
-                    });
-                }
-                (path.display().to_string(), text)
-            }
-            Base::Inline(text) => (
-                format!("{} [sweep.base]", spec.path.display()),
-                text.clone(),
-            ),
-        };
+        let base = read_base(spec)?;
         let fixed: Vec<String> = spec
             .fixed
             .iter()
             .map(|(k, v)| format!("{k}={}", value_text(v)))
             .collect();
-        let base = config::load_str(&base_text, &base_source, &[], &fixed).map_err(|e| {
+        let resolved = config::load_str(&base.text, &base.source, &[], &fixed).map_err(|e| {
             SweepError::Spec {
                 path: spec.path.clone(),
                 why: format!("the base experiment with sweep.set does not resolve: {e}"),
             }
         })?;
-
-        let mut axes: Vec<Axis> = Vec::new();
-        for axis in &spec.grid {
-            axes.push(Axis {
-                key: axis.key.clone(),
-                name: String::new(),
-                kind: AxisKind::Grid(axis.values.clone()),
-            });
-        }
-        for axis in &spec.random {
-            axes.push(Axis {
-                key: axis.key.clone(),
-                name: String::new(),
-                kind: AxisKind::Random(axis.distribution.clone()),
-            });
-        }
-        let base_seed = base.experiment.train.seed as i64;
-        if spec.repeats > 1 {
-            axes.push(Axis {
-                key: "train.seed".into(),
-                name: String::new(),
-                kind: AxisKind::Repeat((0..spec.repeats as i64).map(|r| base_seed + r).collect()),
-            });
-        }
-        let last = |key: &str| key.rsplit('.').next().unwrap_or(key).to_string();
-        let names: Vec<String> = axes.iter().map(|a| last(&a.key)).collect();
-        for (axis, name) in axes.iter_mut().zip(&names) {
-            axis.name = if names.iter().filter(|n| *n == name).count() > 1 {
-                axis.key.clone()
-            } else {
-                name.clone()
-            };
-        }
-
-        // Grid points, first axis slowest; then the random draws; then the repeats.
-        let mut points: Vec<Vec<toml::Value>> = vec![Vec::new()];
-        for axis in &spec.grid {
-            points = points
-                .into_iter()
-                .flat_map(|point| {
-                    axis.values.iter().map(move |v| {
-                        let mut p = point.clone();
-                        p.push(v.clone());
-                        p
-                    })
-                })
-                .collect();
-        }
-        let mut rng = Pcg64::seed_from_u64(spec.seed);
-        let mut configurations = Vec::new();
-        for point in points {
-            for _ in 0..spec.samples {
-                let mut values = point.clone();
-                values.extend(spec.random.iter().map(|a| draw(&a.distribution, &mut rng)));
-                configurations.push(values);
-            }
-        }
-        let total = configurations.len() * spec.repeats as usize;
-        let width = (total.saturating_sub(1)).to_string().len().max(2);
-        let mut trials = Vec::with_capacity(total);
-        for values in configurations {
-            for repeat in 0..spec.repeats {
-                let mut values = values.clone();
-                if spec.repeats > 1 {
-                    values.push(toml::Value::Integer(base_seed + repeat as i64));
-                }
-                let index = trials.len();
-                let parts: Vec<String> = axes
-                    .iter()
-                    .zip(&values)
-                    .map(|(axis, v)| {
-                        let name = match axis.kind {
-                            AxisKind::Repeat(_) => "seed".to_string(),
-                            _ => axis.name.replace('.', "_"),
-                        };
-                        format!("{name}{}", id_part(v))
-                    })
-                    .collect();
-                let mut id = format!("{index:0width$}");
-                for part in &parts {
-                    id.push('-');
-                    id.push_str(part);
-                }
-                if id.len() > 96 {
-                    let mut cut = 96;
-                    while !id.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    id.truncate(cut);
-                }
-                let group: Vec<String> = axes
-                    .iter()
-                    .zip(&values)
-                    .filter(|(axis, _)| !matches!(axis.kind, AxisKind::Repeat(_)))
-                    .map(|(axis, v)| format!("{}={}", axis.name, value_display(v)))
-                    .collect();
-                let sets = axes
-                    .iter()
-                    .zip(&values)
-                    .map(|(axis, v)| format!("{}={}", axis.key, value_text(v)))
-                    .collect();
-                trials.push(Trial {
-                    index,
-                    id,
-                    group: group.join(","),
-                    values,
-                    sets,
-                });
-            }
-        }
+        let base_seed = resolved.experiment.train.seed as i64;
+        let axes = plan_axes(spec, base_seed);
+        let trials = plan_trials(spec, &axes, base_seed);
         Ok(Plan {
             format: FORMAT,
             name: spec.name.clone(),
             spec: spec.path.clone(),
-            base_source,
-            base_text,
+            base_source: base.source,
+            base_text: base.text,
             seed: spec.seed,
             fixed,
             axes,

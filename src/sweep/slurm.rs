@@ -127,8 +127,26 @@ pub fn script(
     if indices.is_empty() {
         return Err(SweepError::Other("no trials to put in the script".into()));
     }
-    // The directives are read by sbatch, not a shell: paths with spaces or quotes would
-    // be misread there.
+    check_directive_paths(folder, workdir)?;
+    let job = ArrayJob {
+        plan,
+        folder: folder.display().to_string(),
+        workdir,
+        indices,
+        options,
+        cpus: options.cpus.unwrap_or(DEFAULT_CPUS),
+        concurrency: options.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+        gpus: options.gpus.unwrap_or(0),
+    };
+    let mut out = job.header();
+    out.push_str(&job.directives());
+    out.push_str(&job.command(exe));
+    Ok(out)
+}
+
+/// The directives are read by sbatch, not a shell: paths with spaces or quotes would
+/// be misread there.
+fn check_directive_paths(folder: &Path, workdir: &Path) -> Result<(), SweepError> {
     for path in [folder, workdir] {
         let text = path.display().to_string();
         if text
@@ -141,61 +159,92 @@ pub fn script(
             )));
         }
     }
-    let cpus = options.cpus.unwrap_or(DEFAULT_CPUS);
-    let concurrency = options.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
-    let gpus = options.gpus.unwrap_or(0);
-    let folder_text = folder.display().to_string();
-    let mut out = String::new();
-    out.push_str("#!/bin/bash\n");
-    out.push_str(&format!(
-        "# Sweep `{}`: {} of its {} trials as one Slurm job array, one trial per task,\n\
-         # at most {concurrency} at once. Written by `probunet sweep --emit slurm`.\n\
-         #   submit:  sbatch {folder_text}/sweep.sbatch\n\
-         #   results: probunet sweep {folder_text} --collect\n\
-         # A task that hits its time limit is sent Ctrl-C {GRACE_S} s before it and checkpoints;\n\
-         # submitting the script again resumes unfinished trials and skips finished ones.\n",
-        plan.name,
-        indices.len(),
-        plan.trials.len(),
-    ));
-    let mut directive = |line: String| out.push_str(&format!("#SBATCH {line}\n"));
-    directive(format!("--job-name=probunet-{}", plan.name));
-    directive(format!("--array={}%{concurrency}", array_ranges(indices)));
-    directive(format!("--chdir={}", workdir.display()));
-    directive(format!("--output={folder_text}/{LOG_DIR}/%A_%a.log"));
-    directive("--ntasks=1".into());
-    directive(format!("--cpus-per-task={cpus}"));
-    if gpus > 0 {
-        directive(format!("--gres=gpu:{gpus}"));
+    Ok(())
+}
+
+/// One script's job array, with the options' defaults filled in.
+struct ArrayJob<'a> {
+    plan: &'a Plan,
+    /// The sweep folder as the script writes it.
+    folder: String,
+    workdir: &'a Path,
+    indices: &'a [usize],
+    options: &'a SlurmOptions,
+    cpus: u32,
+    concurrency: u32,
+    gpus: u32,
+}
+
+impl ArrayJob<'_> {
+    /// The shebang and a comment on what the script runs and how to submit it again.
+    fn header(&self) -> String {
+        let (concurrency, folder_text) = (self.concurrency, &self.folder);
+        format!(
+            "#!/bin/bash\n\
+             # Sweep `{}`: {} of its {} trials as one Slurm job array, one trial per task,\n\
+             # at most {concurrency} at once. Written by `probunet sweep --emit slurm`.\n\
+             #   submit:  sbatch {folder_text}/sweep.sbatch\n\
+             #   results: probunet sweep {folder_text} --collect\n\
+             # A task that hits its time limit is sent Ctrl-C {GRACE_S} s before it and checkpoints;\n\
+             # submitting the script again resumes unfinished trials and skips finished ones.\n",
+            self.plan.name,
+            self.indices.len(),
+            self.plan.trials.len(),
+        )
     }
-    if let Some(mem) = &options.mem {
-        directive(format!("--mem={mem}"));
+
+    /// The `#SBATCH` lines: the array, its logs and each trial's resources.
+    fn directives(&self) -> String {
+        let options = self.options;
+        let mut out = String::new();
+        let mut directive = |line: String| out.push_str(&format!("#SBATCH {line}\n"));
+        directive(format!("--job-name=probunet-{}", self.plan.name));
+        directive(format!(
+            "--array={}%{}",
+            array_ranges(self.indices),
+            self.concurrency
+        ));
+        directive(format!("--chdir={}", self.workdir.display()));
+        directive(format!("--output={}/{LOG_DIR}/%A_%a.log", self.folder));
+        directive("--ntasks=1".into());
+        directive(format!("--cpus-per-task={}", self.cpus));
+        if self.gpus > 0 {
+            directive(format!("--gres=gpu:{}", self.gpus));
+        }
+        if let Some(mem) = &options.mem {
+            directive(format!("--mem={mem}"));
+        }
+        if let Some(time) = &options.time {
+            directive(format!("--time={time}"));
+        }
+        if let Some(partition) = &options.partition {
+            directive(format!("--partition={partition}"));
+        }
+        if let Some(account) = &options.account {
+            directive(format!("--account={account}"));
+        }
+        directive(format!("--signal=B:INT@{GRACE_S}"));
+        for extra in &options.extra {
+            directive(extra.clone());
+        }
+        out
     }
-    if let Some(time) = &options.time {
-        directive(format!("--time={time}"));
+
+    /// The task's command: the trial of this array index, with the threads Slurm gave it.
+    fn command(&self, exe: &Path) -> String {
+        let cpus = self.cpus;
+        let device = if self.gpus > 0 { "cuda" } else { "cpu" };
+        format!(
+            "\nset -eu\n\
+             export OMP_NUM_THREADS=\"${{SLURM_CPUS_PER_TASK:-{cpus}}}\"\n\
+             export MKL_NUM_THREADS=\"$OMP_NUM_THREADS\"\n\
+             # exec, so that Slurm's signal reaches probunet itself.\n\
+             exec {} train --sweep {} --trial \"$SLURM_ARRAY_TASK_ID\" --plain \\\n    \
+             --threads \"$OMP_NUM_THREADS\" --device {device}\n",
+            quote(&exe.display().to_string()),
+            quote(&self.folder),
+        )
     }
-    if let Some(partition) = &options.partition {
-        directive(format!("--partition={partition}"));
-    }
-    if let Some(account) = &options.account {
-        directive(format!("--account={account}"));
-    }
-    directive(format!("--signal=B:INT@{GRACE_S}"));
-    for extra in &options.extra {
-        directive(extra.clone());
-    }
-    let device = if gpus > 0 { "cuda" } else { "cpu" };
-    out.push_str(&format!(
-        "\nset -eu\n\
-         export OMP_NUM_THREADS=\"${{SLURM_CPUS_PER_TASK:-{cpus}}}\"\n\
-         export MKL_NUM_THREADS=\"$OMP_NUM_THREADS\"\n\
-         # exec, so that Slurm's signal reaches probunet itself.\n\
-         exec {} train --sweep {} --trial \"$SLURM_ARRAY_TASK_ID\" --plain \\\n    \
-         --threads \"$OMP_NUM_THREADS\" --device {device}\n",
-        quote(&exe.display().to_string()),
-        quote(&folder_text),
-    ));
-    Ok(out)
 }
 
 #[cfg(test)]

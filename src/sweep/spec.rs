@@ -25,6 +25,7 @@ use super::SweepError;
 use crate::config;
 use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -288,158 +289,26 @@ impl SweepSpec {
 
     /// Parses `text`, read from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<SweepSpec, SweepError> {
-        let bad = |why: String| SweepError::Spec {
+        Self::parse_text(path, text).map_err(|why| SweepError::Spec {
             path: path.to_path_buf(),
             why,
-        };
-        let located = |e: toml::de::Error| match e.span() {
-            Some(span) => format!(
-                "line {}: {}",
-                text[..span.start.min(text.len())].matches('\n').count() + 1,
-                e.message()
-            ),
-            None => e.message().to_string(),
-        };
-        let table: toml::Table =
-            toml::from_str(text).map_err(|e| bad(format!("is not valid TOML: {}", located(e))))?;
-        if !table.contains_key("sweep") {
-            return Err(bad(
-                "has no [sweep] table: it is an experiment spec; train it with \
-                 `probunet train`, or sweep over it from a sweep spec's `base`"
-                    .into(),
-            ));
-        }
-        let raw: RawFile = toml::from_str(text).map_err(|e| bad(located(e)))?;
-        let raw = raw.sweep;
-        let name = match raw.name {
-            Some(name) => name,
-            None => path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        };
-        if name.is_empty()
-            || name.starts_with('.')
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(bad(format!(
-                "sweep.name: {name:?} cannot name a folder: use letters, digits, '-', '_' and '.'"
-            )));
-        }
-        let base = match raw.base {
-            None => {
-                return Err(bad(
-                    "sweep.base is missing: name the base experiment's spec file \
-                     (base = \"quickstart.toml\") or give it inline as [sweep.base]"
-                        .into(),
-                ))
-            }
-            Some(RawBase::Path(file)) => {
-                let folder = path.parent().unwrap_or(Path::new(""));
-                Base::File(if file.is_absolute() {
-                    file
-                } else {
-                    folder.join(file)
-                })
-            }
-            Some(RawBase::Inline(table)) => {
-                Base::Inline(toml::to_string(&table).map_err(|e| bad(format!("sweep.base: {e}")))?)
-            }
-        };
+        })
+    }
+
+    /// [`SweepSpec::parse`], each fault as the text that follows the spec's path. The
+    /// checks run in a fixed order, so a spec with several faults always reports the
+    /// same one.
+    fn parse_text(path: &Path, text: &str) -> Result<SweepSpec, String> {
+        let raw = read_raw(text)?;
+        let name = sweep_name(raw.name, path)?;
+        let base = read_base(raw.base, path)?;
         let repeats = raw.repeats.unwrap_or(1);
         if repeats == 0 {
-            return Err(bad("sweep.repeats: must be at least 1, got 0".into()));
+            return Err("sweep.repeats: must be at least 1, got 0".into());
         }
-
-        let mut seen: Vec<(String, String)> = Vec::new();
-        let mut axis_key = |table: &str, written: &str| -> Result<String, SweepError> {
-            let key = config::full_key(written)
-                .map_err(|why| bad(format!("sweep.{table}: `{written}`: {why}")))?;
-            if let Some((_, other)) = seen.iter().find(|(k, _)| *k == key) {
-                return Err(bad(format!(
-                    "sweep.{table}: `{written}` sets {key}, which sweep.{other} sets too"
-                )));
-            }
-            seen.push((key.clone(), table.to_string()));
-            Ok(key)
-        };
-
-        let mut fixed = Vec::new();
-        let mut leaves = Vec::new();
-        flatten(raw.set, "", &|_| false, &mut leaves);
-        for (written, node) in leaves {
-            let key = axis_key("set", &written)?;
-            fixed.push((key, node.into_value()));
-        }
-
-        let mut grid = Vec::new();
-        let mut leaves = Vec::new();
-        flatten(raw.grid, "", &|_| false, &mut leaves);
-        for (written, node) in leaves {
-            let key = axis_key("grid", &written)?;
-            let values = match node.into_value() {
-                toml::Value::Array(values) if !values.is_empty() => values,
-                toml::Value::Array(_) => {
-                    return Err(bad(format!(
-                        "sweep.grid.{written}: the list of values is empty"
-                    )))
-                }
-                other => {
-                    return Err(bad(format!(
-                    "sweep.grid.{written}: expected a list of values such as [1, 10], got {other}"
-                )))
-                }
-            };
-            grid.push(GridAxis { key, values });
-        }
-
-        let mut random = Vec::new();
-        let mut leaves = Vec::new();
-        flatten(raw.random, "", &is_distribution, &mut leaves);
-        for (written, node) in leaves {
-            let where_ = format!("sweep.random.{written}");
-            let Node::Table(Ordered(mut entries)) = node else {
-                return Err(bad(format!(
-                    "{where_}: expected a distribution such as {{ log_uniform = [1e-4, 1e-2] }}, \
-                     one of {}",
-                    DISTRIBUTIONS.join(", ")
-                )));
-            };
-            let (kind, args) = entries.remove(0);
-            if !DISTRIBUTIONS.contains(&kind.as_str()) {
-                return Err(bad(format!(
-                    "{where_}: unknown distribution `{kind}`, expected one of: {}",
-                    DISTRIBUTIONS.join(", ")
-                )));
-            }
-            let key = axis_key("random", &written)?;
-            let distribution = distribution(&kind, args.into_value())
-                .map_err(|why| bad(format!("{where_}.{kind}: {why}")))?;
-            random.push(RandomAxis { key, distribution });
-        }
-        let samples = match (raw.samples, random.is_empty()) {
-            (Some(0), _) => return Err(bad("sweep.samples: must be at least 1, got 0".into())),
-            (Some(n), false) => n,
-            (None, false) => 1,
-            (Some(n), true) => {
-                return Err(bad(format!(
-                    "sweep.samples = {n} needs random axes in [sweep.random]; \
-                     there are none"
-                )))
-            }
-            (None, true) => 1,
-        };
-        if repeats > 1 && seen.iter().any(|(k, _)| k == "train.seed") {
-            return Err(bad(format!(
-                "sweep.repeats = {repeats} sets train.seed per repeat, which sweep.{} sets too",
-                seen.iter()
-                    .find(|(k, _)| k == "train.seed")
-                    .map(|(_, t)| t.as_str())
-                    .unwrap_or("set")
-            )));
-        }
+        let axes = Axes::read(raw.set, raw.grid, raw.random)?;
+        let samples = samples(raw.samples, !axes.random.is_empty())?;
+        axes.check_repeats(repeats)?;
         let spec = SweepSpec {
             path: path.to_path_buf(),
             name,
@@ -448,16 +317,16 @@ impl SweepSpec {
             repeats,
             samples,
             runs_dir: raw.runs_dir.unwrap_or_else(|| PathBuf::from("runs")),
-            fixed,
-            grid,
-            random,
+            fixed: axes.fixed,
+            grid: axes.grid,
+            random: axes.random,
             slurm: raw.slurm,
         };
         let trials = spec.trial_count();
         if trials > MAX_TRIALS as u128 {
-            return Err(bad(format!(
+            return Err(format!(
                 "plans {trials} trials, more than the {MAX_TRIALS} a sweep may hold"
-            )));
+            ));
         }
         Ok(spec)
     }
@@ -475,6 +344,186 @@ impl SweepSpec {
     /// The sweep's folder, `runs_dir/name`.
     pub fn folder(&self) -> PathBuf {
         self.runs_dir.join(&self.name)
+    }
+}
+
+/// A TOML parse error, with the line it is on where the parser knows it.
+fn located(text: &str, e: toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => format!(
+            "line {}: {}",
+            text[..span.start.min(text.len())].matches('\n').count() + 1,
+            e.message()
+        ),
+        None => e.message().to_string(),
+    }
+}
+
+/// The `[sweep]` table, read only once the text is known to be TOML and to have one, so
+/// an experiment spec given by mistake is named as such rather than as unknown keys.
+fn read_raw(text: &str) -> Result<RawSweep, String> {
+    let table: toml::Table =
+        toml::from_str(text).map_err(|e| format!("is not valid TOML: {}", located(text, e)))?;
+    if !table.contains_key("sweep") {
+        return Err(
+            "has no [sweep] table: it is an experiment spec; train it with \
+             `probunet train`, or sweep over it from a sweep spec's `base`"
+                .into(),
+        );
+    }
+    let raw: RawFile = toml::from_str(text).map_err(|e| located(text, e))?;
+    Ok(raw.sweep)
+}
+
+/// `sweep.name`, or the file's stem; it names the sweep's folder, so it must be a plain one.
+fn sweep_name(name: Option<String>, path: &Path) -> Result<String, String> {
+    let name = match name {
+        Some(name) => name,
+        None => path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    if name.is_empty()
+        || name.starts_with('.')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!(
+            "sweep.name: {name:?} cannot name a folder: use letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(name)
+}
+
+/// The base experiment: a file relative to the sweep spec's folder, or an inline table.
+fn read_base(base: Option<RawBase>, path: &Path) -> Result<Base, String> {
+    match base {
+        None => Err(
+            "sweep.base is missing: name the base experiment's spec file \
+             (base = \"quickstart.toml\") or give it inline as [sweep.base]"
+                .into(),
+        ),
+        Some(RawBase::Path(file)) => {
+            let folder = path.parent().unwrap_or(Path::new(""));
+            Ok(Base::File(if file.is_absolute() {
+                file
+            } else {
+                folder.join(file)
+            }))
+        }
+        Some(RawBase::Inline(table)) => toml::to_string(&table)
+            .map(Base::Inline)
+            .map_err(|e| format!("sweep.base: {e}")),
+    }
+}
+
+/// Draws per grid point: only meaningful with random axes, and 1 when not set.
+fn samples(samples: Option<u64>, has_random: bool) -> Result<u64, String> {
+    match (samples, has_random) {
+        (Some(0), _) => Err("sweep.samples: must be at least 1, got 0".into()),
+        (Some(n), true) => Ok(n),
+        (None, true) => Ok(1),
+        (Some(n), false) => Err(format!(
+            "sweep.samples = {n} needs random axes in [sweep.random]; \
+             there are none"
+        )),
+        (None, false) => Ok(1),
+    }
+}
+
+/// The `set`, `grid` and `random` tables with their keys made full, each key set by at
+/// most one of them (a trial could not take two values for it).
+#[derive(Default)]
+struct Axes {
+    fixed: Vec<(String, toml::Value)>,
+    grid: Vec<GridAxis>,
+    random: Vec<RandomAxis>,
+    /// The table that sets each full key, to name it when another sets the key too.
+    owners: BTreeMap<String, &'static str>,
+}
+
+impl Axes {
+    fn read(set: Ordered, grid: Ordered, random: Ordered) -> Result<Axes, String> {
+        let mut axes = Axes::default();
+        let mut leaves = Vec::new();
+        flatten(set, "", &|_| false, &mut leaves);
+        for (written, node) in leaves {
+            let key = axes.claim("set", &written)?;
+            axes.fixed.push((key, node.into_value()));
+        }
+        let mut leaves = Vec::new();
+        flatten(grid, "", &|_| false, &mut leaves);
+        for (written, node) in leaves {
+            let key = axes.claim("grid", &written)?;
+            let values = grid_values(&written, node)?;
+            axes.grid.push(GridAxis { key, values });
+        }
+        let mut leaves = Vec::new();
+        flatten(random, "", &is_distribution, &mut leaves);
+        for (written, node) in leaves {
+            axes.add_random(&written, node)?;
+        }
+        Ok(axes)
+    }
+
+    /// The full key that `written` names in `table`, refused when another table sets it.
+    fn claim(&mut self, table: &'static str, written: &str) -> Result<String, String> {
+        let key = config::full_key(written)
+            .map_err(|why| format!("sweep.{table}: `{written}`: {why}"))?;
+        if let Some(other) = self.owners.get(&key) {
+            return Err(format!(
+                "sweep.{table}: `{written}` sets {key}, which sweep.{other} sets too"
+            ));
+        }
+        self.owners.insert(key.clone(), table);
+        Ok(key)
+    }
+
+    /// A random axis; the distribution's name is checked before the key, its arguments after.
+    fn add_random(&mut self, written: &str, node: Node) -> Result<(), String> {
+        let where_ = format!("sweep.random.{written}");
+        let Node::Table(Ordered(mut entries)) = node else {
+            return Err(format!(
+                "{where_}: expected a distribution such as {{ log_uniform = [1e-4, 1e-2] }}, \
+                 one of {}",
+                DISTRIBUTIONS.join(", ")
+            ));
+        };
+        let (kind, args) = entries.remove(0);
+        if !DISTRIBUTIONS.contains(&kind.as_str()) {
+            return Err(format!(
+                "{where_}: unknown distribution `{kind}`, expected one of: {}",
+                DISTRIBUTIONS.join(", ")
+            ));
+        }
+        let key = self.claim("random", written)?;
+        let distribution = distribution(&kind, args.into_value())
+            .map_err(|why| format!("{where_}.{kind}: {why}"))?;
+        self.random.push(RandomAxis { key, distribution });
+        Ok(())
+    }
+
+    /// Repeats set `train.seed` per trial, so no table may set it too.
+    fn check_repeats(&self, repeats: u64) -> Result<(), String> {
+        match self.owners.get("train.seed") {
+            Some(table) if repeats > 1 => Err(format!(
+                "sweep.repeats = {repeats} sets train.seed per repeat, which sweep.{table} sets too"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A grid axis's values: a non-empty list.
+fn grid_values(written: &str, node: Node) -> Result<Vec<toml::Value>, String> {
+    match node.into_value() {
+        toml::Value::Array(values) if !values.is_empty() => Ok(values),
+        toml::Value::Array(_) => Err(format!("sweep.grid.{written}: the list of values is empty")),
+        other => Err(format!(
+            "sweep.grid.{written}: expected a list of values such as [1, 10], got {other}"
+        )),
     }
 }
 
