@@ -1,0 +1,137 @@
+//! `probunet sweep`: plan, run here, emit for a cluster, or collect a sweep; and one trial
+//! of it, the entry point of every trial's process.
+use super::ctrl_c_stops_the_trials;
+use super::train::RunFlags;
+use anyhow::Result;
+use probunet::sweep::{self, LocalOptions, SlurmOptions, Target};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Engine {
+    /// An sbatch job-array script, one trial per array task.
+    Slurm,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SweepArgs {
+    /// The sweep spec, e.g. experiments/beta.toml; or its folder, e.g. runs/beta.
+    spec: PathBuf,
+    /// Print the trial table and each trial's state, without running anything.
+    #[arg(long, conflicts_with_all = ["emit", "collect"])]
+    plan: bool,
+    /// Summarise whatever trials finished into runs/<sweep>/summary.csv; runs nothing.
+    #[arg(long, conflicts_with = "emit")]
+    collect: bool,
+    /// Trials to run at once.
+    #[arg(long, short = 'j', default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    jobs: u32,
+    /// GPUs to spread trials over, e.g. 0,1 [default: every visible GPU when the trials
+    /// train on CUDA].
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    devices: Vec<String>,
+    /// CPU threads per trial [default: this machine's cores divided by --jobs].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+    /// Plain progress lines even on a terminal.
+    #[arg(long)]
+    plain: bool,
+    /// Run failed trials again (otherwise they stay failed).
+    #[arg(long)]
+    retry_failed: bool,
+    /// Write a job script for a cluster instead of running the trials here.
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    emit: Option<Engine>,
+    /// Where --emit writes the script [default: runs/<sweep>/sweep.sbatch].
+    #[arg(long, requires = "emit", value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// --emit slurm: the partition (sweep.slurm.partition).
+    #[arg(long, requires = "emit")]
+    partition: Option<String>,
+    /// --emit slurm: the account to charge (sweep.slurm.account).
+    #[arg(long, requires = "emit")]
+    account: Option<String>,
+    /// --emit slurm: GPUs per trial; 0 trains on CPUs (sweep.slurm.gpus) [default: 0].
+    #[arg(long, requires = "emit")]
+    gpus: Option<u32>,
+    /// --emit slurm: CPU cores per trial (sweep.slurm.cpus) [default: 2].
+    #[arg(long, requires = "emit")]
+    cpus: Option<u32>,
+    /// --emit slurm: memory per trial, e.g. 16G (sweep.slurm.mem).
+    #[arg(long, requires = "emit")]
+    mem: Option<String>,
+    /// --emit slurm: time limit per trial, e.g. 02:00:00 (sweep.slurm.time).
+    #[arg(long, requires = "emit")]
+    time: Option<String>,
+    /// --emit slurm: most trials running at once, the array's %K (sweep.slurm.concurrency)
+    /// [default: 4].
+    #[arg(long, requires = "emit")]
+    concurrency: Option<u32>,
+}
+
+pub fn run(args: SweepArgs) -> Result<()> {
+    let target = Target::open(&args.spec)?;
+    if args.plan {
+        return Ok(sweep::print_plan(&target)?);
+    }
+    if args.collect {
+        sweep::collect(&target)?;
+        return Ok(());
+    }
+    if let Some(Engine::Slurm) = args.emit {
+        let flags = SlurmOptions {
+            partition: args.partition,
+            account: args.account,
+            gpus: args.gpus,
+            cpus: args.cpus,
+            mem: args.mem,
+            time: args.time,
+            concurrency: args.concurrency,
+            extra: Vec::new(),
+        };
+        sweep::emit_slurm(&target, &flags, args.retry_failed, args.out.as_deref())?;
+        return Ok(());
+    }
+    run_local(&target, &args)
+}
+
+/// Runs the trials on this machine, `--jobs` at once, spread over the devices.
+fn run_local(target: &Target, args: &SweepArgs) -> Result<()> {
+    let jobs = args.jobs as usize;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let devices = if args.devices.is_empty() {
+        sweep::default_devices(&target.existing()?.0)
+    } else {
+        sweep::parse_devices(&args.devices)?
+    };
+    let options = LocalOptions {
+        jobs,
+        devices,
+        threads: args.threads.map_or((cores / jobs).max(1), |t| t as usize),
+        plain: args.plain,
+        retry_failed: args.retry_failed,
+    };
+    let stop = ctrl_c_stops_the_trials()?;
+    sweep::run_local(target, &options, &stop)?;
+    Ok(())
+}
+
+/// Runs trial `index` of the sweep in `folder` (by default the one the Slurm array task
+/// or Kubernetes Indexed Job is), resuming it if it was interrupted.
+pub fn trial(folder: &Path, index: Option<usize>, run: &RunFlags) -> Result<()> {
+    let flags = run.apply();
+    let index = sweep::trial::trial_index(index)?;
+    let options = sweep::trial::TrialOptions {
+        flags,
+        threads: run.threads(),
+        train: run.train_options()?,
+    };
+    match sweep::trial::run(folder, index, &options)? {
+        sweep::trial::TrialEnd::Finished(outcome) => println!(
+            "trial {index} finished: {} steps in {}",
+            outcome.steps,
+            outcome.run.display()
+        ),
+        sweep::trial::TrialEnd::AlreadyFinished { .. } => {}
+    }
+    Ok(())
+}
