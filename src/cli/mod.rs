@@ -1,5 +1,6 @@
 //! The command line: one module per subcommand, each holding its flags and deciding how
 //! its results look (progress bars, tables, plain lines); the library itself never prints.
+mod doctor;
 mod eval;
 mod prepare;
 mod sweep;
@@ -37,7 +38,7 @@ enum Command {
     /// Run a hyperparameter sweep over beta, latent_dim, ...
     Sweep(sweep::SweepArgs),
     /// Check the installation: libtorch, CUDA, the model's parameter counts, one training step.
-    Doctor(probunet::doctor::DoctorArgs),
+    Doctor(doctor::DoctorArgs),
     /// Benchmark training and sampling against the PyTorch implementation of the same model.
     Bench(probunet::bench::BenchArgs),
 }
@@ -52,7 +53,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::BenchEval(args) => probunet::eval::bench::run(&args),
         Command::Sweep(args) => sweep::run(args),
-        Command::Doctor(args) => probunet::doctor::run(&args),
+        Command::Doctor(args) => doctor::run(&args),
         Command::Bench(args) => probunet::bench::run(&args),
     }
 }
