@@ -1,5 +1,6 @@
 //! The command line: one module per subcommand, each holding its flags and deciding how
 //! its results look (progress bars, tables, plain lines); the library itself never prints.
+mod bench;
 mod doctor;
 mod eval;
 mod prepare;
@@ -40,7 +41,7 @@ enum Command {
     /// Check the installation: libtorch, CUDA, the model's parameter counts, one training step.
     Doctor(doctor::DoctorArgs),
     /// Benchmark training and sampling against the PyTorch implementation of the same model.
-    Bench(probunet::bench::BenchArgs),
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the subcommand, after installing the CPU allocator that the environment asks for
@@ -54,7 +55,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::BenchEval(args) => probunet::eval::bench::run(&args),
         Command::Sweep(args) => sweep::run(args),
         Command::Doctor(args) => doctor::run(&args),
-        Command::Bench(args) => probunet::bench::run(&args),
+        Command::Bench(args) => bench::run(&args),
     }
 }
 
