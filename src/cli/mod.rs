@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand, each holding its flags and deciding how
 //! its results look (progress bars, tables, plain lines); the library itself never prints.
 mod bench;
+mod bench_eval;
 mod doctor;
 mod eval;
 mod prepare;
@@ -35,7 +36,7 @@ enum Command {
     /// Evaluate a trained run: GED, HM-IoU and friends, and sample pictures.
     Eval(eval::EvalArgs),
     /// Benchmark evaluation (images/s at 100 samples) against the PyTorch implementation.
-    BenchEval(probunet::eval::bench::BenchEvalArgs),
+    BenchEval(bench_eval::BenchEvalArgs),
     /// Run a hyperparameter sweep over beta, latent_dim, ...
     Sweep(sweep::SweepArgs),
     /// Check the installation: libtorch, CUDA, the model's parameter counts, one training step.
@@ -52,7 +53,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Prepare(args) => prepare::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
-        Command::BenchEval(args) => probunet::eval::bench::run(&args),
+        Command::BenchEval(args) => bench_eval::run(&args),
         Command::Sweep(args) => sweep::run(args),
         Command::Doctor(args) => doctor::run(&args),
         Command::Bench(args) => bench::run(&args),
