@@ -12,10 +12,16 @@ enum Engine {
     Slurm,
 }
 
+/// `sweep SPEC [flags]`, or `sweep trial ...`: a spec's flags cannot follow `trial`, and
+/// `trial` needs no spec.
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct SweepArgs {
+    #[command(subcommand)]
+    command: Option<SweepCommand>,
     /// The sweep spec, e.g. experiments/beta.toml; or its folder, e.g. runs/beta.
-    spec: PathBuf,
+    #[arg(required = true)]
+    spec: Option<PathBuf>,
     /// Print the trial table and each trial's state, without running anything.
     #[arg(long, conflicts_with_all = ["emit", "collect"])]
     plan: bool,
@@ -68,8 +74,36 @@ pub struct SweepArgs {
     concurrency: Option<u32>,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum SweepCommand {
+    /// Run one trial of a sweep folder, resuming it if it was interrupted.
+    ///
+    /// What each trial's process runs, locally or as a cluster task; `probunet train
+    /// --sweep SWEEP --trial N` is the same.
+    Trial(TrialArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TrialArgs {
+    /// The sweep folder, e.g. runs/beta, as a local sweep or `sweep --emit` made it.
+    #[arg(value_name = "SWEEP")]
+    sweep: PathBuf,
+    /// The trial to run [default: $SLURM_ARRAY_TASK_ID, else $JOB_COMPLETION_INDEX].
+    #[arg(value_name = "N")]
+    trial: Option<usize>,
+    #[command(flatten)]
+    run: RunFlags,
+}
+
 pub fn run(args: SweepArgs) -> Result<()> {
-    let target = Target::open(&args.spec)?;
+    if let Some(SweepCommand::Trial(trial_args)) = &args.command {
+        return trial(&trial_args.sweep, trial_args.trial, &trial_args.run);
+    }
+    let spec = args
+        .spec
+        .as_deref()
+        .expect("clap requires a spec without a subcommand");
+    let target = Target::open(spec)?;
     if args.plan {
         return Ok(sweep::print_plan(&target)?);
     }

@@ -19,7 +19,8 @@ pub struct TrainArgs {
     #[command(flatten)]
     run: RunFlags,
     /// Run one trial of the sweep in this folder (runs/<sweep>), resuming it if it was
-    /// interrupted: `probunet sweep trial` under the name that emitted Slurm scripts call.
+    /// interrupted; the same as `probunet sweep trial`, kept for the emitted Slurm scripts
+    /// that call it.
     #[arg(long, value_name = "SWEEP", conflicts_with_all = ["spec", "resume", "sets"])]
     sweep: Option<PathBuf>,
     /// The trial of --sweep to run [default: $SLURM_ARRAY_TASK_ID, else
