@@ -118,21 +118,7 @@ pub fn measure(
     model.check_image(&images.narrow(0, 0, 1))?;
     let latent = config.latent_dim as usize;
     if let Some(dir) = export {
-        let io = |e: &dyn std::fmt::Display| EvalError::Io {
-            path: dir.to_path_buf(),
-            why: e.to_string(),
-        };
-        std::fs::create_dir_all(dir).map_err(|e| io(&e))?;
-        vs.save(dir.join("weights.safetensors"))
-            .map_err(|e| io(&e))?;
-        let all: Vec<usize> = (0..total).collect();
-        let noise = batch_noise(options.seed, &all, options.samples, latent);
-        Tensor::write_safetensors(
-            &[("images", &images), ("masks", &masks), ("noise", &noise)],
-            dir.join("data.safetensors"),
-        )?;
-        let json = serde_json::to_vec_pretty(&config).expect("the config serialises");
-        std::fs::write(dir.join("model.json"), json).map_err(|e| io(&e))?;
+        export_inputs(dir, options, &vs, &config, &images, &masks)?;
     }
 
     let mut scores = Vec::with_capacity(options.images);
@@ -172,6 +158,39 @@ pub fn measure(
         mean_diversity: mean(&scores, |s| s.phiseg.diversity),
         peak_mib: peak_mib(device).0,
     })
+}
+
+/// Writes what the PyTorch side needs to score the same samples: the weights, the model's
+/// config, and the images, masks and every image's noise.
+fn export_inputs(
+    dir: &Path,
+    options: &BenchEvalOptions,
+    vs: &nn::VarStore,
+    config: &ModelConfig,
+    images: &Tensor,
+    masks: &Tensor,
+) -> Result<(), EvalError> {
+    let io = |e: &dyn std::fmt::Display| EvalError::Io {
+        path: dir.to_path_buf(),
+        why: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(&e))?;
+    vs.save(dir.join("weights.safetensors"))
+        .map_err(|e| io(&e))?;
+    let all: Vec<usize> = (0..images.size()[0] as usize).collect();
+    let noise = batch_noise(
+        options.seed,
+        &all,
+        options.samples,
+        config.latent_dim as usize,
+    );
+    Tensor::write_safetensors(
+        &[("images", images), ("masks", masks), ("noise", &noise)],
+        dir.join("data.safetensors"),
+    )?;
+    let json = serde_json::to_vec_pretty(config).expect("the config serialises");
+    std::fs::write(dir.join("model.json"), json).map_err(|e| io(&e))?;
+    Ok(())
 }
 
 /// Every run of [`race`], in the order they ran.
