@@ -13,38 +13,23 @@ use std::process::Command;
 use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {
-    /// Batch sizes, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "5,32,128")]
+/// What [`race`] measures, setting by setting: every batch size at every precision.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
     pub batches: Vec<i64>,
-    /// Precisions, comma separated (bf16 only on CUDA).
-    #[arg(long, value_delimiter = ',', default_value = "fp32,bf16")]
     pub precisions: Vec<Precision>,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
-    /// Timed training steps per setting (after the warm-up).
-    #[arg(long, default_value_t = 10)]
+    /// Timed training steps per setting, after `warmup` untimed ones.
     pub steps: usize,
-    #[arg(long, default_value_t = 2)]
     pub warmup: usize,
     /// Prior samples per image in the sampling measurement.
-    #[arg(long, default_value_t = 16)]
     pub samples: i64,
     /// Also race PyTorch with torch.compile.
-    #[arg(long)]
     pub compile: bool,
     /// Skip the PyTorch side.
-    #[arg(long)]
     pub no_torch: bool,
-    /// JSON lines are appended here.
-    #[arg(long, default_value = "bench.jsonl")]
+    /// Every measured row is appended here as a JSON line.
     pub out: PathBuf,
-    /// Measure one setting (the first batch and precision) in this process and print it
-    /// as JSON; the parent runs each setting this way.
-    #[arg(long, hide = true)]
-    pub one: bool,
 }
 
 /// One measured setting, as both sides print it.
@@ -95,7 +80,7 @@ pub fn measure(
     batch: i64,
     precision: Precision,
     device: Device,
-    args: &BenchArgs,
+    options: &BenchOptions,
 ) -> Result<Measurement> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
@@ -114,24 +99,24 @@ pub fn measure(
         adam.step(1e-4);
         Ok(())
     };
-    for _ in 0..args.warmup {
+    for _ in 0..options.warmup {
         train_step()?;
     }
     sync(device);
     let start = Instant::now();
-    for _ in 0..args.steps {
+    for _ in 0..options.steps {
         train_step()?;
     }
     sync(device);
-    let train_s = start.elapsed().as_secs_f64() / args.steps.max(1) as f64;
+    let train_s = start.elapsed().as_secs_f64() / options.steps.max(1) as f64;
 
     let sample = || -> Result<i64> {
-        let logits = tch::no_grad(|| model.sample(&image, args.samples))?;
+        let logits = tch::no_grad(|| model.sample(&image, options.samples))?;
         Ok(logits.sigmoid().gt(0.5).sum(Kind::Int64).int64_value(&[]))
     };
     sample()?;
     sync(device);
-    let reps = (args.steps / 2).max(1);
+    let reps = (options.steps / 2).max(1);
     let start = Instant::now();
     for _ in 0..reps {
         sample()?;
@@ -146,7 +131,7 @@ pub fn measure(
         device: describe(device),
         train_images_per_s: batch as f64 / train_s,
         ms_per_step: 1e3 * train_s,
-        samples_per_s: (batch * args.samples) as f64 / sample_s,
+        samples_per_s: (batch * options.samples) as f64 / sample_s,
         peak_mib,
         peak_kind: peak_kind.into(),
         threads: tch::get_num_threads() as i64,
@@ -198,124 +183,106 @@ pub(crate) fn last_json_line<T: serde::de::DeserializeOwned>(
     serde_json::from_str(line).with_context(|| format!("{what} printed {line:?}"))
 }
 
-/// Runs every setting on both sides and prints the table.
-pub fn run(args: &BenchArgs) -> Result<()> {
-    let device = args.device.resolve()?;
-    if args.one {
-        let m = measure(args.batches[0], args.precisions[0], device, args)?;
-        println!("{}", serde_json::to_string(&m)?);
-        return Ok(());
-    }
-    let exe = std::env::current_exe()?;
-    let torch_device = match device {
-        Device::Cuda(n) => format!("cuda:{n}"),
-        _ => "cpu".into(),
-    };
+/// What [`race`] tells as it goes.
+#[derive(Debug)]
+pub enum Progress<'a> {
+    /// This precision needs a CUDA device, which `device` is not; its settings were skipped.
+    Skipped {
+        precision: Precision,
+        device: Device,
+    },
+    /// One setting measured on both sides: probunet's row first, then PyTorch's (eager,
+    /// then compiled).
+    Measured(&'a [Measurement]),
+}
+
+/// Measures every setting on both sides, each in a fresh child process, appending each row
+/// to `options.out` and telling `progress` after each setting; returns every row.
+pub fn race(
+    options: &BenchOptions,
+    mut progress: impl FnMut(Progress<'_>),
+) -> Result<Vec<Measurement>> {
+    let device = options.device.resolve()?;
     let mut out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&args.out)
-        .with_context(|| format!("opening {}", args.out.display()))?;
-    println!(
-        "{:<18} {:>5} {:>5} {:>10} {:>10} {:>11} {:>10} {:>8} {:>8} {:>8}",
-        "impl",
-        "batch",
-        "prec",
-        "train im/s",
-        "ms/step",
-        "samples/s",
-        "peak MiB",
-        "train x",
-        "sample x",
-        "mem x"
-    );
-    for &precision in &args.precisions {
+        .open(&options.out)
+        .with_context(|| format!("opening {}", options.out.display()))?;
+    let mut all = Vec::new();
+    for &precision in &options.precisions {
         if precision == Precision::Bf16 && !device.is_cuda() {
-            println!(
-                "(bf16 skipped: it needs a CUDA device, this is {})",
-                describe(device)
-            );
+            progress(Progress::Skipped { precision, device });
             continue;
         }
-        for &batch in &args.batches {
-            let common = [
-                "--steps".to_string(),
-                args.steps.to_string(),
-                "--warmup".into(),
-                args.warmup.to_string(),
-                "--samples".into(),
-                args.samples.to_string(),
-            ];
-            let ours = Command::new(&exe)
-                .args([
-                    "bench",
-                    "--one",
-                    "--device",
-                    &torch_device,
-                    "--batches",
-                    &batch.to_string(),
-                ])
-                .args(["--precisions", &precision.to_string()])
-                .args(&common)
-                .output()?;
-            let ours: Measurement = last_json_line(ours, "probunet bench --one")?;
-            let mut rows = vec![ours.clone()];
-            if !args.no_torch {
-                let variants: &[bool] = if args.compile {
-                    &[false, true]
-                } else {
-                    &[false]
-                };
-                for &compile in variants {
-                    let mut cmd = Command::new(python());
-                    cmd.arg(repo().join("scripts/bench_torch.py"))
-                        .args([
-                            "--batch",
-                            &batch.to_string(),
-                            "--precision",
-                            &precision.to_string(),
-                        ])
-                        .args(["--device", &torch_device])
-                        .args(&common);
-                    if compile {
-                        cmd.arg("--compile");
-                    }
-                    rows.push(last_json_line(cmd.output()?, "scripts/bench_torch.py")?);
-                }
-            }
+        for &batch in &options.batches {
+            let rows = setting(options, batch, precision, device)?;
             for row in &rows {
-                let ratio = |a: f64, b: f64| {
-                    if row.implementation == "probunet" {
-                        String::from("-")
-                    } else {
-                        format!("{:.2}", a / b)
-                    }
-                };
-                let mem = match (ours.peak_mib, row.peak_mib) {
-                    (Some(a), Some(b)) if row.implementation != "probunet" => {
-                        format!("{:.2}", a / b)
-                    }
-                    _ => "-".into(),
-                };
-                println!(
-                    "{:<18} {:>5} {:>5} {:>10.1} {:>10.1} {:>11.1} {:>10} {:>8} {:>8} {:>8}",
-                    row.implementation,
-                    row.batch,
-                    row.precision,
-                    row.train_images_per_s,
-                    row.ms_per_step,
-                    row.samples_per_s,
-                    row.peak_mib.map_or("-".into(), |p| format!("{p:.0}")),
-                    ratio(ours.train_images_per_s, row.train_images_per_s),
-                    ratio(ours.samples_per_s, row.samples_per_s),
-                    mem,
-                );
                 let mut line = serde_json::to_value(row)?;
                 line["date"] = serde_json::json!(chrono::Utc::now().to_rfc3339());
                 writeln!(out, "{line}")?;
             }
+            progress(Progress::Measured(&rows));
+            all.extend(rows);
         }
     }
-    println!("ratios are probunet / that row (x > 1: probunet faster; mem x < 1: probunet smaller); JSON lines in {}", args.out.display());
-    Ok(())
+    Ok(all)
+}
+
+/// One setting: probunet (`bench --one`), then PyTorch unless skipped.
+fn setting(
+    options: &BenchOptions,
+    batch: i64,
+    precision: Precision,
+    device: Device,
+) -> Result<Vec<Measurement>> {
+    let torch_device = match device {
+        Device::Cuda(n) => format!("cuda:{n}"),
+        _ => "cpu".into(),
+    };
+    let common = [
+        "--steps".to_string(),
+        options.steps.to_string(),
+        "--warmup".into(),
+        options.warmup.to_string(),
+        "--samples".into(),
+        options.samples.to_string(),
+    ];
+    let ours = Command::new(std::env::current_exe()?)
+        .args([
+            "bench",
+            "--one",
+            "--device",
+            &torch_device,
+            "--batches",
+            &batch.to_string(),
+        ])
+        .args(["--precisions", &precision.to_string()])
+        .args(&common)
+        .output()?;
+    let mut rows = vec![last_json_line(ours, "probunet bench --one")?];
+    if options.no_torch {
+        return Ok(rows);
+    }
+    let variants: &[bool] = if options.compile {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for &compile in variants {
+        let mut cmd = Command::new(python());
+        cmd.arg(repo().join("scripts/bench_torch.py"))
+            .args([
+                "--batch",
+                &batch.to_string(),
+                "--precision",
+                &precision.to_string(),
+            ])
+            .args(["--device", &torch_device])
+            .args(&common);
+        if compile {
+            cmd.arg("--compile");
+        }
+        rows.push(last_json_line(cmd.output()?, "scripts/bench_torch.py")?);
+    }
+    Ok(rows)
 }

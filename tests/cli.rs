@@ -1,4 +1,7 @@
 //! The binary as a user runs it.
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
 fn probunet(args: &[&str]) -> Output {
@@ -123,5 +126,78 @@ fn bench_races_pytorch_and_writes_json_lines() {
         assert!(line["train_images_per_s"].as_f64().unwrap() > 0.0);
         assert!(line["samples_per_s"].as_f64().unwrap() > 0.0);
         assert!(line["peak_mib"].as_f64().unwrap() > 0.0);
+    }
+}
+
+/// `probunet` in `dir`, with no trial index in the environment unless `env` sets one.
+fn probunet_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_probunet"))
+        .current_dir(dir)
+        .args(args)
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("JOB_COMPLETION_INDEX")
+        .envs(env.iter().copied())
+        .output()
+        .expect("running probunet")
+}
+
+#[test]
+fn sweep_trial_and_train_sweep_are_one_entry_point() {
+    let out = probunet(&["sweep", "trial", "--help"]);
+    let help = text(&out.stdout);
+    assert!(out.status.success(), "{help}{}", text(&out.stderr));
+    assert!(
+        help.contains("<SWEEP> [N]") && help.contains("--plain"),
+        "{help}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tiny.toml"), common::tiny_spec(10, 5, "")).unwrap();
+    std::fs::write(
+        dir.path().join("sweep.toml"),
+        "[sweep]\nbase = \"tiny.toml\"\nname = \"s\"\n[sweep.grid]\nbeta = [1, 10]\n",
+    )
+    .unwrap();
+    // A spec and its flags still parse next to the subcommand.
+    let out = probunet_in(
+        dir.path(),
+        &["sweep", "sweep.toml", "--jobs", "2", "--plan"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = probunet_in(dir.path(), &["sweep", "sweep.toml", "--emit", "slurm"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Both spellings, without and with a trial index, meet the same errors.
+    let spellings: [(&[&str], &[&str]); 2] = [
+        (
+            &["sweep", "trial", "runs/s"],
+            &["sweep", "trial", "runs/s", "2"],
+        ),
+        (
+            &["train", "--sweep", "runs/s"],
+            &["train", "--sweep", "runs/s", "--trial", "2"],
+        ),
+    ];
+    for (args, with_index) in spellings {
+        let out = probunet_in(dir.path(), with_index, &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{with_index:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr)
+                .contains("error: trial 2 is out of range: runs/s has 2 trials (0 to 1)"),
+            "{with_index:?}: {}",
+            text(&out.stderr)
+        );
+        let out = probunet_in(dir.path(), args, &[("JOB_COMPLETION_INDEX", "x")]);
+        assert!(
+            text(&out.stderr).contains("JOB_COMPLETION_INDEX=\"x\" is not a trial number"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
     }
 }

@@ -5,8 +5,8 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use probunet::score::BatchCounts;
 use probunet::metrics::{BitMask, EmptyConvention, ImageMetrics, Summary};
+use probunet::score::BatchCounts;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 use serde_json::{json, Value};

@@ -21,6 +21,8 @@ pub fn interval_text(i: &Interval, val: Option<(f64, f64)>) -> String {
 /// The progress of one training run.
 pub struct TrainProgress {
     plain: bool,
+    /// Whether standard output carries JSON lines, so lines go to standard error.
+    stdout_taken: bool,
     bar: Option<ProgressBar>,
     total: u64,
     last_val: Option<(f64, f64)>,
@@ -28,9 +30,10 @@ pub struct TrainProgress {
 
 impl TrainProgress {
     /// A bar on a terminal unless `plain`; lines otherwise.
-    pub fn new(plain: bool) -> Self {
+    pub fn new(plain: bool, stdout_taken: bool) -> Self {
         TrainProgress {
             plain: plain || !std::io::stderr().is_terminal(),
+            stdout_taken,
             bar: None,
             total: 0,
             last_val: None,
@@ -69,7 +72,9 @@ impl TrainProgress {
 impl EventSink for TrainProgress {
     fn event(&mut self, event: &TrainEvent) -> Result<(), SinkError> {
         match event {
-            TrainEvent::StorePrepared { summary } => println!("{summary}"),
+            TrainEvent::StorePrepared { summary } => {
+                super::train::say(self.stdout_taken, summary.trim_end())
+            }
             TrainEvent::Started {
                 run,
                 step,
@@ -77,10 +82,11 @@ impl EventSink for TrainProgress {
                 resumed,
                 ..
             } => {
-                match resumed {
-                    true => println!("resuming {} from step {step}", run.display()),
-                    false => println!("run folder: {}", run.display()),
-                }
+                let line = match resumed {
+                    true => format!("resuming {} from step {step}", run.display()),
+                    false => format!("run folder: {}", run.display()),
+                };
+                super::train::say(self.stdout_taken, &line);
                 self.start(*total_steps, *step);
             }
             TrainEvent::Step { step, .. } => {

@@ -75,9 +75,9 @@ impl SweepProgress {
         let plain = plain || !std::io::stderr().is_terminal();
         let bars = (!plain).then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
         let overall = ProgressBar::hidden();
-        if let Some(style) = style(
-            "{bar:30} {pos}/{len} trial-steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-        ) {
+        if let Some(style) =
+            style("{bar:30} {pos}/{len} trial-steps  {msg}  [{elapsed_precise} < {eta_precise}]")
+        {
             overall.set_style(style);
         }
         let overall = match &bars {

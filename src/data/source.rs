@@ -14,7 +14,10 @@ pub enum DataSource {
     /// A store made by `probunet prepare`.
     Store(PathBuf),
     /// The synthetic dataset of `config`, kept in the store `dir`.
-    Synthetic { dir: PathBuf, config: SyntheticConfig },
+    Synthetic {
+        dir: PathBuf,
+        config: SyntheticConfig,
+    },
 }
 
 impl DataSource {
@@ -84,7 +87,10 @@ mod tests {
             seed: 9,
             ..config.clone()
         };
-        assert_ne!(source.dir(), DataSource::of(None, Some(&other)).unwrap().dir());
+        assert_ne!(
+            source.dir(),
+            DataSource::of(None, Some(&other)).unwrap().dir()
+        );
         let moved = source.at(PathBuf::from("/abs/store"));
         assert_eq!(moved.dir(), Path::new("/abs/store"));
         assert!(matches!(moved, DataSource::Synthetic { .. }));

@@ -470,8 +470,8 @@ fn check_header(header: &[u8], shape: StoreShape) -> Result<(), String> {
         shape: Vec<usize>,
         data_offsets: [usize; 2],
     }
-    let entries: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(header).map_err(|e| format!("unreadable safetensors header: {e}"))?;
+    let entries: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)
+        .map_err(|e| format!("unreadable safetensors header: {e}"))?;
     let entry = |name: &str| -> Result<Entry, String> {
         let value = entries
             .get(name)
@@ -480,7 +480,12 @@ fn check_header(header: &[u8], shape: StoreShape) -> Result<(), String> {
     };
     let (images, masks) = (shape.image_bytes(), shape.mask_bytes());
     let expected = [
-        ("images", "F32", vec![shape.items, 1, shape.height, shape.width], [0, images]),
+        (
+            "images",
+            "F32",
+            vec![shape.items, 1, shape.height, shape.width],
+            [0, images],
+        ),
         (
             "masks",
             "U8",
@@ -747,7 +752,10 @@ mod tests {
         manifest["keys"].as_array_mut().unwrap().pop();
         fs::write(&manifest_path, manifest.to_string()).unwrap();
         let err = Store::open(&store).unwrap_err().to_string();
-        assert!(err.contains("manifest.json: keys lists 11 entries for 12 items"), "{err}");
+        assert!(
+            err.contains("manifest.json: keys lists 11 entries for 12 items"),
+            "{err}"
+        );
         let mut manifest: serde_json::Value = serde_json::from_str(&good).unwrap();
         manifest["split"]["val"][0] = serde_json::json!(1_000_000_000u64);
         fs::write(&manifest_path, manifest.to_string()).unwrap();
@@ -780,13 +788,19 @@ mod tests {
         let file = dir.path().join("notes.txt");
         fs::write(&file, "mine").unwrap();
         let err = check_replaceable(&file).unwrap_err().to_string();
-        assert!(err.contains("notes.txt") && err.contains("is not a folder"), "{err}");
+        assert!(
+            err.contains("notes.txt") && err.contains("is not a folder"),
+            "{err}"
+        );
         let project = dir.path().join("project");
         fs::create_dir(&project).unwrap();
         fs::write(project.join("main.rs"), "fn main() {}").unwrap();
         fs::write(project.join(MANIFEST_FILE), "{}").unwrap();
         let err = check_replaceable(&project).unwrap_err().to_string();
-        assert!(err.contains("is not a probunet store (it holds main.rs)"), "{err}");
+        assert!(
+            err.contains("is not a probunet store (it holds main.rs)"),
+            "{err}"
+        );
         fs::remove_file(project.join("main.rs")).unwrap();
         let err = check_replaceable(&project).unwrap_err().to_string();
         assert!(err.contains("manifest.json is not one"), "{err}");

@@ -10,60 +10,41 @@
 //! image's noise; the PyTorch side then runs on exactly those inputs, so both score the
 //! same samples (their mean GEDs agree). The two sides alternate, `--repeats` times, so
 //! that load from other processes hits both alike; the table shows the best of each.
-use crate::score::{batch_noise, probabilities, BatchCounts};
 use super::EvalError;
 use crate::bench::{last_json_line, peak_mib, python, repo};
 use crate::data::synthetic::{Synthetic, SyntheticConfig};
 use crate::device::{describe, DeviceSpec};
 use crate::metrics::ImageScores;
 use crate::model::{ModelConfig, ProbUNet};
+use crate::score::{batch_noise, probabilities, BatchCounts};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 use tch::{nn, Device, Tensor};
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct BenchEvalArgs {
+/// What [`race`] measures: the seed's model (or `filters`) on synthetic images.
+#[derive(Debug, Clone)]
+pub struct BenchEvalOptions {
     /// Images timed, after one untimed warm-up batch.
-    #[arg(long, default_value_t = 16)]
     pub images: usize,
     /// Height and width of the synthetic images.
-    #[arg(long, default_value_t = 128)]
     pub size: usize,
     /// Samples per image.
-    #[arg(long, default_value_t = 100)]
     pub samples: usize,
     /// Images per forward pass.
-    #[arg(long, default_value_t = 4)]
     pub batch: usize,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
-    /// The model's filters per level [default: the seed's 32,64,128,192].
-    #[arg(long, value_delimiter = ',')]
+    /// The model's filters per level; `None` for the seed's.
     pub filters: Option<Vec<i64>>,
-    #[arg(long, default_value_t = 2)]
     pub latent_dim: i64,
     /// Seed of the weights, the images and the noise.
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Runs of each side, alternating.
-    #[arg(long, default_value_t = 2)]
     pub repeats: usize,
     /// Skip the PyTorch side.
-    #[arg(long)]
     pub no_torch: bool,
-    /// Print every run as a JSON line instead of the table.
-    #[arg(long)]
-    pub json: bool,
-    /// Measure probunet once in this process, export its inputs to --export and print
-    /// the result as JSON; the parent runs each probunet measurement this way.
-    #[arg(long, hide = true)]
-    pub one: bool,
-    #[arg(long, hide = true, requires = "one")]
-    pub export: Option<PathBuf>,
 }
 
 /// What one side measured; `scripts/bench_eval.py` prints the same fields.
@@ -89,7 +70,7 @@ pub struct BenchReport {
     pub peak_mib: Option<f64>,
 }
 
-impl BenchEvalArgs {
+impl BenchEvalOptions {
     fn model(&self) -> ModelConfig {
         let defaults = ModelConfig::default();
         ModelConfig {
@@ -105,27 +86,30 @@ fn mean(scores: &[ImageScores], f: impl Fn(&ImageScores) -> f64) -> f64 {
 }
 
 /// Measures probunet in this process: one untimed warm-up batch, then `images` images.
-pub fn measure(args: &BenchEvalArgs, export: Option<&Path>) -> Result<BenchReport, EvalError> {
-    if args.images == 0 || args.batch == 0 || args.samples == 0 {
+pub fn measure(
+    options: &BenchEvalOptions,
+    export: Option<&Path>,
+) -> Result<BenchReport, EvalError> {
+    if options.images == 0 || options.batch == 0 || options.samples == 0 {
         return Err(EvalError::Options(
             "--images, --batch and --samples must be positive".into(),
         ));
     }
-    let device = args.device.resolve()?;
-    let config = args.model();
-    tch::manual_seed(args.seed as i64);
+    let device = options.device.resolve()?;
+    let config = options.model();
+    tch::manual_seed(options.seed as i64);
     let mut vs = nn::VarStore::new(device);
     let model = ProbUNet::new(&vs.root(), config.clone())?;
     vs.freeze();
-    let total = args.images + args.batch;
+    let total = options.images + options.batch;
     let data = Synthetic::new(SyntheticConfig {
         items: total,
-        size: args.size,
+        size: options.size,
         annotators: 4,
-        seed: args.seed,
+        seed: options.seed,
     });
     let items: Vec<_> = (0..total).map(|i| data.item(i)).collect();
-    let side = args.size as i64;
+    let side = options.size as i64;
     let images: Vec<f32> = items.iter().flat_map(|i| i.image.iter().copied()).collect();
     let images = Tensor::from_slice(&images).view([total as i64, 1, side, side]);
     let masks: Vec<u8> = items.iter().flat_map(|i| i.masks.iter().copied()).collect();
@@ -133,38 +117,24 @@ pub fn measure(args: &BenchEvalArgs, export: Option<&Path>) -> Result<BenchRepor
     model.check_image(&images.narrow(0, 0, 1))?;
     let latent = config.latent_dim as usize;
     if let Some(dir) = export {
-        let io = |e: &dyn std::fmt::Display| EvalError::Io {
-            path: dir.to_path_buf(),
-            why: e.to_string(),
-        };
-        std::fs::create_dir_all(dir).map_err(|e| io(&e))?;
-        vs.save(dir.join("weights.safetensors"))
-            .map_err(|e| io(&e))?;
-        let all: Vec<usize> = (0..total).collect();
-        let noise = batch_noise(args.seed, &all, args.samples, latent);
-        Tensor::write_safetensors(
-            &[("images", &images), ("masks", &masks), ("noise", &noise)],
-            dir.join("data.safetensors"),
-        )?;
-        let json = serde_json::to_vec_pretty(&config).expect("the config serialises");
-        std::fs::write(dir.join("model.json"), json).map_err(|e| io(&e))?;
+        export_inputs(dir, options, &vs, &config, &images, &masks)?;
     }
 
-    let mut scores = Vec::with_capacity(args.images);
+    let mut scores = Vec::with_capacity(options.images);
     let (mut device_seconds, mut host_seconds) = (0.0, 0.0);
-    for start in (0..total).step_by(args.batch) {
-        let len = args.batch.min(total - start);
+    for start in (0..total).step_by(options.batch) {
+        let len = options.batch.min(total - start);
         let t0 = Instant::now();
         let indices: Vec<usize> = (start..start + len).collect();
         let batch_images = images.narrow(0, start as i64, len as i64).to_device(device);
         let batch_masks = masks.narrow(0, start as i64, len as i64).to_device(device);
-        let eps = batch_noise(args.seed, &indices, args.samples, latent);
+        let eps = batch_noise(options.seed, &indices, options.samples, latent);
         let probs = probabilities(&model, &batch_images, &eps)?;
-        let counts = BatchCounts::compute(&batch_masks, &probs, &[args.samples])?;
+        let counts = BatchCounts::compute(&batch_masks, &probs, &[options.samples])?;
         let t1 = Instant::now();
         let batch_scores = counts.scores()?;
         let t2 = Instant::now();
-        if start >= args.batch {
+        if start >= options.batch {
             device_seconds += (t1 - t0).as_secs_f64();
             host_seconds += (t2 - t1).as_secs_f64();
             scores.extend_from_slice(&batch_scores[0]);
@@ -174,14 +144,14 @@ pub fn measure(args: &BenchEvalArgs, export: Option<&Path>) -> Result<BenchRepor
     Ok(BenchReport {
         implementation: "probunet".into(),
         device: describe(device),
-        images: args.images,
-        samples: args.samples,
-        batch: args.batch,
-        size: args.size,
+        images: options.images,
+        samples: options.samples,
+        batch: options.batch,
+        size: options.size,
         seconds,
         device_seconds,
         host_seconds,
-        images_per_s: args.images as f64 / seconds.max(1e-12),
+        images_per_s: options.images as f64 / seconds.max(1e-12),
         mean_ged: mean(&scores, |s| s.phiseg.ged),
         mean_hm_iou: mean(&scores, |s| s.phiseg.hm_iou),
         mean_diversity: mean(&scores, |s| s.phiseg.diversity),
@@ -189,157 +159,146 @@ pub fn measure(args: &BenchEvalArgs, export: Option<&Path>) -> Result<BenchRepor
     })
 }
 
-/// Runs both sides `repeats` times, alternating, and prints every run and the best of
-/// each side.
-pub fn run(args: &BenchEvalArgs) -> Result<()> {
-    if args.one {
-        let report = measure(args, args.export.as_deref())?;
-        println!("{}", serde_json::to_string(&report)?);
-        return Ok(());
+/// Writes what the PyTorch side needs to score the same samples: the weights, the model's
+/// config, and the images, masks and every image's noise.
+fn export_inputs(
+    dir: &Path,
+    options: &BenchEvalOptions,
+    vs: &nn::VarStore,
+    config: &ModelConfig,
+    images: &Tensor,
+    masks: &Tensor,
+) -> Result<(), EvalError> {
+    let io = |e: &dyn std::fmt::Display| EvalError::Io {
+        path: dir.to_path_buf(),
+        why: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(&e))?;
+    vs.save(dir.join("weights.safetensors"))
+        .map_err(|e| io(&e))?;
+    let all: Vec<usize> = (0..images.size()[0] as usize).collect();
+    let noise = batch_noise(
+        options.seed,
+        &all,
+        options.samples,
+        config.latent_dim as usize,
+    );
+    Tensor::write_safetensors(
+        &[("images", images), ("masks", masks), ("noise", &noise)],
+        dir.join("data.safetensors"),
+    )?;
+    let json = serde_json::to_vec_pretty(config).expect("the config serialises");
+    std::fs::write(dir.join("model.json"), json).map_err(|e| io(&e))?;
+    Ok(())
+}
+
+/// Every run of [`race`], in the order they ran.
+#[derive(Debug, Clone)]
+pub struct Race {
+    pub runs: Vec<BenchReport>,
+}
+
+impl Race {
+    /// The fastest run of `implementation` ("probunet" or "pytorch").
+    pub fn best(&self, implementation: &str) -> Option<&BenchReport> {
+        self.runs
+            .iter()
+            .filter(|r| r.implementation == implementation)
+            .max_by(|a, b| a.images_per_s.total_cmp(&b.images_per_s))
     }
-    if args.repeats == 0 {
+
+    /// An error unless the best runs of both sides agree on the mean GED, as they do when
+    /// they scored the same samples (which a throughput comparison relies on).
+    pub fn check_same_samples(&self) -> Result<()> {
+        if let (Some(ours), Some(theirs)) = (self.best("probunet"), self.best("pytorch")) {
+            let gap = (ours.mean_ged - theirs.mean_ged).abs();
+            if gap > 1e-3 {
+                bail!(
+                    "the mean GEDs differ by {gap:.2e}: the two sides did not score the same samples"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs both sides `repeats` times, alternating, telling `each` every run as it ends.
+/// probunet runs as `bench-eval --one` of this binary, exporting its inputs to a scratch
+/// folder that the PyTorch side reads.
+pub fn race(options: &BenchEvalOptions, mut each: impl FnMut(&BenchReport)) -> Result<Race> {
+    if options.repeats == 0 {
         bail!("--repeats must be positive");
     }
-    let device = match args.device.resolve()? {
+    let device = match options.device.resolve()? {
         Device::Cuda(n) => format!("cuda:{n}"),
         _ => "cpu".into(),
     };
     let export = std::env::temp_dir().join(format!("probunet-bench-eval-{}", std::process::id()));
     let result = (|| -> Result<Vec<BenchReport>> {
-        let exe = std::env::current_exe()?;
-        let mut rows = Vec::new();
-        for _ in 0..args.repeats {
-            let mut ours = Command::new(&exe);
-            ours.args(["bench-eval", "--one", "--device", &device])
-                .arg("--export")
-                .arg(&export)
-                .args(["--images", &args.images.to_string()])
-                .args(["--size", &args.size.to_string()])
-                .args(["--samples", &args.samples.to_string()])
-                .args(["--batch", &args.batch.to_string()])
-                .args(["--latent-dim", &args.latent_dim.to_string()])
-                .args(["--seed", &args.seed.to_string()]);
-            if let Some(filters) = &args.filters {
-                let list: Vec<String> = filters.iter().map(i64::to_string).collect();
-                ours.args(["--filters", &list.join(",")]);
-            }
-            let ours: BenchReport = last_json_line(ours.output()?, "probunet bench-eval --one")?;
-            report_line(args, &ours);
-            rows.push(ours);
-            if !args.no_torch {
+        let mut runs = Vec::new();
+        for _ in 0..options.repeats {
+            let ours = run_ours(options, &device, &export)?;
+            each(&ours);
+            runs.push(ours);
+            if !options.no_torch {
                 let theirs = Command::new(python())
                     .arg(repo().join("scripts/bench_eval.py"))
                     .arg("--export")
                     .arg(&export)
-                    .args(["--samples", &args.samples.to_string()])
-                    .args(["--batch", &args.batch.to_string()])
+                    .args(["--samples", &options.samples.to_string()])
+                    .args(["--batch", &options.batch.to_string()])
                     .args(["--device", &device])
                     .output()?;
                 let theirs: BenchReport = last_json_line(theirs, "scripts/bench_eval.py")?;
-                report_line(args, &theirs);
-                rows.push(theirs);
+                each(&theirs);
+                runs.push(theirs);
             }
         }
-        Ok(rows)
+        Ok(runs)
     })();
     let _ = std::fs::remove_dir_all(&export);
-    let rows = result?;
-    if args.json {
-        return Ok(());
-    }
-    let best = |name: &str| {
-        rows.iter()
-            .filter(|r| r.implementation == name)
-            .max_by(|a, b| a.images_per_s.total_cmp(&b.images_per_s))
-    };
-    println!(
-        "\neval throughput at {} samples per image: {} synthetic {}x{} images, batch {}, best of {}",
-        args.samples, args.images, args.size, args.size, args.batch, args.repeats
-    );
-    println!(
-        "{:<10} {:<18} {:>9} {:>10} {:>8} {:>9} {:>10} {:>10}",
-        "impl", "device", "images/s", "device s", "host s", "peak MiB", "mean GED", "diversity"
-    );
-    let ours = best("probunet").expect("probunet ran");
-    let theirs = best("pytorch");
-    for r in std::iter::once(ours).chain(theirs) {
-        println!(
-            "{:<10} {:<18} {:>9.3} {:>10.2} {:>8.2} {:>9} {:>10.6} {:>10.6}",
-            r.implementation,
-            r.device,
-            r.images_per_s,
-            r.device_seconds,
-            r.host_seconds,
-            r.peak_mib.map_or("-".into(), |m| format!("{m:.0}")),
-            r.mean_ged,
-            r.mean_diversity
-        );
-    }
-    if let Some(theirs) = theirs {
-        println!(
-            "probunet / PyTorch: {:.2}x images/s",
-            ours.images_per_s / theirs.images_per_s
-        );
-        let gap = (ours.mean_ged - theirs.mean_ged).abs();
-        if gap > 1e-3 {
-            bail!(
-                "the mean GEDs differ by {gap:.2e}: the two sides did not score the same samples"
-            );
-        }
-    }
-    Ok(())
+    Ok(Race { runs: result? })
 }
 
-fn report_line(args: &BenchEvalArgs, r: &BenchReport) {
-    if args.json {
-        println!("{}", serde_json::to_string(r).expect("a report serialises"));
-    } else {
-        println!(
-            "{:<9} {:8.3} images/s ({:.2} s sampling and device metrics, {:.2} s host metrics; \
-             mean GED {:.6}, diversity {:.6})",
-            r.implementation,
-            r.images_per_s,
-            r.device_seconds,
-            r.host_seconds,
-            r.mean_ged,
-            r.mean_diversity
-        );
+/// One probunet run, in a fresh process that exports its inputs to `export`.
+fn run_ours(options: &BenchEvalOptions, device: &str, export: &Path) -> Result<BenchReport> {
+    let mut ours = Command::new(std::env::current_exe()?);
+    ours.args(["bench-eval", "--one", "--device", device])
+        .arg("--export")
+        .arg(export)
+        .args(["--images", &options.images.to_string()])
+        .args(["--size", &options.size.to_string()])
+        .args(["--samples", &options.samples.to_string()])
+        .args(["--batch", &options.batch.to_string()])
+        .args(["--latent-dim", &options.latent_dim.to_string()])
+        .args(["--seed", &options.seed.to_string()]);
+    if let Some(filters) = &options.filters {
+        let list: Vec<String> = filters.iter().map(i64::to_string).collect();
+        ours.args(["--filters", &list.join(",")]);
     }
+    last_json_line(ours.output()?, "probunet bench-eval --one")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: BenchEvalArgs,
-    }
 
     #[test]
     fn a_tiny_measurement_runs_and_exports_its_inputs() {
         let dir = tempfile::tempdir().unwrap();
-        let args = Cli::parse_from([
-            "x",
-            "--images",
-            "3",
-            "--size",
-            "16",
-            "--samples",
-            "5",
-            "--batch",
-            "2",
-            "--device",
-            "cpu",
-            "--filters",
-            "4,8",
-            "--seed",
-            "1",
-        ])
-        .args;
-        let report = measure(&args, Some(dir.path())).unwrap();
+        let options = BenchEvalOptions {
+            images: 3,
+            size: 16,
+            samples: 5,
+            batch: 2,
+            device: DeviceSpec::Cpu,
+            filters: Some(vec![4, 8]),
+            latent_dim: 2,
+            seed: 1,
+            repeats: 1,
+            no_torch: true,
+        };
+        let report = measure(&options, Some(dir.path())).unwrap();
         assert_eq!((report.images, report.samples), (3, 5));
         assert!(
             report.images_per_s > 0.0 && report.mean_ged.is_finite(),

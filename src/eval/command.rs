@@ -430,7 +430,10 @@ fn write_figures(
     for (which, position) in report::examples(geds).into_iter().flatten() {
         let item = items[position];
         let index = Tensor::from_slice(&[item as i64]);
-        let image = store.images.f_index_select(0, &index)?.to_device(loaded.device);
+        let image = store
+            .images
+            .f_index_select(0, &index)?
+            .to_device(loaded.device);
         let probs = sample_items(&loaded.model, &image, &[item], n, options.seed)?;
         let row = FigureRow {
             image: image.get(0),
@@ -478,8 +481,7 @@ fn write_count(
         .collect();
     let summaries = report::summarise(scores, options.bootstrap, options.seed);
     let geds: Vec<f64> = scores.iter().map(|s| s.phiseg.ged).collect();
-    let (figures, examples) =
-        write_figures(loaded, options, &name, n, &scored.items, &geds, out)?;
+    let (figures, examples) = write_figures(loaded, options, &name, n, &scored.items, &geds, out)?;
     let json = out.dir.join(format!("{name}.json"));
     let report = EvalReport::new(context, n, &summaries, examples);
     crate::run::write_json(&json, &report)?;

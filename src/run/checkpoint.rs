@@ -443,7 +443,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let checkpoints = Checkpoints::new(dir.path().join("checkpoints"), 2);
         let weights = vec![("w".to_string(), Tensor::from_slice(&[1.0f32]))];
-        checkpoints.save(&weights, &weights, &state(10), true).unwrap();
+        checkpoints
+            .save(&weights, &weights, &state(10), true)
+            .unwrap();
         let root = dir.path().join("checkpoints");
         // Killed between the renames: only the old copy is there.
         fs::rename(root.join("best"), root.join(".best.old")).unwrap();
@@ -453,7 +455,9 @@ mod tests {
         assert!(!root.join(".best.old").exists() && !root.join(".best.partial").exists());
         // Killed before removing the old copy: the stale one goes, the swap works again.
         copy_dir(&root.join("best"), &root.join(".best.old"));
-        checkpoints.save(&weights, &weights, &state(20), true).unwrap();
+        checkpoints
+            .save(&weights, &weights, &state(20), true)
+            .unwrap();
         assert_eq!(Checkpoint::open(&root.join("best")).unwrap().state.step, 20);
         assert!(!root.join(".best.old").exists());
     }

@@ -144,11 +144,15 @@ impl MetricsCsv {
     }
 
     pub fn write(&mut self, row: &MetricsRow) -> Result<(), RunError> {
-        self.writer.serialize(row).map_err(|e| corrupt(&self.path, e))
+        self.writer
+            .serialize(row)
+            .map_err(|e| corrupt(&self.path, e))
     }
 
     pub fn flush(&mut self) -> Result<(), RunError> {
-        self.writer.flush().map_err(|e| RunError::io(&self.path, e))?;
+        self.writer
+            .flush()
+            .map_err(|e| RunError::io(&self.path, e))?;
         self.writer
             .get_ref()
             .sync_data()
@@ -167,9 +171,7 @@ pub fn read_rows_but_torn_tail(path: &Path) -> Result<Vec<MetricsRow>, RunError>
     let mut torn = None;
     for row in reader.deserialize::<MetricsRow>() {
         match (row, &torn) {
-            (Ok(_), Some(e)) => {
-                return Err(corrupt(path, e))
-            }
+            (Ok(_), Some(e)) => return Err(corrupt(path, e)),
             (Ok(row), None) => rows.push(row),
             (Err(e), _) => torn = Some(e),
         }

@@ -7,7 +7,9 @@ mod checkpoint;
 mod lock;
 mod metrics;
 
-pub use checkpoint::{shape_mismatch, Checkpoint, Checkpoints, OpenInterval, TrainState, MODEL_FILE};
+pub use checkpoint::{
+    shape_mismatch, Checkpoint, Checkpoints, OpenInterval, TrainState, MODEL_FILE,
+};
 pub use lock::RunLock;
 pub use metrics::{read_rows, read_rows_but_torn_tail, MetricsCsv, MetricsRow, Phase, StepStats};
 
@@ -198,7 +200,11 @@ impl RunDir {
 
     /// The step of the run's latest checkpoint, if it has one.
     pub fn checkpoint_step(&self) -> Option<u64> {
-        self.checkpoints(1).steps().ok()?.last().map(|(step, _)| *step)
+        self.checkpoints(1)
+            .steps()
+            .ok()?
+            .last()
+            .map(|(step, _)| *step)
     }
 
     /// Writes `name` in the run atomically.
@@ -231,7 +237,10 @@ impl RunDir {
 
     /// The store the run reads, generating a synthetic one that is missing: the store
     /// and, when one was generated, what prepare reports.
-    pub fn open_store(&self, experiment: &Experiment) -> Result<(Store, Option<Summary>), RunError> {
+    pub fn open_store(
+        &self,
+        experiment: &Experiment,
+    ) -> Result<(Store, Option<Summary>), RunError> {
         let source = data_source(experiment)?;
         let fallback = source.dir().to_path_buf();
         Ok(source.at(self.store_dir(|| fallback)).open()?)
@@ -257,7 +266,11 @@ mod tests {
         let held = run.lock().unwrap();
         assert!(RunLock::is_held(&run.path));
         let err = run.lock().unwrap_err();
-        assert!(err.to_string().contains("in use by another probunet process"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("in use by another probunet process"),
+            "{err}"
+        );
         drop(held);
         assert!(!RunLock::is_held(&run.path));
         run.lock().unwrap();
@@ -270,9 +283,15 @@ mod tests {
         let meta = Meta::now("cpu".into(), Path::new("data/x"));
         run.write_meta(&meta).unwrap();
         let store = run.store_dir(|| PathBuf::from("elsewhere"));
-        assert!(store.is_absolute() && store.ends_with("data/x"), "{store:?}");
+        assert!(
+            store.is_absolute() && store.ends_with("data/x"),
+            "{store:?}"
+        );
         let old = RunDir::create_in(&dir.path().join("old")).unwrap();
-        assert_eq!(old.store_dir(|| PathBuf::from("fallback")), PathBuf::from("fallback"));
+        assert_eq!(
+            old.store_dir(|| PathBuf::from("fallback")),
+            PathBuf::from("fallback")
+        );
     }
 
     #[test]

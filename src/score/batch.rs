@@ -13,8 +13,8 @@
 //! diversity under both conventions ([`crate::metrics`] holds the definitions; its CPU
 //! [`crate::metrics::ncc`] is the reference that the tensor NCC here is tested against).
 use super::ScoreError;
-use crate::seed::item_noise;
 use crate::metrics::{ImageScores, PairCounts, PredictionCounts, CE_EPS};
+use crate::seed::item_noise;
 use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 

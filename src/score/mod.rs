@@ -38,7 +38,11 @@ pub enum ScoreError {
 
 /// `[b, n, H, W]` foreground probabilities of `images` for the noise `eps`
 /// (`[b, n, latent_dim]`, from [`batch_noise`]).
-pub fn probabilities(model: &ProbUNet, images: &Tensor, eps: &Tensor) -> Result<Tensor, ScoreError> {
+pub fn probabilities(
+    model: &ProbUNet,
+    images: &Tensor,
+    eps: &Tensor,
+) -> Result<Tensor, ScoreError> {
     let logits = tch::no_grad(|| model.sample_with_noise(images, eps))?;
     Ok(logits.select(2, 0).sigmoid())
 }
@@ -123,7 +127,11 @@ impl Validation {
 
 /// ELBO and KL of one batch summed over its images, once per annotation: the sums and
 /// how many (image, annotation) terms they hold.
-fn elbo_sums(model: &ProbUNet, images: &Tensor, masks: &Tensor) -> Result<(f64, f64, usize), ScoreError> {
+fn elbo_sums(
+    model: &ProbUNet,
+    images: &Tensor,
+    masks: &Tensor,
+) -> Result<(f64, f64, usize), ScoreError> {
     let images_in = images.size()[0] as usize;
     // The reconstruction is reduced per the config; report it per image.
     let per_image_scale = match model.config().reconstruction {

@@ -321,7 +321,12 @@ struct Followed {
 }
 
 /// A status for a trial whose process could not say how it ended.
-fn fallback_status(state: State, launched: DateTime<Utc>, device: Option<&str>, threads: usize) -> Status {
+fn fallback_status(
+    state: State,
+    launched: DateTime<Utc>,
+    device: Option<&str>,
+    threads: usize,
+) -> Status {
     Status {
         state,
         error: None,
@@ -357,7 +362,11 @@ fn settle(
         }
         _ if RunLock::is_held(dir) => {
             // Another process runs it (its own child failed to take the lock).
-            return (State::Running, Some("being run by another process".into()), None);
+            return (
+                State::Running,
+                Some("being run by another process".into()),
+                None,
+            );
         }
         _ => {}
     }
@@ -430,10 +439,9 @@ fn run_one(ctx: &Ctx, slot: usize, index: usize) {
 fn trial_command(ctx: &Ctx, index: usize, device: Option<&str>) -> (Command, Vec<String>) {
     let threads = ctx.options.threads.to_string();
     let mut args: Vec<String> = vec![
-        "train".into(),
-        "--sweep".into(),
+        "sweep".into(),
+        "trial".into(),
         ctx.folder.display().to_string(),
-        "--trial".into(),
         index.to_string(),
         "--plain".into(),
         "--threads".into(),

@@ -5,8 +5,8 @@
 use super::spec::{Base, Distribution, SlurmOptions, SweepSpec};
 use super::SweepError;
 use crate::config::{self, ConfigError, Flag, Resolved};
-use crate::tensorboard::{EventWriter, HParamDomain, HParamSpec, HParamValue};
 use crate::run::write_atomic;
+use crate::tensorboard::{EventWriter, HParamDomain, HParamSpec, HParamValue};
 use chrono::{DateTime, Utc};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;

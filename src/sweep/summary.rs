@@ -2,8 +2,8 @@
 //! trials sorted by validation GED that answers "which values are best".
 use super::plan::{value_display, Plan, SUMMARY_FILE};
 use super::trial::{checkpoint_step, State, Status, STATUS_FILE};
-use crate::run::RunLock;
 use super::SweepError;
+use crate::run::RunLock;
 use crate::run::{read_rows_but_torn_tail, write_atomic, Phase, METRICS_FILE};
 use chrono::{DateTime, Utc};
 use std::path::Path;

@@ -207,7 +207,10 @@ fn begin_attempt(
 }
 
 fn clear_for_fresh_start(dir: &Path) -> Result<(), SweepError> {
-    for entry in std::fs::read_dir(dir).map_err(|e| RunError::io(dir, e))?.flatten() {
+    for entry in std::fs::read_dir(dir)
+        .map_err(|e| RunError::io(dir, e))?
+        .flatten()
+    {
         let name = entry.file_name();
         if KEEP.iter().any(|k| name == *k) {
             continue;

@@ -62,19 +62,34 @@ pub enum TrainEvent {
         ideal_ged: Option<f64>,
     },
     /// A synthetic store was generated for the run (what prepare reports).
-    StorePrepared { summary: String },
+    StorePrepared {
+        summary: String,
+    },
     /// One optimiser step is done.
-    Step { step: u64, total_steps: u64 },
+    Step {
+        step: u64,
+        total_steps: u64,
+    },
     /// A log interval ended: the means of its steps.
     Interval(Interval),
     /// A batch was skipped for a non-finite value (`train.on_nan = "skip"`).
-    Skipped { step: u64, what: String },
+    Skipped {
+        step: u64,
+        what: String,
+    },
     Validation(Validation),
     /// A checkpoint was written.
-    Checkpoint { step: u64, path: PathBuf, best: bool },
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+        best: bool,
+    },
     Finished(Outcome),
     /// Training stopped with an error (an interrupt is one too), after `step` steps.
-    Failed { step: u64, error: String },
+    Failed {
+        step: u64,
+        error: String,
+    },
 }
 
 /// Where events go. Sinks that write files buffer; [`EventSink::flush`] makes what they

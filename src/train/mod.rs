@@ -139,10 +139,12 @@ pub fn resume(
 ) -> Result<Outcome, TrainError> {
     let checkpoints = run.checkpoints(resolved.experiment.train.keep_last);
     checkpoints.repair()?;
-    let latest = checkpoints.latest()?.ok_or_else(|| TrainError::Checkpoint {
-        path: run.path.clone(),
-        why: "the run has no checkpoint to resume from".into(),
-    })?;
+    let latest = checkpoints
+        .latest()?
+        .ok_or_else(|| TrainError::Checkpoint {
+            path: run.path.clone(),
+            why: "the run has no checkpoint to resume from".into(),
+        })?;
     let (store, prepared) = run.open_store(&resolved.experiment)?;
     let mut trainer = Trainer::new(resolved, run, lock, store, options)?;
     trainer.prepared = prepared;
@@ -286,12 +288,10 @@ impl Trainer {
         let total_steps = planned_steps(&experiment, store.split(SplitName::Train).len())
             .ok_or_else(|| TrainError::Spec("train: set train.steps or train.epochs".into()))?;
         let checkpoints = run.checkpoints(train.keep_last);
-        let mut sinks: Vec<Box<dyn EventSink + Send>> = vec![
-            Box::new(TensorboardSink::new(
-                EventWriter::create(&run.path)?,
-                options.hparams,
-            )),
-        ];
+        let mut sinks: Vec<Box<dyn EventSink + Send>> = vec![Box::new(TensorboardSink::new(
+            EventWriter::create(&run.path)?,
+            options.hparams,
+        ))];
         sinks.extend(options.sinks);
         Ok(Trainer {
             experiment,
@@ -328,10 +328,12 @@ impl Trainer {
                 why: format!("does not fit this model: {why}"),
             });
         }
-        self.vs.load(&model_path).map_err(|e| TrainError::Checkpoint {
-            path: model_path.clone(),
-            why: format!("does not fit this model: {e}"),
-        })?;
+        self.vs
+            .load(&model_path)
+            .map_err(|e| TrainError::Checkpoint {
+                path: model_path.clone(),
+                why: format!("does not fit this model: {e}"),
+            })?;
         self.adam
             .load_state(&ckpt.optimizer_tensors()?, ckpt.state.optimizer_steps)
             .map_err(|why| TrainError::Checkpoint {

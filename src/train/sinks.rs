@@ -49,11 +49,15 @@ impl EventSink for MetricsSink {
             TrainEvent::Validation(v) => validation_row(v),
             _ => return Ok(()),
         };
-        self.csv.write(&row).map_err(|e| SinkError::new("metrics.csv", e))
+        self.csv
+            .write(&row)
+            .map_err(|e| SinkError::new("metrics.csv", e))
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {
-        self.csv.flush().map_err(|e| SinkError::new("metrics.csv", e))
+        self.csv
+            .flush()
+            .map_err(|e| SinkError::new("metrics.csv", e))
     }
 }
 
@@ -144,7 +148,10 @@ impl TensorboardSink {
     }
 
     /// A sweep trial's session ends with the run; a plain run has no session.
-    fn end_session(&mut self, status: SessionStatus) -> Result<(), crate::tensorboard::TensorboardError> {
+    fn end_session(
+        &mut self,
+        status: SessionStatus,
+    ) -> Result<(), crate::tensorboard::TensorboardError> {
         if self.session.is_some() {
             self.writer
                 .add_hparams_session_end(status, SystemTime::now())?;

@@ -1,0 +1,124 @@
+//! `probunet bench`: the table of [`probunet::bench::race`], a row per implementation and
+//! setting with probunet's speed and memory ratios; and `bench --one`, the child process
+//! that measures one setting.
+use anyhow::Result;
+use probunet::bench::{self, BenchOptions, Measurement, Progress};
+use probunet::device::{describe, DeviceSpec, Precision};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Batch sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "5,32,128")]
+    batches: Vec<i64>,
+    /// Precisions, comma separated (bf16 only on CUDA).
+    #[arg(long, value_delimiter = ',', default_value = "fp32,bf16")]
+    precisions: Vec<Precision>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceSpec,
+    /// Timed training steps per setting (after the warm-up).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed training steps per setting before the timed ones, which would otherwise
+    /// pay for allocation and kernel selection.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Prior samples per image in the sampling measurement.
+    #[arg(long, default_value_t = 16)]
+    samples: i64,
+    /// Also race PyTorch with torch.compile.
+    #[arg(long)]
+    compile: bool,
+    /// Skip the PyTorch side.
+    #[arg(long)]
+    no_torch: bool,
+    /// JSON lines are appended here.
+    #[arg(long, default_value = "bench.jsonl")]
+    out: PathBuf,
+    /// Measure one setting (the first batch and precision) in this process and print it
+    /// as JSON; the parent runs each setting this way, so peak memory is that setting's.
+    #[arg(long, hide = true)]
+    one: bool,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let options = BenchOptions {
+        batches: args.batches.clone(),
+        precisions: args.precisions.clone(),
+        device: args.device,
+        steps: args.steps,
+        warmup: args.warmup,
+        samples: args.samples,
+        compile: args.compile,
+        no_torch: args.no_torch,
+        out: args.out.clone(),
+    };
+    if args.one {
+        let device = args.device.resolve()?;
+        let m = bench::measure(args.batches[0], args.precisions[0], device, &options)?;
+        println!("{}", serde_json::to_string(&m)?);
+        return Ok(());
+    }
+    // The header waits for the first result, so that a device or file error comes alone.
+    let mut header = true;
+    bench::race(&options, |progress| {
+        if std::mem::take(&mut header) {
+            print_header();
+        }
+        match progress {
+            Progress::Skipped { precision, device } => println!(
+                "({precision} skipped: it needs a CUDA device, this is {})",
+                describe(device)
+            ),
+            Progress::Measured(rows) => rows.iter().for_each(|row| print_row(&rows[0], row)),
+        }
+    })?;
+    println!("ratios are probunet / that row (x > 1: probunet faster; mem x < 1: probunet smaller); JSON lines in {}", args.out.display());
+    Ok(())
+}
+
+fn print_header() {
+    println!(
+        "{:<18} {:>5} {:>5} {:>10} {:>10} {:>11} {:>10} {:>8} {:>8} {:>8}",
+        "impl",
+        "batch",
+        "prec",
+        "train im/s",
+        "ms/step",
+        "samples/s",
+        "peak MiB",
+        "train x",
+        "sample x",
+        "mem x"
+    );
+}
+
+/// A row with probunet's speed and memory over its own (`-` on probunet's own row).
+fn print_row(ours: &Measurement, row: &Measurement) {
+    let theirs = row.implementation != "probunet";
+    let ratio = |a: f64, b: f64| {
+        if theirs {
+            format!("{:.2}", a / b)
+        } else {
+            String::from("-")
+        }
+    };
+    let mem = match (ours.peak_mib, row.peak_mib) {
+        (Some(a), Some(b)) if theirs => format!("{:.2}", a / b),
+        _ => "-".into(),
+    };
+    println!(
+        "{:<18} {:>5} {:>5} {:>10.1} {:>10.1} {:>11.1} {:>10} {:>8} {:>8} {:>8}",
+        row.implementation,
+        row.batch,
+        row.precision,
+        row.train_images_per_s,
+        row.ms_per_step,
+        row.samples_per_s,
+        row.peak_mib.map_or("-".into(), |p| format!("{p:.0}")),
+        ratio(ours.train_images_per_s, row.train_images_per_s),
+        ratio(ours.samples_per_s, row.samples_per_s),
+        mem,
+    );
+}

@@ -1,0 +1,132 @@
+//! `probunet eval`: a run's metrics at each sample count, as a table with 95% intervals.
+use anyhow::Result;
+use probunet::data::split::SplitName;
+use probunet::device::DeviceSpec;
+use probunet::eval::{self as evaluation, CheckpointChoice, EvalOptions, EvalOutcome};
+use probunet::metrics::EmptyConvention;
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// The run folder, e.g. runs/lidc-20261127-120000.
+    run: PathBuf,
+    /// The split of the run's store to evaluate: train, val or test.
+    #[arg(long, default_value = "test")]
+    split: SplitName,
+    /// Samples per image; one set of results each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "16,100")]
+    samples: Vec<usize>,
+    /// best, last, a checkpoint folder or a model.safetensors file.
+    #[arg(long, default_value = "best")]
+    checkpoint: CheckpointChoice,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceSpec,
+    /// Images per forward pass (memory grows with batch x samples).
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Seed of the sampling noise and of the bootstrap.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Evaluate on this store instead of the run's own.
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Bootstrap resamples for the 95% intervals.
+    #[arg(long, default_value_t = probunet::eval::command::DEFAULT_BOOTSTRAP)]
+    bootstrap: usize,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let options = EvalOptions {
+        run: args.run,
+        split: args.split,
+        samples: args.samples,
+        checkpoint: args.checkpoint,
+        device: args.device,
+        batch: args.batch,
+        seed: args.seed,
+        store: args.store,
+        bootstrap: args.bootstrap,
+    };
+    let outcome = evaluation::evaluate(&options, &mut |p| {
+        eprintln!(
+            "eval {}: {}/{} images ({:.1} images/s at {} samples)",
+            p.split,
+            p.done,
+            p.total,
+            p.done as f64 / p.seconds.max(1e-9),
+            p.samples
+        )
+    })?;
+    print_outcome(&outcome);
+    Ok(())
+}
+
+fn print_outcome(outcome: &EvalOutcome) {
+    for note in &outcome.notes {
+        println!("note: {note}");
+    }
+    let step = outcome
+        .step
+        .map(|s| format!(" (step {s})"))
+        .unwrap_or_default();
+    println!(
+        "{} images of the {} split, checkpoint {}{step}, on {}, in {:.1} s",
+        outcome.items,
+        outcome.split,
+        outcome.checkpoint.display(),
+        outcome.device,
+        outcome.seconds
+    );
+    print_table(outcome);
+    if let Some((ged, samples)) = outcome.ideal_ged {
+        println!("ideal-model GED of this synthetic split: {ged:.4} (at {samples} samples)");
+    }
+    if let Some(first) = outcome.reports.first() {
+        let folder = first.json.parent().unwrap_or(&outcome.run);
+        println!(
+            "wrote {}/{}-<n>.json, .csv and best/median/worst .png; view them with: tensorboard --logdir {}",
+            folder.display(),
+            outcome.split,
+            folder.display()
+        );
+    }
+}
+
+/// A row per sample count: GED under both empty-mask conventions with its interval, then
+/// the other metrics' means (PHiSeg convention).
+fn print_table(outcome: &EvalOutcome) {
+    println!(
+        "{:>7}  {:<26} {:<26} {:>8} {:>9} {:>8} {:>10}",
+        "samples",
+        "GED (phiseg) [95% CI]",
+        "GED (kohl-nan) [95% CI]",
+        "HM-IoU",
+        "diversity",
+        "NCC",
+        "mean-pred"
+    );
+    for report in &outcome.reports {
+        let cell = |convention, metric| {
+            report
+                .summary(convention, metric)
+                .map(|s| format!("{:.4} [{:.4}, {:.4}]", s.mean, s.ci_low, s.ci_high))
+                .unwrap_or_default()
+        };
+        let mean = |metric| {
+            report
+                .summary(EmptyConvention::PhiSeg, metric)
+                .map_or(f64::NAN, |s| s.mean)
+        };
+        println!(
+            "{:>7}  {:<26} {:<26} {:>8.4} {:>9.4} {:>8.4} {:>10.4}",
+            report.samples,
+            cell(EmptyConvention::PhiSeg, "ged"),
+            cell(EmptyConvention::KohlNan, "ged"),
+            mean("hm_iou"),
+            mean("diversity"),
+            mean("ncc"),
+            mean("mean_pred_iou"),
+        );
+    }
+}

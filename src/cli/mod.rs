@@ -1,0 +1,118 @@
+//! The command line: one module per subcommand, each holding its flags and deciding how
+//! its results look (progress bars, tables, plain lines); the library itself never prints.
+mod bench;
+mod bench_eval;
+mod doctor;
+mod eval;
+mod prepare;
+mod progress;
+mod sweep;
+mod sweep_progress;
+mod train;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use probunet::sweep::{Stop, SweepError};
+use probunet::train::TrainError;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "probunet",
+    version,
+    about = "Train and evaluate the Probabilistic U-Net on ambiguous segmentation"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Convert an LIDC pickle (or a folder of them) into a fast dataset store.
+    Prepare(prepare::PrepareArgs),
+    /// Train a model from an experiment spec (TOML), or resume a run.
+    Train(train::TrainArgs),
+    /// Evaluate a trained run: GED, HM-IoU and friends, and sample pictures.
+    Eval(eval::EvalArgs),
+    /// Benchmark evaluation (images/s at 100 samples) against the PyTorch implementation.
+    BenchEval(bench_eval::BenchEvalArgs),
+    /// Run a hyperparameter sweep over beta, latent_dim, ...
+    Sweep(sweep::SweepArgs),
+    /// Check the installation: libtorch, CUDA, the model's parameter counts, one training step.
+    Doctor(doctor::DoctorArgs),
+    /// Benchmark training and sampling against the PyTorch implementation of the same model.
+    Bench(bench::BenchArgs),
+}
+
+/// Runs the subcommand, after installing the CPU allocator that the environment asks for
+/// (before libtorch allocates anything).
+pub fn run(cli: Cli) -> Result<()> {
+    probunet::memory::install(probunet::memory::from_env().map_err(anyhow::Error::msg)?);
+    match cli.command {
+        Command::Prepare(args) => prepare::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::BenchEval(args) => bench_eval::run(&args),
+        Command::Sweep(args) => sweep::run(args),
+        Command::Doctor(args) => doctor::run(&args),
+        Command::Bench(args) => bench::run(&args),
+    }
+}
+
+/// 130 for a run or sweep stopped by Ctrl-C (as a shell reports SIGINT), so scripts and
+/// schedulers can tell an interruption from a failure; 1 otherwise.
+pub fn exit_code(err: &anyhow::Error) -> ExitCode {
+    let interrupted = matches!(
+        err.downcast_ref::<TrainError>(),
+        Some(TrainError::Interrupted { .. })
+    ) || matches!(
+        err.downcast_ref::<SweepError>(),
+        Some(SweepError::Interrupted { .. })
+            | Some(SweepError::Incomplete {
+                interrupted: true,
+                ..
+            })
+    );
+    if interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The first Ctrl-C asks training to finish its step and checkpoint (the returned flag);
+/// a second one exits at once.
+fn ctrl_c_finishes_the_step() -> Result<Arc<AtomicBool>> {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("second Ctrl-C: stopping without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "Ctrl-C: finishing the step and writing a checkpoint (Ctrl-C again to stop at once)"
+        );
+    })?;
+    Ok(interrupt)
+}
+
+/// Ctrl-C stops a local sweep's trials: gently the first time, at once the second.
+fn ctrl_c_stops_the_trials() -> Result<Arc<Stop>> {
+    let stop = Arc::new(Stop::default());
+    let handler = stop.clone();
+    ctrlc::set_handler(move || {
+        if handler.request() == 1 {
+            eprintln!(
+                "Ctrl-C: every running trial finishes its step, checkpoints and stops; no new \
+                 trial starts (Ctrl-C again stops them at once)"
+            );
+        } else {
+            eprintln!("second Ctrl-C: stopping the trials at once, without a checkpoint");
+        }
+    })?;
+    Ok(stop)
+}
