@@ -2,9 +2,10 @@
 //! each other and with TensorBoard's reader, reproducibility, and the errors for bad input.
 mod common;
 
+use common::{run_err, run_ok, stderr, stdout};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 
 /// A tiny trained run, made once per test binary: `(root, run)`. Commands run in `root`,
@@ -39,52 +40,25 @@ fn fixture() -> &'static (PathBuf, PathBuf) {
     })
 }
 
-fn probunet(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_probunet"))
-        .current_dir(dir)
-        .args(args)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .unwrap()
-}
-
-fn run_ok(dir: &Path, args: &[&str]) -> Output {
-    let out = probunet(dir, args);
-    assert!(
-        out.status.success(),
-        "probunet {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// `probunet eval` on a fresh copy of the fixture run; returns the copy and the output.
-fn eval_copy(name: &str, args: &[&str]) -> (PathBuf, Output) {
+/// A fresh copy of the fixture run and `probunet eval ARGS` on it, to be run.
+fn eval_copy(name: &str, args: &[&str]) -> (PathBuf, Command) {
     let (root, run) = fixture();
     let copy = root.join("copies").join(name);
     let _ = std::fs::remove_dir_all(&copy);
     copy_dir(run, &copy);
-    let mut full = vec!["eval", copy.to_str().unwrap(), "--device", "cpu"];
-    full.extend_from_slice(args);
-    let out = probunet(root, &full);
-    (copy, out)
+    let mut cmd = common::probunet(root, &["eval", copy.to_str().unwrap(), "--device", "cpu"]);
+    cmd.args(args);
+    (copy, cmd)
 }
 
 fn eval_ok(name: &str, args: &[&str]) -> (PathBuf, String) {
-    let (copy, out) = eval_copy(name, args);
-    assert!(
-        out.status.success(),
-        "probunet eval {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (copy, String::from_utf8_lossy(&out.stdout).into_owned())
+    let (copy, mut cmd) = eval_copy(name, args);
+    (copy, stdout(&common::expect_success(&mut cmd)))
 }
 
 fn eval_err(name: &str, args: &[&str]) -> String {
-    let (_, out) = eval_copy(name, args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "expected a failure: {stderr}");
-    stderr
+    let (_, mut cmd) = eval_copy(name, args);
+    stderr(&common::expect_failure(&mut cmd))
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -357,7 +331,7 @@ fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
             "4",
         ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = stdout(&out);
     assert!(stdout.contains("note: no best checkpoint"), "{stdout}");
     assert_eq!(
         json(&copy.join("eval/test-4.json"))["checkpoint"]["step"],
@@ -369,11 +343,10 @@ fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
 fn bad_input_gets_a_clear_error() {
     let (root, run) = fixture();
     // Not a run folder.
-    let out = probunet(root, &["eval", "nowhere", "--device", "cpu"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let err = stderr(&run_err(root, &["eval", "nowhere", "--device", "cpu"]));
     assert!(
-        !out.status.success() && stderr.contains("nowhere") && stderr.contains("not a run folder"),
-        "{stderr}"
+        err.contains("nowhere") && err.contains("not a run folder"),
+        "{err}"
     );
 
     // A run folder without a checkpoint.
@@ -381,12 +354,13 @@ fn bad_input_gets_a_clear_error() {
     let _ = std::fs::remove_dir_all(&bare);
     std::fs::create_dir_all(&bare).unwrap();
     std::fs::copy(run.join("spec.toml"), bare.join("spec.toml")).unwrap();
-    let out = probunet(root, &["eval", bare.to_str().unwrap(), "--device", "cpu"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let err = stderr(&run_err(
+        root,
+        &["eval", bare.to_str().unwrap(), "--device", "cpu"],
+    ));
     assert!(
-        stderr.contains("no checkpoint to evaluate") && stderr.contains("--checkpoint PATH"),
-        "{stderr}"
+        err.contains("no checkpoint to evaluate") && err.contains("--checkpoint PATH"),
+        "{err}"
     );
 
     // A checkpoint of another model shape: the spec now asks for wider second-level filters.
@@ -401,16 +375,17 @@ fn bad_input_gets_a_clear_error() {
         spec.replace("filters = [8, 16]", "filters = [8, 24]"),
     )
     .unwrap();
-    let out = probunet(root, &["eval", wider.to_str().unwrap(), "--device", "cpu"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let err = stderr(&run_err(
+        root,
+        &["eval", wider.to_str().unwrap(), "--device", "cpu"],
+    ));
     for words in [
         "does not fit the model of",
         "model.filters = [8, 24]",
         "variable posterior.encoder.1.0.bias is [16] in the checkpoint but [24] in the model",
         "variables differ",
     ] {
-        assert!(stderr.contains(words), "{words}: {stderr}");
+        assert!(err.contains(words), "{words}: {err}");
     }
     // Same through --checkpoint PATH from another run: the mismatch names the variable.
     let latent = root.join("copies/latent");
@@ -423,7 +398,7 @@ fn bad_input_gets_a_clear_error() {
     )
     .unwrap();
     let model = run.join("checkpoints/best/model.safetensors");
-    let out = probunet(
+    let err = stderr(&run_err(
         root,
         &[
             "eval",
@@ -433,12 +408,10 @@ fn bad_input_gets_a_clear_error() {
             "--checkpoint",
             model.to_str().unwrap(),
         ],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    ));
     assert!(
-        stderr
-            .contains("fcomb.layers.0.weight is [8, 10, 1, 1] in the checkpoint but [8, 11, 1, 1]"),
-        "{stderr}"
+        err.contains("fcomb.layers.0.weight is [8, 10, 1, 1] in the checkpoint but [8, 11, 1, 1]"),
+        "{err}"
     );
 
     // A store without the asked split, and a split name that does not exist.
@@ -505,12 +478,12 @@ fn bench_eval_times_both_sides_on_the_same_inputs() {
         "1",
     ];
     let out = run_ok(dir.path(), &args);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = stdout(&out);
     assert!(stdout.contains("probunet / PyTorch:"), "{stdout}");
     let mut json_args = args.to_vec();
     json_args.push("--json");
     let out = run_ok(dir.path(), &json_args);
-    let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+    let rows: Vec<Value> = common::stdout(&out)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();

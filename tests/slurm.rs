@@ -3,6 +3,7 @@
 //! job array submitted with sbatch, and the summary collected from what the array tasks
 //! wrote. The test skips itself, loudly, only where the packages cannot be installed.
 mod common;
+use common::{run_ok, text};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -37,14 +38,6 @@ fn with_sbin_on_path() {
 fn on_path(binary: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path).any(|dir| dir.join(binary).is_file())
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// A line straight to the process's stderr, past the test harness's capture, so that it
@@ -309,17 +302,6 @@ impl Drop for Cluster {
     }
 }
 
-fn probunet(dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_probunet"))
-        .current_dir(dir)
-        .args(args)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "probunet {args:?}: {}", text(&out));
-    out
-}
-
 #[test]
 fn a_job_array_runs_the_sweep_on_a_one_node_slurm_cluster() {
     with_sbin_on_path();
@@ -347,7 +329,7 @@ fn a_job_array_runs_the_sweep_on_a_one_node_slurm_cluster() {
          [sweep.slurm]\ncpus = 1\nmem = \"300M\"\ntime = \"00:05:00\"\nconcurrency = 2\n",
     )
     .unwrap();
-    let out = probunet(&work, &["sweep", "sweep.toml", "--emit", "slurm"]);
+    let out = run_ok(&work, &["sweep", "sweep.toml", "--emit", "slurm"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("4 of 4 trials as a job array"),
         "{}",
@@ -412,7 +394,7 @@ fn a_job_array_runs_the_sweep_on_a_one_node_slurm_cluster() {
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(logs.len(), 4, "one log per array task: {logs:?}");
-    let out = probunet(&work, &["sweep", "runs/slurm", "--collect"]);
+    let out = run_ok(&work, &["sweep", "runs/slurm", "--collect"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let mut task_logs = String::new();
     for log in &logs {

@@ -2,11 +2,12 @@
 //! failures, Ctrl-C and resume, and the per-trial entry point that cluster jobs use.
 mod common;
 
+use common::{expect_failure, expect_success, probunet, run_err, run_ok, text};
 use probunet::train::run::{read_rows, Phase};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Writes the tiny base and a sweep spec over it; returns the sweep spec's path.
@@ -19,34 +20,6 @@ fn write_sweep(dir: &Path, sweep: &str) -> PathBuf {
     let path = dir.join("sweep.toml");
     std::fs::write(&path, format!("[sweep]\nbase = \"tiny.toml\"\n{sweep}")).unwrap();
     path
-}
-
-fn probunet(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_probunet"));
-    cmd.current_dir(dir)
-        .args(args)
-        .env("OMP_NUM_THREADS", "1")
-        .env_remove("SLURM_ARRAY_TASK_ID")
-        .env_remove("JOB_COMPLETION_INDEX");
-    cmd
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn run_ok(dir: &Path, args: &[&str]) -> Output {
-    let out = probunet(dir, args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "probunet {args:?} failed:\n{}",
-        text(&out)
-    );
-    out
 }
 
 /// summary.csv as one map per row, in trial order.
@@ -84,7 +57,7 @@ fn plan_prints_the_trials_and_runs_nothing() {
          [sweep.random]\n\"train.lr\" = { log_uniform = [1e-4, 1e-2] }\n",
     );
     let out = run_ok(dir.path(), &["sweep", spec.to_str().unwrap(), "--plan"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = common::stdout(&out);
     assert!(
         stdout.starts_with("sweep p: 16 trials (beta 2 x latent_dim 2 x lr drawn x 2 repeats)"),
         "{stdout}"
@@ -129,15 +102,10 @@ fn bad_sweeps_name_the_file_the_key_or_the_value() {
     ];
     for (sweep, message) in cases {
         let spec = write_sweep(dir.path(), sweep);
-        let out = probunet(dir.path(), &["sweep", spec.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
+        let out = run_err(dir.path(), &["sweep", spec.to_str().unwrap()]);
         assert!(text(&out).contains(message), "{sweep}: {}", text(&out));
     }
-    let out = probunet(dir.path(), &["sweep", "none.toml"])
-        .output()
-        .unwrap();
+    let out = run_err(dir.path(), &["sweep", "none.toml"]);
     assert!(
         text(&out).contains("none.toml: does not exist"),
         "{}",
@@ -152,10 +120,7 @@ fn bad_sweeps_name_the_file_the_key_or_the_value() {
         &["sweep", spec.to_str().unwrap(), "--emit", "slurm"],
     );
     let spec = write_sweep(dir.path(), "name = \"s\"\n[sweep.grid]\nbeta = [1, 100]\n");
-    let out = probunet(dir.path(), &["sweep", spec.to_str().unwrap(), "--plan"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let out = run_err(dir.path(), &["sweep", spec.to_str().unwrap(), "--plan"]);
     assert!(
         text(&out).contains(
             "runs/s: holds another plan for sweep `s`: trial 1 is 01-beta100 (model.beta=100) \
@@ -164,43 +129,37 @@ fn bad_sweeps_name_the_file_the_key_or_the_value() {
         "{}",
         text(&out)
     );
-    let out = probunet(dir.path(), &["sweep", spec.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success() && text(&out).contains("Refusing to mix them"));
+    let out = run_err(dir.path(), &["sweep", spec.to_str().unwrap()]);
+    assert!(
+        text(&out).contains("Refusing to mix them"),
+        "{}",
+        text(&out)
+    );
     // --trial out of range, and no trial at all.
-    let out = probunet(dir.path(), &["train", "--sweep", "runs/s", "--trial", "2"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let out = run_err(dir.path(), &["train", "--sweep", "runs/s", "--trial", "2"]);
     assert!(
         text(&out).contains("trial 2 is out of range: runs/s has 2 trials (0 to 1)"),
         "{}",
         text(&out)
     );
-    let out = probunet(dir.path(), &["train", "--sweep", "runs/s"])
-        .output()
-        .unwrap();
+    let out = run_err(dir.path(), &["train", "--sweep", "runs/s"]);
     assert!(
         text(&out).contains("Pass --trial N, or run as a Slurm array task (SLURM_ARRAY_TASK_ID)"),
         "{}",
         text(&out)
     );
-    let out = probunet(dir.path(), &["train", "--sweep", "runs/s"])
-        .env("SLURM_ARRAY_TASK_ID", "x")
-        .output()
-        .unwrap();
+    let out = expect_failure(
+        probunet(dir.path(), &["train", "--sweep", "runs/s"]).env("SLURM_ARRAY_TASK_ID", "x"),
+    );
     assert!(
         text(&out).contains("SLURM_ARRAY_TASK_ID=\"x\" is not a trial number"),
         "{}",
         text(&out)
     );
-    let out = probunet(
+    let out = run_err(
         dir.path(),
         &["train", "--sweep", "runs/none", "--trial", "0"],
-    )
-    .output()
-    .unwrap();
+    );
     assert!(
         text(&out).contains("runs/none: does not exist"),
         "{}",
@@ -227,8 +186,8 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
             "1",
         ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = common::stdout(&out);
+    let stderr = common::stderr(&out);
     eprintln!(
         "4 trials, 2 at once: {:.1} s",
         started.elapsed().as_secs_f64()
@@ -374,13 +333,13 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
         &["sweep", spec.to_str().unwrap(), "--jobs", "2"],
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout)
+        common::stdout(&out)
             .contains("sweep grid: 4 trials in runs/grid: 4 finished; nothing to run"),
         "{}",
         text(&out)
     );
     let out = run_ok(dir.path(), &["sweep", "runs/grid", "--collect"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("4 trials: 4 finished"));
+    assert!(common::stdout(&out).contains("4 trials: 4 finished"));
     assert_eq!(std::fs::read(folder.join("summary.csv")).unwrap(), before);
 }
 
@@ -392,12 +351,10 @@ fn a_failing_trial_is_marked_failed_and_the_others_go_on() {
         "name = \"bad\"\nset = { \"train.steps\" = 10 }\n\
          [sweep.grid]\nlatent_dim = [2, 0]\nlr = [1e-3, 1e30]\n",
     );
-    let out = probunet(
+    let out = common::output(&mut probunet(
         dir.path(),
         &["sweep", spec.to_str().unwrap(), "--jobs", "2"],
-    )
-    .output()
-    .unwrap();
+    ));
     let all = text(&out);
     assert_eq!(out.status.code(), Some(1), "{all}");
     assert!(
@@ -429,16 +386,17 @@ fn a_failing_trial_is_marked_failed_and_the_others_go_on() {
         "STATUS_FAILURE"
     );
     // Failed trials stay failed on a re-run, unless retried.
-    let out = probunet(dir.path(), &["sweep", spec.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = common::output(&mut probunet(
+        dir.path(),
+        &["sweep", spec.to_str().unwrap()],
+    ));
     assert!(
         text(&out)
             .contains("1 finished, 3 failed (--retry-failed runs them again); nothing to run"),
         "{}",
         text(&out)
     );
-    let out = probunet(
+    let out = common::output(&mut probunet(
         dir.path(),
         &[
             "sweep",
@@ -447,11 +405,9 @@ fn a_failing_trial_is_marked_failed_and_the_others_go_on() {
             "--jobs",
             "2",
         ],
-    )
-    .output()
-    .unwrap();
+    ));
     assert!(text(&out).contains("3 to run"), "{}", text(&out));
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
 
 /// Waits for `done`, polling, at most `limit`.
@@ -582,8 +538,7 @@ fn cluster_tasks_run_one_trial_each_and_collect_summarises_what_finished() {
         ],
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout)
-            .contains("submit it with:  sbatch runs/array/sweep.sbatch"),
+        common::stdout(&out).contains("submit it with:  sbatch runs/array/sweep.sbatch"),
         "{}",
         text(&out)
     );
@@ -618,7 +573,7 @@ fn cluster_tasks_run_one_trial_each_and_collect_summarises_what_finished() {
     let gpu = std::fs::read_to_string(dir.path().join("gpu.sbatch")).unwrap();
     assert!(gpu.contains("#SBATCH --gres=gpu:1\n") && gpu.contains("--partition=gpu\n"));
     assert!(gpu.contains("--device cuda\n"), "{gpu}");
-    let out = probunet(
+    let out = run_err(
         dir.path(),
         &[
             "sweep",
@@ -628,47 +583,40 @@ fn cluster_tasks_run_one_trial_each_and_collect_summarises_what_finished() {
             "--mem",
             "lots",
         ],
-    )
-    .output()
-    .unwrap();
+    );
     assert!(
-        !out.status.success()
-            && text(&out).contains("sweep.slurm (or its flag): mem \"lots\": expected a size"),
+        text(&out).contains("sweep.slurm (or its flag): mem \"lots\": expected a size"),
         "{}",
         text(&out)
     );
 
     // Array task 1 and Indexed Job completion 0, as the engines set them.
-    let out = probunet(dir.path(), &["train", "--sweep", "runs/array", "--plain"])
-        .env("SLURM_ARRAY_TASK_ID", "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let out = expect_success(
+        probunet(dir.path(), &["train", "--sweep", "runs/array", "--plain"])
+            .env("SLURM_ARRAY_TASK_ID", "1"),
+    );
     assert!(
-        String::from_utf8_lossy(&out.stdout)
-            .contains("trial 1 finished: 10 steps in runs/array/01-beta1"),
+        common::stdout(&out).contains("trial 1 finished: 10 steps in runs/array/01-beta1"),
         "{}",
         text(&out)
     );
-    let out = probunet(dir.path(), &["train", "--sweep", "runs/array", "--plain"])
-        .env("JOB_COMPLETION_INDEX", "0")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    expect_success(
+        probunet(dir.path(), &["train", "--sweep", "runs/array", "--plain"])
+            .env("JOB_COMPLETION_INDEX", "0"),
+    );
     // A finished trial is not run again.
     let out = run_ok(
         dir.path(),
         &["train", "--sweep", "runs/array", "--trial", "1"],
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout)
-            .contains("trial 1 (01-beta1) already finished (10 steps)"),
+        common::stdout(&out).contains("trial 1 (01-beta1) already finished (10 steps)"),
         "{}",
         text(&out)
     );
 
     let out = run_ok(dir.path(), &["sweep", "runs/array", "--collect"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = common::stdout(&out);
     assert!(
         stdout.contains("sweep array: 3 trials: 2 finished, 1 pending"),
         "{stdout}"

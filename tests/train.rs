@@ -2,27 +2,12 @@
 //! resume after SIGKILL, Ctrl-C, non-finite losses and determinism.
 mod common;
 
+use common::{probunet, run_err, run_ok, stderr, stdout};
 use probunet::train::run::{read_rows, MetricsRow, Phase};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn probunet(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_probunet"));
-    cmd.current_dir(dir).args(args).env("OMP_NUM_THREADS", "1");
-    cmd
-}
-
-fn run_ok(dir: &Path, args: &[&str]) -> Output {
-    let out = probunet(dir, args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "probunet {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// The single run folder under `dir/runs`.
 fn run_dir(dir: &Path) -> PathBuf {
@@ -60,7 +45,7 @@ fn a_run_logs_every_tag_and_checkpoints_as_configured() {
     let dir = tempfile::tempdir().unwrap();
     let spec = common::write_spec(dir.path(), "");
     let out = run_ok(dir.path(), &["train", spec.to_str().unwrap()]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = stdout(&out);
     let run = run_dir(dir.path());
     assert!(
         stdout.contains(&format!(
@@ -71,7 +56,7 @@ fn a_run_logs_every_tag_and_checkpoints_as_configured() {
     );
     assert!(stdout.contains("ideal-model reference"), "{stdout}");
     // Plain progress lines, since stderr is not a terminal here.
-    assert!(String::from_utf8_lossy(&out.stderr).contains("step 60/60"));
+    assert!(stderr(&out).contains("step 60/60"));
 
     let spec_toml = std::fs::read_to_string(run.join("spec.toml")).unwrap();
     assert!(
@@ -199,11 +184,7 @@ fn sigkill_then_resume_loses_and_repeats_no_step() {
     child.wait().unwrap();
 
     let out = run_ok(dir.path(), &["train", "--resume", run.to_str().unwrap()]);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("resuming"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(stdout(&out).contains("resuming"), "{}", stdout(&out));
     let got = rows(&run, Phase::Train);
     let steps: Vec<u64> = got.iter().map(|r| r.step).collect();
     assert_eq!(
@@ -262,7 +243,7 @@ fn ctrl_c_checkpoints_and_says_how_to_resume() {
         .unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr(&out);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("probunet train --resume"), "{stderr}");
     let run = run_dir(dir.path());
@@ -276,7 +257,7 @@ fn ctrl_c_checkpoints_and_says_how_to_resume() {
 fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let spec = common::write_spec(dir.path(), "");
-    let out = probunet(
+    let out = run_err(
         dir.path(),
         &[
             "train",
@@ -286,11 +267,8 @@ fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
             "--set",
             "train.steps=10",
         ],
-    )
-    .output()
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    );
+    let stderr = stderr(&out);
     assert!(
         stderr.contains("step ") && stderr.contains("non-finite"),
         "{stderr}"
@@ -321,7 +299,7 @@ fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
             "train.on_nan=\"skip\"",
         ],
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("batches were skipped"));
+    assert!(stdout(&out).contains("batches were skipped"));
     let skipped: u64 = rows(&run_dir(dir.path()), Phase::Train)
         .iter()
         .map(|r| r.skipped)
@@ -332,42 +310,25 @@ fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
 #[test]
 fn bad_specs_and_flags_name_the_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
-    let out = probunet(dir.path(), &["train", "nope.toml"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
+    let out = run_err(dir.path(), &["train", "nope.toml"]);
+    assert!(stderr(&out).contains("nope.toml"), "{}", stderr(&out));
     let spec = common::write_spec(dir.path(), "[oops]\nx = 1\n");
-    let out = probunet(dir.path(), &["train", spec.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("tiny.toml") && stderr.contains("oops"),
-        "{stderr}"
-    );
+    let out = run_err(dir.path(), &["train", spec.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert!(err.contains("tiny.toml") && err.contains("oops"), "{err}");
     let spec = common::write_spec(dir.path(), "");
-    let out = probunet(
+    let out = run_err(
         dir.path(),
         &["train", spec.to_str().unwrap(), "--set", "train.batch=zero"],
-    )
-    .output()
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("train.batch"),
-        "{stderr}"
     );
-    let out = probunet(
+    let err = stderr(&out);
+    assert!(err.contains("train.batch"), "{err}");
+    let out = run_err(
         dir.path(),
         &["train", spec.to_str().unwrap(), "--device", "cuda:9"],
-    )
-    .output()
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("cuda:9"),
-        "{stderr}"
     );
+    let err = stderr(&out);
+    assert!(err.contains("cuda:9"), "{err}");
     assert!(
         !dir.path().join("runs").exists()
             || std::fs::read_dir(dir.path().join("runs")).unwrap().count() <= 1
