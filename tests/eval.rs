@@ -2,7 +2,7 @@
 //! each other and with TensorBoard's reader, reproducibility, and the errors for bad input.
 mod common;
 
-use common::{run_err, run_ok, stderr, stdout};
+use common::{read_json, run_err, run_ok, stderr, stdout};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -74,10 +74,6 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 /// The CSV as (header, rows of fields).
 fn csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
     let text = std::fs::read_to_string(path).unwrap();
@@ -111,11 +107,11 @@ fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
     let (run, stdout) = eval_ok("outputs", &[]);
     assert!(stdout.contains("GED (phiseg)"), "{stdout}");
     let eval = run.join("eval");
-    let store = json(&eval.join("test-16.json"))["store"]["path"]
+    let store = read_json(&eval.join("test-16.json"))["store"]["path"]
         .as_str()
         .unwrap()
         .to_owned();
-    let manifest = json(&fixture().0.join(store).join("manifest.json"));
+    let manifest = read_json(&fixture().0.join(store).join("manifest.json"));
     let test_items: Vec<u64> = manifest["split"]["test"]
         .as_array()
         .unwrap()
@@ -124,7 +120,7 @@ fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
         .collect();
     assert!(!test_items.is_empty());
     for n in [16, 100] {
-        let report = json(&eval.join(format!("test-{n}.json")));
+        let report = read_json(&eval.join(format!("test-{n}.json")));
         assert_eq!(report["samples"], n);
         assert_eq!(report["split"], "test");
         assert_eq!(report["items"], test_items.len());
@@ -227,10 +223,9 @@ fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 
-    let events: Value =
-        serde_json::from_str(&common::run_script("read_events.py", &[eval.as_os_str()])).unwrap();
-    let events = &events[eval.to_str().unwrap()];
-    let step = json(&eval.join("test-16.json"))["checkpoint"]["step"]
+    let events = common::read_events(&[&eval]);
+    let events = common::events_at(&events, &eval);
+    let step = read_json(&eval.join("test-16.json"))["checkpoint"]["step"]
         .as_u64()
         .unwrap();
     for n in [16, 100] {
@@ -239,7 +234,7 @@ fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
             assert_eq!(image["step"], step);
             assert_eq!(image["png_width"], 15 * 32 + 14 * 2);
         }
-        let report = json(&eval.join(format!("test-{n}.json")));
+        let report = read_json(&eval.join(format!("test-{n}.json")));
         for (tag, convention, metric) in [
             (format!("test-{n}/ged"), "phiseg", "ged"),
             (format!("test-{n}/hm_iou"), "phiseg", "hm_iou"),
@@ -291,13 +286,13 @@ fn results_depend_on_the_seed_but_not_on_the_batch_size_or_other_sample_counts()
         "another seed draws other samples"
     );
     assert!(b.join("eval/test-5.json").is_file());
-    assert_eq!(json(&c.join("eval/test-12.json"))["seed"], 1);
+    assert_eq!(read_json(&c.join("eval/test-12.json"))["seed"], 1);
 }
 
 #[test]
 fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
     let (run, _) = eval_ok("last", &["--checkpoint", "last", "--samples", "4"]);
-    let report = json(&run.join("eval/test-4.json"));
+    let report = read_json(&run.join("eval/test-4.json"));
     assert_eq!(report["checkpoint"]["choice"], "last");
     assert_eq!(report["checkpoint"]["step"], 30);
     assert!(report["checkpoint"]["path"]
@@ -311,7 +306,7 @@ fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
         "path",
         &["--checkpoint", model.to_str().unwrap(), "--samples", "4"],
     );
-    let report = json(&copy.join("eval/test-4.json"));
+    let report = read_json(&copy.join("eval/test-4.json"));
     assert_eq!(report["checkpoint"]["step"], 20);
     assert_eq!(report["checkpoint"]["model"], model.to_str().unwrap());
 
@@ -334,7 +329,7 @@ fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
     let stdout = stdout(&out);
     assert!(stdout.contains("note: no best checkpoint"), "{stdout}");
     assert_eq!(
-        json(&copy.join("eval/test-4.json"))["checkpoint"]["step"],
+        read_json(&copy.join("eval/test-4.json"))["checkpoint"]["step"],
         30
     );
 }

@@ -409,13 +409,11 @@ fn a_job_array_runs_the_sweep_on_a_one_node_slurm_cluster() {
         "{stdout}\n{task_logs}\n{}",
         cluster.logs()
     );
-    let mut reader = csv::Reader::from_path(folder.join("summary.csv")).unwrap();
-    let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+    let rows = common::sweep_summary(&folder);
     assert_eq!(rows.len(), 4);
     for row in &rows {
-        // index, id, model.beta, model.latent_dim, status, error, steps, ...
-        assert_eq!(&row[4], "finished", "{row:?}");
-        assert_eq!(&row[6], "20", "{row:?}");
+        assert_eq!(row["status"], "finished", "{row:?}");
+        assert_eq!(row["steps"], "20", "{row:?}");
     }
     // Each task ran its own trial, with the thread count Slurm gave it.
     let mut trials: Vec<usize> = logs
@@ -432,10 +430,7 @@ fn a_job_array_runs_the_sweep_on_a_one_node_slurm_cluster() {
     trials.sort();
     assert_eq!(trials, [0, 1, 2, 3]);
     for row in &rows {
-        let status: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(folder.join(&row[1]).join("status.json")).unwrap(),
-        )
-        .unwrap();
+        let status = common::read_json(&folder.join(&row["id"]).join("status.json"));
         assert_eq!(status["threads"], 1, "{status}");
         assert_eq!(status["device"], "cpu", "{status}");
     }

@@ -2,9 +2,10 @@
 //! failures, Ctrl-C and resume, and the per-trial entry point that cluster jobs use.
 mod common;
 
-use common::{expect_failure, expect_success, probunet, run_err, run_ok, text};
-use probunet::train::run::{read_rows, Phase};
-use serde_json::Value;
+use common::{
+    expect_failure, expect_success, metric_steps, probunet, run_err, run_ok, sweep_summary, text,
+};
+use probunet::train::run::Phase;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,29 +23,8 @@ fn write_sweep(dir: &Path, sweep: &str) -> PathBuf {
     path
 }
 
-/// summary.csv as one map per row, in trial order.
-fn summary(folder: &Path) -> Vec<BTreeMap<String, String>> {
-    let mut reader = csv::Reader::from_path(folder.join("summary.csv")).unwrap();
-    let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
-    reader
-        .records()
-        .map(|r| {
-            header
-                .iter()
-                .cloned()
-                .zip(r.unwrap().iter().map(String::from))
-                .collect()
-        })
-        .collect()
-}
-
 fn column<'a>(rows: &'a [BTreeMap<String, String>], key: &str) -> Vec<&'a str> {
     rows.iter().map(|r| r[key].as_str()).collect()
-}
-
-fn read_events(paths: &[&Path]) -> Value {
-    let args: Vec<&std::ffi::OsStr> = paths.iter().map(|p| p.as_os_str()).collect();
-    serde_json::from_str(&common::run_script("read_events.py", &args)).unwrap()
 }
 
 #[test]
@@ -215,7 +195,7 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
     );
 
     let folder = dir.path().join("runs/grid");
-    let rows = summary(&folder);
+    let rows = sweep_summary(&folder);
     assert_eq!(
         column(&rows, "id"),
         [
@@ -271,13 +251,7 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
         spec_toml.contains("steps = 30  # runs/grid/base.toml\n"),
         "{spec_toml}"
     );
-    let val: Vec<u64> = read_rows(&trial.join("metrics.csv"))
-        .unwrap()
-        .iter()
-        .filter(|r| r.phase == Phase::Val)
-        .map(|r| r.step)
-        .collect();
-    assert_eq!(val, [15, 30]);
+    assert_eq!(metric_steps(&trial, Phase::Val), [15, 30]);
 
     // The HParams dashboard: the experiment in the sweep folder, a session per trial.
     let trials: Vec<PathBuf> = column(&rows, "id")
@@ -286,8 +260,8 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
         .collect();
     let mut paths: Vec<&Path> = vec![&folder];
     paths.extend(trials.iter().map(PathBuf::as_path));
-    let events = read_events(&paths);
-    let experiment = &events[folder.to_str().unwrap()]["hparams"]["_hparams_/experiment"];
+    let events = common::read_events(&paths);
+    let experiment = &common::events_at(&events, &folder)["hparams"]["_hparams_/experiment"];
     assert_eq!(
         experiment["hparam_infos"],
         serde_json::json!([
@@ -305,7 +279,7 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
         ])
     );
     for (trial, row) in trials.iter().zip(&rows) {
-        let run = &events[trial.to_str().unwrap()];
+        let run = common::events_at(&events, trial);
         let start = &run["hparams"]["_hparams_/session_start_info"];
         let beta: f64 = row["model.beta"].parse().unwrap();
         let latent: f64 = row["model.latent_dim"].parse().unwrap();
@@ -316,13 +290,8 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
             "STATUS_SUCCESS"
         );
         for tag in ["val_ged", "val_hm_iou", "val_elbo", "val_kl"] {
-            let steps: Vec<u64> = run["scalars"][tag]
-                .as_array()
-                .unwrap_or_else(|| panic!("{tag} in {}", trial.display()))
-                .iter()
-                .map(|p| p[0].as_u64().unwrap())
-                .collect();
-            assert_eq!(steps, [15, 30], "{tag}");
+            let steps: Vec<u64> = common::scalars(run, tag).iter().map(|p| p.0).collect();
+            assert_eq!(steps, [15, 30], "{tag} in {}", trial.display());
         }
     }
 
@@ -361,7 +330,7 @@ fn a_failing_trial_is_marked_failed_and_the_others_go_on() {
         all.contains("3 of 4 trials failed") && all.contains("--retry-failed"),
         "{all}"
     );
-    let rows = summary(&dir.path().join("runs/bad"));
+    let rows = sweep_summary(&dir.path().join("runs/bad"));
     assert_eq!(
         column(&rows, "status"),
         ["finished", "failed", "failed", "failed"]
@@ -380,9 +349,9 @@ fn a_failing_trial_is_marked_failed_and_the_others_go_on() {
     assert!(!rows[0]["best_val_ged"].is_empty());
     // The failed trial's session says so in the HParams dashboard.
     let trial = dir.path().join("runs/bad").join(&rows[1]["id"]);
-    let events = read_events(&[&trial]);
+    let events = common::read_events(&[&trial]);
     assert_eq!(
-        events[trial.to_str().unwrap()]["hparams"]["_hparams_/session_end_info"]["status"],
+        common::events_at(&events, &trial)["hparams"]["_hparams_/session_end_info"]["status"],
         "STATUS_FAILURE"
     );
     // Failed trials stay failed on a re-run, unless retried.
@@ -468,7 +437,7 @@ fn ctrl_c_stops_every_trial_and_running_again_resumes_them() {
         all.contains("Resume with: probunet sweep") && all.contains("sweep.toml"),
         "{all}"
     );
-    let rows = summary(&folder);
+    let rows = sweep_summary(&folder);
     assert_eq!(
         column(&rows, "status"),
         ["interrupted", "interrupted", "pending"],
@@ -497,17 +466,11 @@ fn ctrl_c_stops_every_trial_and_running_again_resumes_them() {
         all.contains(&format!("resuming from step {}", stopped[0])),
         "{all}"
     );
-    let rows = summary(&folder);
+    let rows = sweep_summary(&folder);
     assert_eq!(column(&rows, "status"), ["finished"; 3]);
     for row in &rows {
-        let steps: Vec<u64> = read_rows(&folder.join(&row["id"]).join("metrics.csv"))
-            .unwrap()
-            .iter()
-            .filter(|r| r.phase == Phase::Train)
-            .map(|r| r.step)
-            .collect();
         assert_eq!(
-            steps,
+            metric_steps(&folder.join(&row["id"]), Phase::Train),
             (1..=80).map(|i| i * 5).collect::<Vec<_>>(),
             "{}",
             row["id"]
@@ -621,7 +584,7 @@ fn cluster_tasks_run_one_trial_each_and_collect_summarises_what_finished() {
         stdout.contains("sweep array: 3 trials: 2 finished, 1 pending"),
         "{stdout}"
     );
-    let rows = summary(&folder);
+    let rows = sweep_summary(&folder);
     assert_eq!(column(&rows, "status"), ["finished", "finished", "pending"]);
     assert_eq!(column(&rows, "steps"), ["10", "10", ""]);
     // The next script holds only what is left.

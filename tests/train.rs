@@ -2,43 +2,11 @@
 //! resume after SIGKILL, Ctrl-C, non-finite losses and determinism.
 mod common;
 
-use common::{probunet, run_err, run_ok, stderr, stdout};
-use probunet::train::run::{read_rows, MetricsRow, Phase};
-use serde_json::Value;
-use std::path::{Path, PathBuf};
+use common::{metrics, only_run, probunet, run_err, run_ok, scalars, stderr, stdout};
+use probunet::train::run::Phase;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// The single run folder under `dir/runs`.
-fn run_dir(dir: &Path) -> PathBuf {
-    let mut runs: Vec<PathBuf> = std::fs::read_dir(dir.join("runs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert_eq!(runs.len(), 1, "{runs:?}");
-    runs.pop().unwrap()
-}
-
-fn rows(run: &Path, phase: Phase) -> Vec<MetricsRow> {
-    read_rows(&run.join("metrics.csv"))
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.phase == phase)
-        .collect()
-}
-
-fn scalars(events: &Value, run: &Path, tag: &str) -> Vec<(u64, f64)> {
-    events[run.to_str().unwrap()]["scalars"][tag]
-        .as_array()
-        .unwrap_or_else(|| panic!("no scalar {tag}"))
-        .iter()
-        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
-        .collect()
-}
-
-fn read_events(run: &Path) -> Value {
-    serde_json::from_str(&common::run_script("read_events.py", &[run.as_os_str()])).unwrap()
-}
 
 #[test]
 fn a_run_logs_every_tag_and_checkpoints_as_configured() {
@@ -46,7 +14,7 @@ fn a_run_logs_every_tag_and_checkpoints_as_configured() {
     let spec = common::write_spec(dir.path(), "");
     let out = run_ok(dir.path(), &["train", spec.to_str().unwrap()]);
     let stdout = stdout(&out);
-    let run = run_dir(dir.path());
+    let run = only_run(dir.path());
     assert!(
         stdout.contains(&format!(
             "tensorboard --logdir {}",
@@ -63,16 +31,16 @@ fn a_run_logs_every_tag_and_checkpoints_as_configured() {
         spec_toml.contains("batch = 8") && spec_toml.contains("tiny.toml"),
         "{spec_toml}"
     );
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
+    let meta = common::read_json(&run.join("meta.json"));
     assert_eq!(meta["probunet_version"], env!("CARGO_PKG_VERSION"));
 
-    let train_steps: Vec<u64> = rows(&run, Phase::Train).iter().map(|r| r.step).collect();
+    let train_steps = common::metric_steps(&run, Phase::Train);
     assert_eq!(train_steps, (1..=12).map(|i| i * 5).collect::<Vec<_>>());
-    let val_steps: Vec<u64> = rows(&run, Phase::Val).iter().map(|r| r.step).collect();
+    let val_steps = common::metric_steps(&run, Phase::Val);
     assert_eq!(val_steps, [20, 40, 60]);
 
-    let events = read_events(&run);
+    let all = common::read_events(&[&run]);
+    let events = common::events_at(&all, &run);
     for tag in [
         "train_loss",
         "train_elbo",
@@ -83,28 +51,25 @@ fn a_run_logs_every_tag_and_checkpoints_as_configured() {
         "beta",
         "images_per_sec",
     ] {
-        let steps: Vec<u64> = scalars(&events, &run, tag).iter().map(|p| p.0).collect();
+        let steps: Vec<u64> = scalars(events, tag).iter().map(|p| p.0).collect();
         assert_eq!(steps, train_steps, "{tag}");
     }
     for tag in ["val_elbo", "val_kl", "val_ged", "val_hm_iou"] {
-        let steps: Vec<u64> = scalars(&events, &run, tag).iter().map(|p| p.0).collect();
+        let steps: Vec<u64> = scalars(events, tag).iter().map(|p| p.0).collect();
         assert_eq!(steps, val_steps, "{tag}");
     }
     // The CSV and TensorBoard hold the same numbers.
-    let csv_loss: Vec<f64> = rows(&run, Phase::Train)
+    let csv_loss: Vec<f64> = metrics(&run, Phase::Train)
         .iter()
         .map(|r| r.loss.unwrap())
         .collect();
-    let tb_loss: Vec<f64> = scalars(&events, &run, "train_loss")
-        .iter()
-        .map(|p| p.1)
-        .collect();
+    let tb_loss: Vec<f64> = scalars(events, "train_loss").iter().map(|p| p.1).collect();
     for (a, b) in csv_loss.iter().zip(&tb_loss) {
         assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "{a} vs {b}");
     }
-    let lr = scalars(&events, &run, "learning_rate");
+    let lr = scalars(events, "learning_rate");
     assert!(lr.iter().all(|p| (p.1 - 1e-3).abs() < 1e-9));
-    let grid = &events[run.to_str().unwrap()]["images"]["val_samples"][0];
+    let grid = &events["images"]["val_samples"][0];
     // 4 rows of input, 4 annotations, 6 samples and the mean, 32 px tiles, 2 px gaps.
     assert_eq!(grid["width"].as_u64().unwrap(), 12 * 32 + 11 * 2);
     assert_eq!(grid["height"].as_u64().unwrap(), 4 * 32 + 3 * 2);
@@ -132,7 +97,7 @@ fn the_same_spec_and_seed_give_the_same_loss_curve() {
                 dir.path(),
                 &["train", spec.to_str().unwrap(), "--set", "train.steps=30"],
             );
-            rows(&run_dir(dir.path()), Phase::Train)
+            metrics(&only_run(dir.path()), Phase::Train)
                 .iter()
                 .map(|r| r.loss.unwrap())
                 .collect()
@@ -163,7 +128,7 @@ fn sigkill_then_resume_loses_and_repeats_no_step() {
     let reference = tempfile::tempdir().unwrap();
     let ref_spec = common::write_spec(reference.path(), "");
     run_ok(reference.path(), &["train", ref_spec.to_str().unwrap()]);
-    let expected = rows(&run_dir(reference.path()), Phase::Train);
+    let expected = metrics(&only_run(reference.path()), Phase::Train);
 
     let mut child = probunet(dir.path(), &["train", spec.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -185,7 +150,7 @@ fn sigkill_then_resume_loses_and_repeats_no_step() {
 
     let out = run_ok(dir.path(), &["train", "--resume", run.to_str().unwrap()]);
     assert!(stdout(&out).contains("resuming"), "{}", stdout(&out));
-    let got = rows(&run, Phase::Train);
+    let got = metrics(&run, Phase::Train);
     let steps: Vec<u64> = got.iter().map(|r| r.step).collect();
     assert_eq!(
         steps,
@@ -199,16 +164,17 @@ fn sigkill_then_resume_loses_and_repeats_no_step() {
             a.step
         );
     }
-    let val: Vec<u64> = rows(&run, Phase::Val).iter().map(|r| r.step).collect();
+    let val = common::metric_steps(&run, Phase::Val);
     assert_eq!(val, [20, 40, 60]);
-    let events = read_events(&run);
+    let all = common::read_events(&[&run]);
+    let events = common::events_at(&all, &run);
     for tag in ["train_loss", "val_ged"] {
-        let steps: Vec<u64> = scalars(&events, &run, tag).iter().map(|p| p.0).collect();
+        let steps: Vec<u64> = scalars(events, tag).iter().map(|p| p.0).collect();
         let mut unique = steps.clone();
         unique.dedup();
         assert_eq!(steps, unique, "{tag} has a step twice in TensorBoard");
     }
-    assert_eq!(scalars(&events, &run, "train_loss").len(), 12);
+    assert_eq!(scalars(events, "train_loss").len(), 12);
 }
 
 #[cfg(unix)]
@@ -246,7 +212,7 @@ fn ctrl_c_checkpoints_and_says_how_to_resume() {
     let stderr = stderr(&out);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("probunet train --resume"), "{stderr}");
-    let run = run_dir(dir.path());
+    let run = only_run(dir.path());
     let ckpts: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
         .collect();
@@ -274,7 +240,7 @@ fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
         "{stderr}"
     );
     assert!(stderr.contains("--resume"), "{stderr}");
-    let run = run_dir(dir.path());
+    let run = only_run(dir.path());
     assert!(
         !run.join("checkpoints").exists()
             || std::fs::read_dir(run.join("checkpoints"))
@@ -300,7 +266,7 @@ fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
         ],
     );
     assert!(stdout(&out).contains("batches were skipped"));
-    let skipped: u64 = rows(&run_dir(dir.path()), Phase::Train)
+    let skipped: u64 = metrics(&only_run(dir.path()), Phase::Train)
         .iter()
         .map(|r| r.skipped)
         .sum();
