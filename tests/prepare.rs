@@ -4,7 +4,7 @@ mod common;
 
 use common::{pickle_fixture as fixture, run_err, run_ok, stderr, stdout};
 use probunet::data::split::SplitName;
-use probunet::data::store::Store;
+use probunet::data::store::{Store, ARRAYS_FILE};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -267,7 +267,7 @@ fn the_synthetic_dataset_prepares_with_its_ideal_reference() {
 fn a_killed_prepare_leaves_no_store_and_the_next_one_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("big");
-    let mut child = common::probunet(
+    let child = common::Running::spawn(&mut common::probunet(
         dir.path(),
         &[
             "prepare".as_ref(),
@@ -279,19 +279,21 @@ fn a_killed_prepare_leaves_no_store_and_the_next_one_cleans_up() {
             "--out".as_ref(),
             out_dir.as_os_str(),
         ],
-    )
-    .spawn()
-    .unwrap();
-    // Wait until it is writing, then kill it hard.
-    let started = std::time::Instant::now();
-    while std::fs::read_dir(dir.path()).unwrap().next().is_none()
-        && started.elapsed().as_secs() < 30
-    {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    ));
+    // Kill it hard once it is writing: its array file is there, in the hidden folder it
+    // builds the store in (`.big.partial-PID`, renamed to `big` only when complete).
+    let partial = dir.path().join(format!(".big.partial-{}", child.id()));
+    common::wait_for_path(&partial.join(ARRAYS_FILE));
+    let killed = child.kill();
+    assert!(
+        !killed.status.success(),
+        "prepare finished before it was killed:\n{}",
+        common::text(&killed)
+    );
+    assert!(
+        partial.is_dir(),
+        "the killed prepare left no partial folder, so the next one has nothing to clean up"
+    );
     assert!(!out_dir.exists(), "a killed prepare left a store");
     run_ok(
         dir.path(),

@@ -19,6 +19,11 @@ const BINARIES: [&str; 6] = [
 ];
 const PACKAGES: [&str; 4] = ["munge", "slurmctld", "slurmd", "slurm-client"];
 
+/// How often to ask the cluster (sinfo, squeue) while waiting on it: each look starts a
+/// client that queries slurmctld, so less often than a look at a file, which leaves the
+/// cores to the trials while still noticing within a tenth of a second.
+const CLIENT_POLL: Duration = Duration::from_millis(100);
+
 /// The daemons live in /usr/sbin, which a CI runner's PATH may lack: add the sbin folders
 /// to this process's PATH, so both the checks and the spawned commands find them.
 fn with_sbin_on_path() {
@@ -229,20 +234,17 @@ impl Cluster {
         let conf_text = conf.display().to_string();
         cluster.run("slurmctld", &["-f", &conf_text]);
         cluster.run("slurmd", &["-f", &conf_text, "-N", "localhost"]);
-        let start = Instant::now();
-        loop {
+        let mut state = String::new();
+        let idle = common::poll(CLIENT_POLL, || {
             let out = cluster.command("sinfo").args(["-h", "-o", "%t"]).output();
-            let state = out.map(|o| text(&o)).unwrap_or_default();
-            if state.trim() == "idle" {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "the node never became idle (sinfo: {state})\n{}",
-                cluster.logs()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+            state = out.map(|o| text(&o)).unwrap_or_default();
+            (state.trim() == "idle").then_some(())
+        });
+        assert!(
+            idle.is_some(),
+            "the node never became idle (sinfo: {state})\n{}",
+            cluster.logs()
+        );
         cluster
     }
 
@@ -296,7 +298,7 @@ impl Drop for Cluster {
                     // SAFETY: kill(2) on a pid read from our own daemon's pid file.
                     unsafe { libc::kill(pid, sig) };
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(common::POLL);
             }
         }
     }
@@ -364,28 +366,27 @@ fn a_job_array_runs_the_sweep_on_a_one_node_slurm_cluster() {
         .to_string();
     eprintln!("submitted job array {job}");
 
-    // Wait until the array has left the queue, at most 4 minutes.
+    // Wait until the array has left the queue.
     let submitted = Instant::now();
     let mut seen_two_running = false;
-    loop {
+    let mut queue = String::new();
+    let left = common::poll(CLIENT_POLL, || {
         let out = cluster
             .command("squeue")
             .args(["-h", "-j", &job, "-o", "%i %t"])
             .output()
             .unwrap();
-        let queue = String::from_utf8_lossy(&out.stdout).to_string();
+        queue = common::stdout(&out);
         let running = queue.lines().filter(|l| l.ends_with(" R")).count();
         seen_two_running |= running == 2;
-        if out.status.success() && queue.trim().is_empty() {
-            break;
-        }
-        assert!(
-            submitted.elapsed() < Duration::from_secs(240),
-            "job {job} still queued after 4 minutes:\n{queue}\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+        (out.status.success() && queue.trim().is_empty()).then_some(())
+    });
+    assert!(
+        left.is_some(),
+        "job {job} still queued after {} s:\n{queue}\n{}",
+        common::TIMEOUT.as_secs(),
+        cluster.logs()
+    );
     let ran = submitted.elapsed();
 
     let folder = work.join("runs/slurm");

@@ -4,12 +4,12 @@ mod common;
 
 use common::{
     expect_failure, expect_success, metric_steps, probunet, run_err, run_ok, sweep_summary, text,
+    Running,
 };
 use probunet::train::run::Phase;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Writes the tiny base and a sweep spec over it; returns the sweep spec's path.
 fn write_sweep(dir: &Path, sweep: &str) -> PathBuf {
@@ -379,21 +379,12 @@ fn a_failing_trial_is_marked_failed_and_the_others_go_on() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
 
-/// Waits for `done`, polling, at most `limit`.
-fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The last `step S/T` a trial's log reports.
 fn logged_step(log: &Path) -> u64 {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.strip_prefix("step ")?.split('/').next()?.parse().ok())
+        .filter_map(common::progress_step)
         .max()
         .unwrap_or(0)
 }
@@ -407,30 +398,20 @@ fn ctrl_c_stops_every_trial_and_running_again_resumes_them() {
         "name = \"stop\"\nset = { \"train.steps\" = 400, \"train.val_every\" = 0, \
          \"train.checkpoint_every\" = 0 }\n[sweep.grid]\nbeta = [0.5, 2, 8]\n",
     );
-    let child = probunet(
+    let child = Running::spawn(&mut probunet(
         dir.path(),
         &["sweep", spec.to_str().unwrap(), "--jobs", "2"],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ));
     let folder = dir.path().join("runs/stop");
     let logs = [
         folder.join("00-beta0.5").join("train.log"),
         folder.join("01-beta2").join("train.log"),
     ];
-    wait_until(
-        Duration::from_secs(120),
-        "both trials to take 10 steps",
-        || logs.iter().all(|l| logged_step(l) >= 10),
-    );
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
+    common::wait_until("both trials to log step 10 in their train.log", || {
+        logs.iter().all(|l| logged_step(l) >= 10)
+    });
+    child.interrupt();
+    let out = child.wait();
     let all = text(&out);
     assert_eq!(out.status.code(), Some(130), "{all}");
     assert!(

@@ -2,11 +2,8 @@
 //! resume after SIGKILL, Ctrl-C, non-finite losses and determinism.
 mod common;
 
-use common::{metrics, only_run, probunet, run_err, run_ok, scalars, stderr, stdout};
+use common::{metrics, only_run, probunet, run_err, run_ok, scalars, stderr, stdout, Running};
 use probunet::train::run::Phase;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 #[test]
 fn a_run_logs_every_tag_and_checkpoints_as_configured() {
@@ -107,19 +104,6 @@ fn the_same_spec_and_seed_give_the_same_loss_curve() {
     assert_eq!(curves[0], curves[1]);
 }
 
-/// Waits until `path` exists (a checkpoint the process wrote), at most a minute.
-fn wait_for(path: &Path) {
-    let start = Instant::now();
-    while !path.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn sigkill_then_resume_loses_and_repeats_no_step() {
     let dir = tempfile::tempdir().unwrap();
@@ -130,23 +114,22 @@ fn sigkill_then_resume_loses_and_repeats_no_step() {
     run_ok(reference.path(), &["train", ref_spec.to_str().unwrap()]);
     let expected = metrics(&only_run(reference.path()), Phase::Train);
 
-    let mut child = probunet(dir.path(), &["train", spec.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Running::spawn(&mut probunet(
+        dir.path(),
+        &["train", spec.to_str().unwrap()],
+    ));
     let runs = dir.path().join("runs");
-    wait_for(&runs);
-    let start = Instant::now();
-    let run = loop {
-        if let Some(run) = std::fs::read_dir(&runs).unwrap().next() {
-            break run.unwrap().path();
-        }
-        assert!(start.elapsed() < Duration::from_secs(60));
-    };
-    wait_for(&run.join("checkpoints/step-00000030"));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let run = common::wait_for("the run folder", || {
+        Some(std::fs::read_dir(&runs).ok()?.next()?.ok()?.path())
+    });
+    // Checkpoints are renamed into place whole: once the folder is there, it is complete.
+    common::wait_for_path(&run.join("checkpoints/step-00000030"));
+    let killed = child.kill();
+    assert!(
+        !killed.status.success(),
+        "the run finished before it was killed:\n{}",
+        common::text(&killed)
+    );
 
     let out = run_ok(dir.path(), &["train", "--resume", run.to_str().unwrap()]);
     assert!(stdout(&out).contains("resuming"), "{}", stdout(&out));
@@ -182,7 +165,7 @@ fn sigkill_then_resume_loses_and_repeats_no_step() {
 fn ctrl_c_checkpoints_and_says_how_to_resume() {
     let dir = tempfile::tempdir().unwrap();
     let spec = common::write_spec(dir.path(), "");
-    let child = probunet(
+    let child = Running::spawn(&mut probunet(
         dir.path(),
         &[
             "train",
@@ -194,29 +177,31 @@ fn ctrl_c_checkpoints_and_says_how_to_resume() {
             "--set",
             "train.val_every=0",
         ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let runs = dir.path().join("runs");
-    wait_for(&runs);
-    // Let it take some steps, then interrupt it as a terminal's Ctrl-C would.
-    std::thread::sleep(Duration::from_secs(4));
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
+    ));
+    // A progress line at step 10 says training is under way, with Ctrl-C's handler in place.
+    let line = child.wait_for_stderr("progress at step 10", |line| {
+        common::progress_step(line).is_some_and(|step| step >= 10)
+    });
+    let seen = common::progress_step(&line).unwrap();
+    child.interrupt();
+    let out = child.wait();
     let stderr = stderr(&out);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("probunet train --resume"), "{stderr}");
     let run = only_run(dir.path());
-    let ckpts: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+    let ckpts: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(ckpts.len(), 1, "one checkpoint, at the interrupted step");
+    let step: u64 = ckpts[0]
+        .strip_prefix("step-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{ckpts:?}"));
+    assert!(
+        step >= seen,
+        "checkpoint {step}, but step {seen} was logged"
+    );
 }
 
 #[test]

@@ -331,25 +331,21 @@ pub fn progress_step(line: &str) -> Option<u64> {
 /// Polls `ready` every [`POLL`] until it gives a value, at most [`TIMEOUT`]; for signals no
 /// one notifies (a file appearing, a log growing).
 pub fn wait_for<T>(what: &str, ready: impl FnMut() -> Option<T>) -> T {
-    wait_for_every(what, POLL, ready)
+    poll(POLL, ready)
+        .unwrap_or_else(|| panic!("timed out after {} s waiting for {what}", TIMEOUT.as_secs()))
 }
 
-/// [`wait_for`] with another interval, for checks that cost more than a look at a file.
-pub fn wait_for_every<T>(
-    what: &str,
-    interval: Duration,
-    mut ready: impl FnMut() -> Option<T>,
-) -> T {
+/// Calls `ready` every `interval` until it gives a value, or `None` after [`TIMEOUT`]: for
+/// waits that explain a timeout themselves, or whose check costs more than a look at a file.
+pub fn poll<T>(interval: Duration, mut ready: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
         if let Some(value) = ready() {
-            return value;
+            return Some(value);
         }
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "timed out after {} s waiting for {what}",
-            TIMEOUT.as_secs()
-        );
+        if start.elapsed() >= TIMEOUT {
+            return None;
+        }
         std::thread::sleep(interval);
     }
 }
