@@ -7,19 +7,40 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use tempfile::TempDir;
+
+/// The fixture: a tiny trained run in a temporary folder of this test binary's own, so that
+/// overlapping test runs never share it.
+struct Fixture {
+    dir: TempDir,
+    run: PathBuf,
+}
+
+static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+
+/// Statics are never dropped, so the fixture's folder is removed when the process exits.
+extern "C" fn remove_fixture() {
+    if let Some(fixture) = FIXTURE.get() {
+        let _ = std::fs::remove_dir_all(fixture.dir.path());
+    }
+}
 
 /// A tiny trained run, made once per test binary: `(root, run)`. Commands run in `root`,
-/// where the run's synthetic store lives; each test evaluates its own copy of the run.
-fn fixture() -> &'static (PathBuf, PathBuf) {
-    static FIXTURE: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    FIXTURE.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("eval-fixture");
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        common::write_spec(&root, "");
+/// where the run's synthetic store lives; each test evaluates copies of the run in a
+/// temporary folder of its own.
+fn fixture() -> (&'static Path, &'static Path) {
+    let fixture = FIXTURE.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("probunet-eval-fixture-")
+            .tempdir()
+            .unwrap();
+        // SAFETY: registers a plain function with no arguments, as atexit(3) asks.
+        assert_eq!(unsafe { libc::atexit(remove_fixture) }, 0, "atexit");
+        let root = dir.path();
+        common::write_spec(root, "");
         // Checkpoints at steps 20 and 30 and the best of the validations at 10, 20, 30.
         run_ok(
-            &root,
+            root,
             &[
                 "train",
                 "tiny.toml",
@@ -30,34 +51,29 @@ fn fixture() -> &'static (PathBuf, PathBuf) {
                 "train.val_every=10",
             ],
         );
-        let run = std::fs::read_dir(root.join("runs"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        (root, run)
-    })
+        let run = common::only_run(root);
+        Fixture { dir, run }
+    });
+    (fixture.dir.path(), &fixture.run)
 }
 
-/// A fresh copy of the fixture run and `probunet eval ARGS` on it, to be run.
-fn eval_copy(name: &str, args: &[&str]) -> (PathBuf, Command) {
+/// A copy of the fixture run in `scratch` and `probunet eval ARGS` on it, to be run.
+fn eval_copy(scratch: &Path, name: &str, args: &[&str]) -> (PathBuf, Command) {
     let (root, run) = fixture();
-    let copy = root.join("copies").join(name);
-    let _ = std::fs::remove_dir_all(&copy);
+    let copy = scratch.join(name);
     copy_dir(run, &copy);
     let mut cmd = common::probunet(root, &["eval", copy.to_str().unwrap(), "--device", "cpu"]);
     cmd.args(args);
     (copy, cmd)
 }
 
-fn eval_ok(name: &str, args: &[&str]) -> (PathBuf, String) {
-    let (copy, mut cmd) = eval_copy(name, args);
+fn eval_ok(scratch: &Path, name: &str, args: &[&str]) -> (PathBuf, String) {
+    let (copy, mut cmd) = eval_copy(scratch, name, args);
     (copy, stdout(&common::expect_success(&mut cmd)))
 }
 
-fn eval_err(name: &str, args: &[&str]) -> String {
-    let (_, mut cmd) = eval_copy(name, args);
+fn eval_err(scratch: &Path, name: &str, args: &[&str]) -> String {
+    let (_, mut cmd) = eval_copy(scratch, name, args);
     stderr(&common::expect_failure(&mut cmd))
 }
 
@@ -104,7 +120,8 @@ fn close(a: f64, b: f64) -> bool {
 
 #[test]
 fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
-    let (run, stdout) = eval_ok("outputs", &[]);
+    let scratch = tempfile::tempdir().unwrap();
+    let (run, stdout) = eval_ok(scratch.path(), "outputs", &[]);
     assert!(stdout.contains("GED (phiseg)"), "{stdout}");
     let eval = run.join("eval");
     let store = read_json(&eval.join("test-16.json"))["store"]["path"]
@@ -261,9 +278,22 @@ fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
 
 #[test]
 fn results_depend_on_the_seed_but_not_on_the_batch_size_or_other_sample_counts() {
-    let (a, _) = eval_ok("batch-1", &["--batch", "1", "--samples", "12"]);
-    let (b, _) = eval_ok("batch-5", &["--batch", "5", "--samples", "5,12"]);
-    let (c, _) = eval_ok("seed-1", &["--samples", "12", "--seed", "1"]);
+    let scratch = tempfile::tempdir().unwrap();
+    let (a, _) = eval_ok(
+        scratch.path(),
+        "batch-1",
+        &["--batch", "1", "--samples", "12"],
+    );
+    let (b, _) = eval_ok(
+        scratch.path(),
+        "batch-5",
+        &["--batch", "5", "--samples", "5,12"],
+    );
+    let (c, _) = eval_ok(
+        scratch.path(),
+        "seed-1",
+        &["--samples", "12", "--seed", "1"],
+    );
     let path = |run: &Path| run.join("eval/test-12.csv");
     for name in [
         "ged_phiseg",
@@ -291,7 +321,12 @@ fn results_depend_on_the_seed_but_not_on_the_batch_size_or_other_sample_counts()
 
 #[test]
 fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
-    let (run, _) = eval_ok("last", &["--checkpoint", "last", "--samples", "4"]);
+    let scratch = tempfile::tempdir().unwrap();
+    let (run, _) = eval_ok(
+        scratch.path(),
+        "last",
+        &["--checkpoint", "last", "--samples", "4"],
+    );
     let report = read_json(&run.join("eval/test-4.json"));
     assert_eq!(report["checkpoint"]["choice"], "last");
     assert_eq!(report["checkpoint"]["step"], 30);
@@ -303,6 +338,7 @@ fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
     let (_, run) = fixture();
     let model = run.join("checkpoints/step-00000020/model.safetensors");
     let (copy, _) = eval_ok(
+        scratch.path(),
         "path",
         &["--checkpoint", model.to_str().unwrap(), "--samples", "4"],
     );
@@ -311,8 +347,7 @@ fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
     assert_eq!(report["checkpoint"]["model"], model.to_str().unwrap());
 
     let (root, run) = fixture();
-    let copy = root.join("copies/no-best");
-    let _ = std::fs::remove_dir_all(&copy);
+    let copy = scratch.path().join("no-best");
     copy_dir(run, &copy);
     std::fs::remove_dir_all(copy.join("checkpoints/best")).unwrap();
     let out = run_ok(
@@ -336,6 +371,7 @@ fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
 
 #[test]
 fn bad_input_gets_a_clear_error() {
+    let scratch = tempfile::tempdir().unwrap();
     let (root, run) = fixture();
     // Not a run folder.
     let err = stderr(&run_err(root, &["eval", "nowhere", "--device", "cpu"]));
@@ -345,8 +381,7 @@ fn bad_input_gets_a_clear_error() {
     );
 
     // A run folder without a checkpoint.
-    let bare = root.join("copies/bare");
-    let _ = std::fs::remove_dir_all(&bare);
+    let bare = scratch.path().join("bare");
     std::fs::create_dir_all(&bare).unwrap();
     std::fs::copy(run.join("spec.toml"), bare.join("spec.toml")).unwrap();
     let err = stderr(&run_err(
@@ -360,8 +395,7 @@ fn bad_input_gets_a_clear_error() {
 
     // A checkpoint of another model shape: the spec now asks for wider second-level filters.
     let (root, run) = fixture();
-    let wider = root.join("copies/wider");
-    let _ = std::fs::remove_dir_all(&wider);
+    let wider = scratch.path().join("wider");
     copy_dir(run, &wider);
     let spec = std::fs::read_to_string(wider.join("spec.toml")).unwrap();
     assert!(spec.contains("filters = [8, 16]"));
@@ -383,8 +417,7 @@ fn bad_input_gets_a_clear_error() {
         assert!(err.contains(words), "{words}: {err}");
     }
     // Same through --checkpoint PATH from another run: the mismatch names the variable.
-    let latent = root.join("copies/latent");
-    let _ = std::fs::remove_dir_all(&latent);
+    let latent = scratch.path().join("latent");
     copy_dir(run, &latent);
     let spec = std::fs::read_to_string(latent.join("spec.toml")).unwrap();
     std::fs::write(
@@ -422,12 +455,13 @@ fn bad_input_gets_a_clear_error() {
             "--split",
             "90,10,0",
             "--out",
-            "no-test",
+            scratch.path().join("no-test").to_str().unwrap(),
         ],
     );
     let stderr = eval_err(
-        "no-test",
-        &["--store", root.join("no-test").to_str().unwrap()],
+        scratch.path(),
+        "missing-split",
+        &["--store", scratch.path().join("no-test").to_str().unwrap()],
     );
     assert!(
         stderr.contains("no-test")
@@ -435,12 +469,13 @@ fn bad_input_gets_a_clear_error() {
             && stderr.contains("test 0"),
         "{stderr}"
     );
-    let stderr = eval_err("bad-split", &["--split", "holdout"]);
+    let stderr = eval_err(scratch.path(), "bad-split", &["--split", "holdout"]);
     assert!(
         stderr.contains("unknown split \"holdout\": expected train, val or test"),
         "{stderr}"
     );
     let stderr = eval_err(
+        scratch.path(),
         "bad-checkpoint",
         &["--checkpoint", "missing/model.safetensors"],
     );
@@ -448,7 +483,7 @@ fn bad_input_gets_a_clear_error() {
         stderr.contains("--checkpoint missing/model.safetensors: no such file or folder"),
         "{stderr}"
     );
-    let stderr = eval_err("bad-samples", &["--samples", "0"]);
+    let stderr = eval_err(scratch.path(), "bad-samples", &["--samples", "0"]);
     assert!(stderr.contains("--samples must be positive"), "{stderr}");
 }
 

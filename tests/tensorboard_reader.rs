@@ -14,15 +14,6 @@ use serde_json::{json, Value};
 mod common;
 use common::{events_at, read_events};
 
-/// A fresh folder under Cargo's scratch space for integration tests.
-fn test_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("tensorboard_reader")
-        .join(name);
-    let _ = fs::remove_dir_all(&dir);
-    dir
-}
-
 /// `(step, value)` pairs of a scalar tag, values as the `f32` TensorBoard keeps.
 fn scalars(run: &Value, tag: &str) -> Vec<(i64, f32)> {
     common::scalars(run, tag)
@@ -57,7 +48,8 @@ fn train_loss(step: i64) -> f32 {
 
 #[test]
 fn scalars_images_and_hparams_read_back() {
-    let sweep = test_dir("sweep");
+    let tmp = tempfile::tempdir().unwrap();
+    let sweep = tmp.path().join("sweep");
     let trial = sweep.join("trial_0");
 
     let mut root = EventWriter::create(&sweep).unwrap();
@@ -206,7 +198,8 @@ fn name_secs(path: &Path) -> &str {
 
 #[test]
 fn two_writers_in_one_folder_and_second_both_survive() {
-    let dir = test_dir("two_writers");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("two_writers");
     // Retry in the unlikely case the two creations straddle a second boundary,
     // so that the test really covers two writers in the same second.
     let (mut a, mut b) = loop {
@@ -263,7 +256,8 @@ fn two_writers_in_one_folder_and_second_both_survive() {
 
 #[test]
 fn truncated_last_record_is_skipped() {
-    let dir = test_dir("truncated");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("truncated");
     let mut writer = EventWriter::create(dir.join("whole")).unwrap();
     for step in 0..5 {
         writer
