@@ -21,7 +21,7 @@ fn a_run_logs_every_tag_and_checkpoints_as_configured() {
     );
     assert!(stdout.contains("ideal-model reference"), "{stdout}");
     // Plain progress lines, since stderr is not a terminal here.
-    assert!(stderr(&out).contains("step 60/60"));
+    assert!(stderr(&out).contains("step 60/60"), "{}", stderr(&out));
 
     let spec_toml = std::fs::read_to_string(run.join("spec.toml")).unwrap();
     assert!(
@@ -250,7 +250,11 @@ fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
             "train.on_nan=\"skip\"",
         ],
     );
-    assert!(stdout(&out).contains("batches were skipped"));
+    assert!(
+        stdout(&out).contains("batches were skipped"),
+        "{}",
+        stdout(&out)
+    );
     let skipped: u64 = metrics(&only_run(dir.path()), Phase::Train)
         .iter()
         .map(|r| r.skipped)

@@ -151,7 +151,15 @@ pub fn text(out: &Output) -> String {
 
 /// Both streams, labelled, for failure messages.
 fn shown(out: &Output) -> String {
-    format!("--- stdout\n{}--- stderr\n{}", stdout(out), stderr(out))
+    labelled(&out.stdout, &out.stderr)
+}
+
+fn labelled(stdout: &[u8], stderr: &[u8]) -> String {
+    format!(
+        "--- stdout\n{}--- stderr\n{}",
+        String::from_utf8_lossy(stdout),
+        String::from_utf8_lossy(stderr)
+    )
 }
 
 /// What a [`Running`] process has written so far.
@@ -215,31 +223,35 @@ impl Running {
         let mut checked = 0;
         let mut captured = self.shared.captured.lock().unwrap();
         loop {
-            let complete = captured.stderr[checked..]
-                .iter()
-                .rposition(|&b| b == b'\n')
-                .map_or(checked, |i| checked + i + 1);
+            // Whole lines only, until the stream ends and its last line is whole too.
+            let complete = if captured.closed == 2 {
+                captured.stderr.len()
+            } else {
+                captured.stderr[checked..]
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(checked, |i| checked + i + 1)
+            };
             for line in String::from_utf8_lossy(&captured.stderr[checked..complete]).lines() {
                 if found(line) {
                     return line.to_owned();
                 }
             }
             checked = complete;
-            let shown = || {
-                format!(
-                    "--- stdout\n{}--- stderr\n{}",
-                    String::from_utf8_lossy(&captured.stdout),
-                    String::from_utf8_lossy(&captured.stderr)
-                )
+            let failure = if captured.closed == 2 {
+                Some(format!("the process ended its output before {what}"))
+            } else if start.elapsed() >= TIMEOUT {
+                Some(format!("no {what} after {} s", TIMEOUT.as_secs()))
+            } else {
+                None
             };
-            assert!(
-                captured.closed < 2,
-                "the process ended its output before {what}:\n{}",
-                shown()
-            );
-            let left = TIMEOUT
-                .checked_sub(start.elapsed())
-                .unwrap_or_else(|| panic!("no {what} after {} s:\n{}", TIMEOUT.as_secs(), shown()));
+            if let Some(failure) = failure {
+                let shown = labelled(&captured.stdout, &captured.stderr);
+                // Unlocked first, so the readers go on without a poisoned lock.
+                drop(captured);
+                panic!("{failure}:\n{shown}");
+            }
+            let left = TIMEOUT.saturating_sub(start.elapsed());
             captured = self.shared.changed.wait_timeout(captured, left).unwrap().0;
         }
     }
