@@ -2,23 +2,45 @@
 //! each other and with TensorBoard's reader, reproducibility, and the errors for bad input.
 mod common;
 
+use common::{read_json, run_err, run_ok, stderr, stdout};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
+use tempfile::TempDir;
+
+/// The fixture: a tiny trained run in a temporary folder of this test binary's own, so that
+/// overlapping test runs never share it.
+struct Fixture {
+    dir: TempDir,
+    run: PathBuf,
+}
+
+static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+
+/// Statics are never dropped, so the fixture's folder is removed when the process exits.
+extern "C" fn remove_fixture() {
+    if let Some(fixture) = FIXTURE.get() {
+        let _ = std::fs::remove_dir_all(fixture.dir.path());
+    }
+}
 
 /// A tiny trained run, made once per test binary: `(root, run)`. Commands run in `root`,
-/// where the run's synthetic store lives; each test evaluates its own copy of the run.
-fn fixture() -> &'static (PathBuf, PathBuf) {
-    static FIXTURE: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    FIXTURE.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("eval-fixture");
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        common::write_spec(&root, "");
+/// where the run's synthetic store lives; each test evaluates copies of the run in a
+/// temporary folder of its own.
+fn fixture() -> (&'static Path, &'static Path) {
+    let fixture = FIXTURE.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("probunet-eval-fixture-")
+            .tempdir()
+            .unwrap();
+        // SAFETY: registers a plain function with no arguments, as atexit(3) asks.
+        assert_eq!(unsafe { libc::atexit(remove_fixture) }, 0, "atexit");
+        let root = dir.path();
+        common::write_spec(root, "");
         // Checkpoints at steps 20 and 30 and the best of the validations at 10, 20, 30.
         run_ok(
-            &root,
+            root,
             &[
                 "train",
                 "tiny.toml",
@@ -29,62 +51,30 @@ fn fixture() -> &'static (PathBuf, PathBuf) {
                 "train.val_every=10",
             ],
         );
-        let run = std::fs::read_dir(root.join("runs"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        (root, run)
-    })
+        let run = common::only_run(root);
+        Fixture { dir, run }
+    });
+    (fixture.dir.path(), &fixture.run)
 }
 
-fn probunet(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_probunet"))
-        .current_dir(dir)
-        .args(args)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .unwrap()
-}
-
-fn run_ok(dir: &Path, args: &[&str]) -> Output {
-    let out = probunet(dir, args);
-    assert!(
-        out.status.success(),
-        "probunet {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// `probunet eval` on a fresh copy of the fixture run; returns the copy and the output.
-fn eval_copy(name: &str, args: &[&str]) -> (PathBuf, Output) {
+/// A copy of the fixture run in `scratch` and `probunet eval ARGS` on it, to be run.
+fn eval_copy(scratch: &Path, name: &str, args: &[&str]) -> (PathBuf, Command) {
     let (root, run) = fixture();
-    let copy = root.join("copies").join(name);
-    let _ = std::fs::remove_dir_all(&copy);
+    let copy = scratch.join(name);
     copy_dir(run, &copy);
-    let mut full = vec!["eval", copy.to_str().unwrap(), "--device", "cpu"];
-    full.extend_from_slice(args);
-    let out = probunet(root, &full);
-    (copy, out)
+    let mut cmd = common::probunet(root, &["eval", copy.to_str().unwrap(), "--device", "cpu"]);
+    cmd.args(args);
+    (copy, cmd)
 }
 
-fn eval_ok(name: &str, args: &[&str]) -> (PathBuf, String) {
-    let (copy, out) = eval_copy(name, args);
-    assert!(
-        out.status.success(),
-        "probunet eval {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (copy, String::from_utf8_lossy(&out.stdout).into_owned())
+fn eval_ok(scratch: &Path, name: &str, args: &[&str]) -> (PathBuf, String) {
+    let (copy, mut cmd) = eval_copy(scratch, name, args);
+    (copy, stdout(&common::expect_success(&mut cmd)))
 }
 
-fn eval_err(name: &str, args: &[&str]) -> String {
-    let (_, out) = eval_copy(name, args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "expected a failure: {stderr}");
-    stderr
+fn eval_err(scratch: &Path, name: &str, args: &[&str]) -> String {
+    let (_, mut cmd) = eval_copy(scratch, name, args);
+    stderr(&common::expect_failure(&mut cmd))
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -98,10 +88,6 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 /// The CSV as (header, rows of fields).
@@ -134,14 +120,15 @@ fn close(a: f64, b: f64) -> bool {
 
 #[test]
 fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
-    let (run, stdout) = eval_ok("outputs", &[]);
+    let scratch = tempfile::tempdir().unwrap();
+    let (run, stdout) = eval_ok(scratch.path(), "outputs", &[]);
     assert!(stdout.contains("GED (phiseg)"), "{stdout}");
     let eval = run.join("eval");
-    let store = json(&eval.join("test-16.json"))["store"]["path"]
+    let store = read_json(&eval.join("test-16.json"))["store"]["path"]
         .as_str()
         .unwrap()
         .to_owned();
-    let manifest = json(&fixture().0.join(store).join("manifest.json"));
+    let manifest = read_json(&fixture().0.join(store).join("manifest.json"));
     let test_items: Vec<u64> = manifest["split"]["test"]
         .as_array()
         .unwrap()
@@ -150,7 +137,7 @@ fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
         .collect();
     assert!(!test_items.is_empty());
     for n in [16, 100] {
-        let report = json(&eval.join(format!("test-{n}.json")));
+        let report = read_json(&eval.join(format!("test-{n}.json")));
         assert_eq!(report["samples"], n);
         assert_eq!(report["split"], "test");
         assert_eq!(report["items"], test_items.len());
@@ -253,10 +240,9 @@ fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 
-    let events: Value =
-        serde_json::from_str(&common::run_script("read_events.py", &[eval.as_os_str()])).unwrap();
-    let events = &events[eval.to_str().unwrap()];
-    let step = json(&eval.join("test-16.json"))["checkpoint"]["step"]
+    let events = common::read_events(&[&eval]);
+    let events = common::events_at(&events, &eval);
+    let step = read_json(&eval.join("test-16.json"))["checkpoint"]["step"]
         .as_u64()
         .unwrap();
     for n in [16, 100] {
@@ -265,7 +251,7 @@ fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
             assert_eq!(image["step"], step);
             assert_eq!(image["png_width"], 15 * 32 + 14 * 2);
         }
-        let report = json(&eval.join(format!("test-{n}.json")));
+        let report = read_json(&eval.join(format!("test-{n}.json")));
         for (tag, convention, metric) in [
             (format!("test-{n}/ged"), "phiseg", "ged"),
             (format!("test-{n}/hm_iou"), "phiseg", "hm_iou"),
@@ -292,9 +278,22 @@ fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
 
 #[test]
 fn results_depend_on_the_seed_but_not_on_the_batch_size_or_other_sample_counts() {
-    let (a, _) = eval_ok("batch-1", &["--batch", "1", "--samples", "12"]);
-    let (b, _) = eval_ok("batch-5", &["--batch", "5", "--samples", "5,12"]);
-    let (c, _) = eval_ok("seed-1", &["--samples", "12", "--seed", "1"]);
+    let scratch = tempfile::tempdir().unwrap();
+    let (a, _) = eval_ok(
+        scratch.path(),
+        "batch-1",
+        &["--batch", "1", "--samples", "12"],
+    );
+    let (b, _) = eval_ok(
+        scratch.path(),
+        "batch-5",
+        &["--batch", "5", "--samples", "5,12"],
+    );
+    let (c, _) = eval_ok(
+        scratch.path(),
+        "seed-1",
+        &["--samples", "12", "--seed", "1"],
+    );
     let path = |run: &Path| run.join("eval/test-12.csv");
     for name in [
         "ged_phiseg",
@@ -317,13 +316,18 @@ fn results_depend_on_the_seed_but_not_on_the_batch_size_or_other_sample_counts()
         "another seed draws other samples"
     );
     assert!(b.join("eval/test-5.json").is_file());
-    assert_eq!(json(&c.join("eval/test-12.json"))["seed"], 1);
+    assert_eq!(read_json(&c.join("eval/test-12.json"))["seed"], 1);
 }
 
 #[test]
 fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
-    let (run, _) = eval_ok("last", &["--checkpoint", "last", "--samples", "4"]);
-    let report = json(&run.join("eval/test-4.json"));
+    let scratch = tempfile::tempdir().unwrap();
+    let (run, _) = eval_ok(
+        scratch.path(),
+        "last",
+        &["--checkpoint", "last", "--samples", "4"],
+    );
+    let report = read_json(&run.join("eval/test-4.json"));
     assert_eq!(report["checkpoint"]["choice"], "last");
     assert_eq!(report["checkpoint"]["step"], 30);
     assert!(report["checkpoint"]["path"]
@@ -334,16 +338,16 @@ fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
     let (_, run) = fixture();
     let model = run.join("checkpoints/step-00000020/model.safetensors");
     let (copy, _) = eval_ok(
+        scratch.path(),
         "path",
         &["--checkpoint", model.to_str().unwrap(), "--samples", "4"],
     );
-    let report = json(&copy.join("eval/test-4.json"));
+    let report = read_json(&copy.join("eval/test-4.json"));
     assert_eq!(report["checkpoint"]["step"], 20);
     assert_eq!(report["checkpoint"]["model"], model.to_str().unwrap());
 
     let (root, run) = fixture();
-    let copy = root.join("copies/no-best");
-    let _ = std::fs::remove_dir_all(&copy);
+    let copy = scratch.path().join("no-best");
     copy_dir(run, &copy);
     std::fs::remove_dir_all(copy.join("checkpoints/best")).unwrap();
     let out = run_ok(
@@ -357,42 +361,41 @@ fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
             "4",
         ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = stdout(&out);
     assert!(stdout.contains("note: no best checkpoint"), "{stdout}");
     assert_eq!(
-        json(&copy.join("eval/test-4.json"))["checkpoint"]["step"],
+        read_json(&copy.join("eval/test-4.json"))["checkpoint"]["step"],
         30
     );
 }
 
 #[test]
 fn bad_input_gets_a_clear_error() {
+    let scratch = tempfile::tempdir().unwrap();
     let (root, run) = fixture();
     // Not a run folder.
-    let out = probunet(root, &["eval", "nowhere", "--device", "cpu"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let err = stderr(&run_err(root, &["eval", "nowhere", "--device", "cpu"]));
     assert!(
-        !out.status.success() && stderr.contains("nowhere") && stderr.contains("not a run folder"),
-        "{stderr}"
+        err.contains("nowhere") && err.contains("not a run folder"),
+        "{err}"
     );
 
     // A run folder without a checkpoint.
-    let bare = root.join("copies/bare");
-    let _ = std::fs::remove_dir_all(&bare);
+    let bare = scratch.path().join("bare");
     std::fs::create_dir_all(&bare).unwrap();
     std::fs::copy(run.join("spec.toml"), bare.join("spec.toml")).unwrap();
-    let out = probunet(root, &["eval", bare.to_str().unwrap(), "--device", "cpu"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let err = stderr(&run_err(
+        root,
+        &["eval", bare.to_str().unwrap(), "--device", "cpu"],
+    ));
     assert!(
-        stderr.contains("no checkpoint to evaluate") && stderr.contains("--checkpoint PATH"),
-        "{stderr}"
+        err.contains("no checkpoint to evaluate") && err.contains("--checkpoint PATH"),
+        "{err}"
     );
 
     // A checkpoint of another model shape: the spec now asks for wider second-level filters.
     let (root, run) = fixture();
-    let wider = root.join("copies/wider");
-    let _ = std::fs::remove_dir_all(&wider);
+    let wider = scratch.path().join("wider");
     copy_dir(run, &wider);
     let spec = std::fs::read_to_string(wider.join("spec.toml")).unwrap();
     assert!(spec.contains("filters = [8, 16]"));
@@ -401,20 +404,20 @@ fn bad_input_gets_a_clear_error() {
         spec.replace("filters = [8, 16]", "filters = [8, 24]"),
     )
     .unwrap();
-    let out = probunet(root, &["eval", wider.to_str().unwrap(), "--device", "cpu"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let err = stderr(&run_err(
+        root,
+        &["eval", wider.to_str().unwrap(), "--device", "cpu"],
+    ));
     for words in [
         "does not fit the model of",
         "model.filters = [8, 24]",
         "variable posterior.encoder.1.0.bias is [16] in the checkpoint but [24] in the model",
         "variables differ",
     ] {
-        assert!(stderr.contains(words), "{words}: {stderr}");
+        assert!(err.contains(words), "{words}: {err}");
     }
     // Same through --checkpoint PATH from another run: the mismatch names the variable.
-    let latent = root.join("copies/latent");
-    let _ = std::fs::remove_dir_all(&latent);
+    let latent = scratch.path().join("latent");
     copy_dir(run, &latent);
     let spec = std::fs::read_to_string(latent.join("spec.toml")).unwrap();
     std::fs::write(
@@ -423,7 +426,7 @@ fn bad_input_gets_a_clear_error() {
     )
     .unwrap();
     let model = run.join("checkpoints/best/model.safetensors");
-    let out = probunet(
+    let err = stderr(&run_err(
         root,
         &[
             "eval",
@@ -433,12 +436,10 @@ fn bad_input_gets_a_clear_error() {
             "--checkpoint",
             model.to_str().unwrap(),
         ],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    ));
     assert!(
-        stderr
-            .contains("fcomb.layers.0.weight is [8, 10, 1, 1] in the checkpoint but [8, 11, 1, 1]"),
-        "{stderr}"
+        err.contains("fcomb.layers.0.weight is [8, 10, 1, 1] in the checkpoint but [8, 11, 1, 1]"),
+        "{err}"
     );
 
     // A store without the asked split, and a split name that does not exist.
@@ -454,12 +455,13 @@ fn bad_input_gets_a_clear_error() {
             "--split",
             "90,10,0",
             "--out",
-            "no-test",
+            scratch.path().join("no-test").to_str().unwrap(),
         ],
     );
     let stderr = eval_err(
-        "no-test",
-        &["--store", root.join("no-test").to_str().unwrap()],
+        scratch.path(),
+        "missing-split",
+        &["--store", scratch.path().join("no-test").to_str().unwrap()],
     );
     assert!(
         stderr.contains("no-test")
@@ -467,12 +469,13 @@ fn bad_input_gets_a_clear_error() {
             && stderr.contains("test 0"),
         "{stderr}"
     );
-    let stderr = eval_err("bad-split", &["--split", "holdout"]);
+    let stderr = eval_err(scratch.path(), "bad-split", &["--split", "holdout"]);
     assert!(
         stderr.contains("unknown split \"holdout\": expected train, val or test"),
         "{stderr}"
     );
     let stderr = eval_err(
+        scratch.path(),
         "bad-checkpoint",
         &["--checkpoint", "missing/model.safetensors"],
     );
@@ -480,7 +483,7 @@ fn bad_input_gets_a_clear_error() {
         stderr.contains("--checkpoint missing/model.safetensors: no such file or folder"),
         "{stderr}"
     );
-    let stderr = eval_err("bad-samples", &["--samples", "0"]);
+    let stderr = eval_err(scratch.path(), "bad-samples", &["--samples", "0"]);
     assert!(stderr.contains("--samples must be positive"), "{stderr}");
 }
 
@@ -505,12 +508,12 @@ fn bench_eval_times_both_sides_on_the_same_inputs() {
         "1",
     ];
     let out = run_ok(dir.path(), &args);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = stdout(&out);
     assert!(stdout.contains("probunet / PyTorch:"), "{stdout}");
     let mut json_args = args.to_vec();
     json_args.push("--json");
     let out = run_ok(dir.path(), &json_args);
-    let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+    let rows: Vec<Value> = common::stdout(&out)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();

@@ -2,9 +2,6 @@
 //! `scripts/metrics_reference.py` on seeded random cases, under both IoU conventions.
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use probunet::metrics::{BitMask, EmptyConvention, ImageMetrics, Summary};
 use probunet::score::BatchCounts;
 use rand::{Rng, SeedableRng};
@@ -93,29 +90,9 @@ fn run_reference(cases: &[Case]) -> Value {
             .map(|c| json!({ "annotations": c.annotations, "samples": c.samples }))
             .collect::<Vec<_>>(),
     });
-    let script = common::repo().join("scripts/metrics_reference.py");
-    let python = common::python();
-    let mut child = Command::new(&python)
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.to_string().as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "{} failed: {}",
-        script.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    let output =
+        common::run_script_with_input("metrics_reference.py", &[], input.to_string().as_bytes());
+    serde_json::from_str(&output).unwrap()
 }
 
 /// The value of the metric called `metric` ([`ImageMetrics::NAMES`]).

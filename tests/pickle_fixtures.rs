@@ -1,14 +1,16 @@
 //! Reads every fixture written by scripts/make_pickle_fixtures.py and compares it with the
 //! JSON beside it: exact values for good files, the exact error for bad ones.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use probunet::data::lidc::{parse_lidc, LidcError};
 use probunet::data::pickle::{self, ArrayView, ConvertError, MemoryOrder, PickleError};
 use serde_json::Value as Json;
 
 fn fixtures() -> Vec<(PathBuf, Vec<u8>, Json)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pickle");
+    let dir = common::pickle_fixture("");
     let mut paths: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|entry| entry.unwrap().path())

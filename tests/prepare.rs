@@ -2,29 +2,12 @@
 //! every kind of bad input refused with nothing left behind.
 mod common;
 
+use common::{pickle_fixture as fixture, run_err, run_ok, stderr, stdout};
 use probunet::data::split::SplitName;
-use probunet::data::store::Store;
+use probunet::data::store::{Store, ARRAYS_FILE};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn probunet(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_probunet"))
-        .args(args)
-        .output()
-        .expect("running probunet")
-}
-
-fn fixture(name: &str) -> PathBuf {
-    common::repo().join("tests/fixtures/pickle").join(name)
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use std::process::Command;
 
 /// The folder holds nothing but what `keep` names (no store, no partial folder).
 fn assert_only(dir: &Path, keep: &[&str]) {
@@ -54,17 +37,14 @@ fn every_good_fixture_prepares_to_numpys_values() {
     assert!(good.len() >= 6, "fixtures: {good:?}");
     for pickle in good {
         let out_dir = dir.path().join(pickle.file_stem().unwrap());
-        let out = probunet(&[
-            "prepare".as_ref(),
-            pickle.as_os_str(),
-            "--out".as_ref(),
-            out_dir.as_os_str(),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            pickle.display(),
-            stderr(&out)
+        let out = run_ok(
+            dir.path(),
+            &[
+                "prepare".as_ref(),
+                pickle.as_os_str(),
+                "--out".as_ref(),
+                out_dir.as_os_str(),
+            ],
         );
         assert!(stdout(&out).contains("MB/s"), "{}", stdout(&out));
         common::run_script("check_store.py", &[out_dir.as_os_str(), pickle.as_os_str()]);
@@ -76,19 +56,18 @@ fn a_second_prepare_does_nothing_unless_forced() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("store");
     let pickle = fixture("lidc_p4_np2.pickle");
-    let args = [
+    let args: [&OsStr; 4] = [
         "prepare".as_ref(),
         pickle.as_os_str(),
         "--out".as_ref(),
         out_dir.as_os_str(),
     ];
-    assert!(probunet(&args).status.success());
+    run_ok(dir.path(), &args);
     let before = std::fs::metadata(out_dir.join("data.safetensors"))
         .unwrap()
         .modified()
         .unwrap();
-    let again = probunet(&args);
-    assert!(again.status.success());
+    let again = run_ok(dir.path(), &args);
     assert!(
         stdout(&again).contains("already prepared"),
         "{}",
@@ -101,21 +80,19 @@ fn a_second_prepare_does_nothing_unless_forced() {
             .unwrap(),
         before
     );
-    let forced = probunet(&[&args[..], &["--force".as_ref()]].concat());
-    assert!(
-        forced.status.success() && stdout(&forced).contains("prepared"),
-        "{}",
-        stderr(&forced)
-    );
+    let forced = run_ok(dir.path(), &[&args[..], &["--force".as_ref()]].concat());
+    assert!(stdout(&forced).contains("prepared"), "{}", stdout(&forced));
     // Another input into the same folder needs --force.
     let other = fixture("lidc_p2_np1.pickle");
-    let out = probunet(&[
-        "prepare".as_ref(),
-        other.as_os_str(),
-        "--out".as_ref(),
-        out_dir.as_os_str(),
-    ]);
-    assert!(!out.status.success());
+    let out = run_err(
+        dir.path(),
+        &[
+            "prepare".as_ref(),
+            other.as_os_str(),
+            "--out".as_ref(),
+            out_dir.as_os_str(),
+        ],
+    );
     assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
 }
 
@@ -141,26 +118,30 @@ fn a_folder_of_pickles_is_merged_in_name_order() {
         .unwrap();
     assert!(status.success());
     let out_dir = dir.path().join("merged");
-    let out = probunet(&[
-        "prepare".as_ref(),
-        inputs.as_os_str(),
-        "--out".as_ref(),
-        out_dir.as_os_str(),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    run_ok(
+        dir.path(),
+        &[
+            "prepare".as_ref(),
+            inputs.as_os_str(),
+            "--out".as_ref(),
+            out_dir.as_os_str(),
+        ],
+    );
     common::run_script(
         "check_store.py",
         &[out_dir.as_os_str(), a.as_os_str(), b.as_os_str()],
     );
     // The same key in two files is refused, naming both.
     std::fs::copy(&a, inputs.join("c.pickle")).unwrap();
-    let out = probunet(&[
-        "prepare".as_ref(),
-        inputs.as_os_str(),
-        "--out".as_ref(),
-        dir.path().join("dup").as_os_str(),
-    ]);
-    assert!(!out.status.success());
+    let out = run_err(
+        dir.path(),
+        &[
+            "prepare".as_ref(),
+            inputs.as_os_str(),
+            "--out".as_ref(),
+            dir.path().join("dup").as_os_str(),
+        ],
+    );
     let err = stderr(&out);
     assert!(
         err.contains("c.pickle") && err.contains("a.pickle"),
@@ -186,14 +167,16 @@ fn bad_inputs_are_refused_naming_file_and_item_and_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let pickle = fixture(name);
         let out_dir = dir.path().join("store");
-        let out = probunet(&[
-            "prepare".as_ref(),
-            pickle.as_os_str(),
-            "--out".as_ref(),
-            out_dir.as_os_str(),
-        ]);
+        let out = run_err(
+            dir.path(),
+            &[
+                "prepare".as_ref(),
+                pickle.as_os_str(),
+                "--out".as_ref(),
+                out_dir.as_os_str(),
+            ],
+        );
         let err = stderr(&out);
-        assert!(!out.status.success(), "{name} was accepted");
         assert!(
             err.contains(name),
             "{name}: the error names the file: {err}"
@@ -208,18 +191,22 @@ fn bad_inputs_are_refused_naming_file_and_item_and_leave_nothing() {
 
 #[test]
 fn a_missing_input_is_a_clear_error() {
-    let out = probunet(&[
-        "prepare".as_ref(),
-        "/nonexistent/data_lidc.pickle".as_ref(),
-        "--out".as_ref(),
-        "/tmp/x".as_ref(),
-    ]);
-    assert!(!out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_err(
+        dir.path(),
+        &[
+            "prepare".as_ref(),
+            "/nonexistent/data_lidc.pickle".as_ref(),
+            "--out".as_ref(),
+            dir.path().join("x").as_os_str(),
+        ],
+    );
     assert!(
         stderr(&out).contains("/nonexistent/data_lidc.pickle"),
         "{}",
         stderr(&out)
     );
+    assert_only(dir.path(), &[]);
 }
 
 #[test]
@@ -235,10 +222,9 @@ fn the_synthetic_dataset_prepares_with_its_ideal_reference() {
         "32",
         "--out",
     ];
-    let mut argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    let mut argv: Vec<&OsStr> = args.iter().map(|a| a.as_ref()).collect();
     argv.push(out_dir.as_os_str());
-    let out = probunet(&argv);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run_ok(dir.path(), &argv);
     let text = stdout(&out);
     for needle in [
         "items: 80",
@@ -256,25 +242,24 @@ fn the_synthetic_dataset_prepares_with_its_ideal_reference() {
     let ideal = store.manifest.ideal.as_ref().unwrap();
     assert!(ideal.ged_val > 0.0 && ideal.ged_val < 0.5, "{ideal:?}");
     assert!(!store.split(SplitName::Val).is_empty());
-    let again = probunet(&argv);
+    let again = run_ok(dir.path(), &argv);
     assert!(
         stdout(&again).contains("already prepared"),
         "{}",
         stdout(&again)
     );
-    let out = probunet(&[
-        "prepare".as_ref(),
-        "--synthetic".as_ref(),
-        "--size".as_ref(),
-        "30".as_ref(),
-        "--out".as_ref(),
-        dir.path().join("bad").as_os_str(),
-    ]);
-    assert!(
-        !out.status.success() && stderr(&out).contains("multiple of 8"),
-        "{}",
-        stderr(&out)
+    let out = run_err(
+        dir.path(),
+        &[
+            "prepare".as_ref(),
+            "--synthetic".as_ref(),
+            "--size".as_ref(),
+            "30".as_ref(),
+            "--out".as_ref(),
+            dir.path().join("bad").as_os_str(),
+        ],
     );
+    assert!(stderr(&out).contains("multiple of 8"), "{}", stderr(&out));
     assert_only(dir.path(), &["syn"]);
 }
 
@@ -282,40 +267,46 @@ fn the_synthetic_dataset_prepares_with_its_ideal_reference() {
 fn a_killed_prepare_leaves_no_store_and_the_next_one_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("big");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_probunet"))
-        .args([
-            "prepare",
-            "--synthetic",
-            "--items",
-            "4000",
-            "--size",
-            "128",
-            "--out",
-        ])
-        .arg(&out_dir)
-        .spawn()
-        .unwrap();
-    // Wait until it is writing, then kill it hard.
-    let started = std::time::Instant::now();
-    while std::fs::read_dir(dir.path()).unwrap().next().is_none()
-        && started.elapsed().as_secs() < 30
-    {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let child = common::Running::spawn(&mut common::probunet(
+        dir.path(),
+        &[
+            "prepare".as_ref(),
+            "--synthetic".as_ref(),
+            "--items".as_ref(),
+            "4000".as_ref(),
+            "--size".as_ref(),
+            "128".as_ref(),
+            "--out".as_ref(),
+            out_dir.as_os_str(),
+        ],
+    ));
+    // Kill it hard once it is writing: its array file is there, in the hidden folder it
+    // builds the store in (`.big.partial-PID`, renamed to `big` only when complete).
+    let partial = dir.path().join(format!(".big.partial-{}", child.id()));
+    common::wait_for_path(&partial.join(ARRAYS_FILE));
+    let killed = child.kill();
+    assert!(
+        !killed.status.success(),
+        "prepare finished before it was killed:\n{}",
+        common::text(&killed)
+    );
+    assert!(
+        partial.is_dir(),
+        "the killed prepare left no partial folder, so the next one has nothing to clean up"
+    );
     assert!(!out_dir.exists(), "a killed prepare left a store");
-    let out = probunet(&[
-        "prepare".as_ref(),
-        "--synthetic".as_ref(),
-        "--items".as_ref(),
-        "20".as_ref(),
-        "--size".as_ref(),
-        "32".as_ref(),
-        "--out".as_ref(),
-        out_dir.as_os_str(),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    run_ok(
+        dir.path(),
+        &[
+            "prepare".as_ref(),
+            "--synthetic".as_ref(),
+            "--items".as_ref(),
+            "20".as_ref(),
+            "--size".as_ref(),
+            "32".as_ref(),
+            "--out".as_ref(),
+            out_dir.as_os_str(),
+        ],
+    );
     assert_only(dir.path(), &["big"]);
 }

@@ -2,8 +2,6 @@
 //! validation GED far below an untrained model's and reports the ideal-model reference.
 mod common;
 
-use std::process::Command;
-
 fn val_ged(stdout: &str) -> f64 {
     let line = stdout
         .lines()
@@ -17,36 +15,30 @@ fn the_quickstart_visibly_learns() {
     let dir = tempfile::tempdir().unwrap();
     let spec = common::repo().join("experiments/quickstart.toml");
     let train = |steps: u32| {
-        let out = Command::new(env!("CARGO_BIN_EXE_probunet"))
-            .current_dir(dir.path())
-            .args([
+        let mut cmd = common::probunet(
+            dir.path(),
+            &[
                 "train",
                 spec.to_str().unwrap(),
                 "--device",
                 "cpu",
                 "--plain",
-            ])
-            .args([
                 "--set",
                 &format!("train.steps={steps}"),
                 "--set",
                 &format!("train.val_every={steps}"),
-            ])
-            .args([
                 "--set",
                 "train.checkpoint_every=0",
                 "--set",
                 "log.images=false",
-            ])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
+            ],
         );
-        stdout
+        // libtorch's own thread count, as the README's run gets, not the runner's one.
+        match std::env::var_os("OMP_NUM_THREADS") {
+            Some(threads) => cmd.env("OMP_NUM_THREADS", threads),
+            None => cmd.env_remove("OMP_NUM_THREADS"),
+        };
+        common::stdout(&common::expect_success(&mut cmd))
     };
     let untrained = val_ged(&train(1));
     let stdout = train(300);

@@ -3,6 +3,7 @@
 //! job array submitted with sbatch, and the summary collected from what the array tasks
 //! wrote. The test skips itself, loudly, only where the packages cannot be installed.
 mod common;
+use common::{run_ok, text};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -17,6 +18,11 @@ const BINARIES: [&str; 6] = [
     "scontrol",
 ];
 const PACKAGES: [&str; 4] = ["munge", "slurmctld", "slurmd", "slurm-client"];
+
+/// How often to ask the cluster (sinfo, squeue) while waiting on it: each look starts a
+/// client that queries slurmctld, so less often than a look at a file, which leaves the
+/// cores to the trials while still noticing within a tenth of a second.
+const CLIENT_POLL: Duration = Duration::from_millis(100);
 
 /// The daemons live in /usr/sbin, which a CI runner's PATH may lack: add the sbin folders
 /// to this process's PATH, so both the checks and the spawned commands find them.
@@ -37,14 +43,6 @@ fn with_sbin_on_path() {
 fn on_path(binary: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path).any(|dir| dir.join(binary).is_file())
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// A line straight to the process's stderr, past the test harness's capture, so that it
@@ -236,20 +234,17 @@ impl Cluster {
         let conf_text = conf.display().to_string();
         cluster.run("slurmctld", &["-f", &conf_text]);
         cluster.run("slurmd", &["-f", &conf_text, "-N", "localhost"]);
-        let start = Instant::now();
-        loop {
+        let mut state = String::new();
+        let idle = common::poll(CLIENT_POLL, || {
             let out = cluster.command("sinfo").args(["-h", "-o", "%t"]).output();
-            let state = out.map(|o| text(&o)).unwrap_or_default();
-            if state.trim() == "idle" {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "the node never became idle (sinfo: {state})\n{}",
-                cluster.logs()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+            state = out.map(|o| text(&o)).unwrap_or_default();
+            (state.trim() == "idle").then_some(())
+        });
+        assert!(
+            idle.is_some(),
+            "the node never became idle (sinfo: {state})\n{}",
+            cluster.logs()
+        );
         cluster
     }
 
@@ -303,21 +298,10 @@ impl Drop for Cluster {
                     // SAFETY: kill(2) on a pid read from our own daemon's pid file.
                     unsafe { libc::kill(pid, sig) };
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(common::POLL);
             }
         }
     }
-}
-
-fn probunet(dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_probunet"))
-        .current_dir(dir)
-        .args(args)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "probunet {args:?}: {}", text(&out));
-    out
 }
 
 #[test]
@@ -347,7 +331,7 @@ fn a_job_array_runs_the_sweep_on_a_one_node_slurm_cluster() {
          [sweep.slurm]\ncpus = 1\nmem = \"300M\"\ntime = \"00:05:00\"\nconcurrency = 2\n",
     )
     .unwrap();
-    let out = probunet(&work, &["sweep", "sweep.toml", "--emit", "slurm"]);
+    let out = run_ok(&work, &["sweep", "sweep.toml", "--emit", "slurm"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("4 of 4 trials as a job array"),
         "{}",
@@ -382,28 +366,27 @@ fn a_job_array_runs_the_sweep_on_a_one_node_slurm_cluster() {
         .to_string();
     eprintln!("submitted job array {job}");
 
-    // Wait until the array has left the queue, at most 4 minutes.
+    // Wait until the array has left the queue.
     let submitted = Instant::now();
     let mut seen_two_running = false;
-    loop {
+    let mut queue = String::new();
+    let left = common::poll(CLIENT_POLL, || {
         let out = cluster
             .command("squeue")
             .args(["-h", "-j", &job, "-o", "%i %t"])
             .output()
             .unwrap();
-        let queue = String::from_utf8_lossy(&out.stdout).to_string();
+        queue = common::stdout(&out);
         let running = queue.lines().filter(|l| l.ends_with(" R")).count();
         seen_two_running |= running == 2;
-        if out.status.success() && queue.trim().is_empty() {
-            break;
-        }
-        assert!(
-            submitted.elapsed() < Duration::from_secs(240),
-            "job {job} still queued after 4 minutes:\n{queue}\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+        (out.status.success() && queue.trim().is_empty()).then_some(())
+    });
+    assert!(
+        left.is_some(),
+        "job {job} still queued after {} s:\n{queue}\n{}",
+        common::TIMEOUT.as_secs(),
+        cluster.logs()
+    );
     let ran = submitted.elapsed();
 
     let folder = work.join("runs/slurm");
@@ -412,7 +395,7 @@ fn a_job_array_runs_the_sweep_on_a_one_node_slurm_cluster() {
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(logs.len(), 4, "one log per array task: {logs:?}");
-    let out = probunet(&work, &["sweep", "runs/slurm", "--collect"]);
+    let out = run_ok(&work, &["sweep", "runs/slurm", "--collect"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let mut task_logs = String::new();
     for log in &logs {
@@ -427,13 +410,11 @@ fn a_job_array_runs_the_sweep_on_a_one_node_slurm_cluster() {
         "{stdout}\n{task_logs}\n{}",
         cluster.logs()
     );
-    let mut reader = csv::Reader::from_path(folder.join("summary.csv")).unwrap();
-    let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+    let rows = common::sweep_summary(&folder);
     assert_eq!(rows.len(), 4);
     for row in &rows {
-        // index, id, model.beta, model.latent_dim, status, error, steps, ...
-        assert_eq!(&row[4], "finished", "{row:?}");
-        assert_eq!(&row[6], "20", "{row:?}");
+        assert_eq!(row["status"], "finished", "{row:?}");
+        assert_eq!(row["steps"], "20", "{row:?}");
     }
     // Each task ran its own trial, with the thread count Slurm gave it.
     let mut trials: Vec<usize> = logs
@@ -450,10 +431,7 @@ fn a_job_array_runs_the_sweep_on_a_one_node_slurm_cluster() {
     trials.sort();
     assert_eq!(trials, [0, 1, 2, 3]);
     for row in &rows {
-        let status: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(folder.join(&row[1]).join("status.json")).unwrap(),
-        )
-        .unwrap();
+        let status = common::read_json(&folder.join(&row["id"]).join("status.json"));
         assert_eq!(status["threads"], 1, "{status}");
         assert_eq!(status["device"], "cpu", "{status}");
     }

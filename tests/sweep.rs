@@ -2,12 +2,14 @@
 //! failures, Ctrl-C and resume, and the per-trial entry point that cluster jobs use.
 mod common;
 
-use probunet::run::{read_rows, Phase};
-use serde_json::Value;
+use common::{
+    expect_failure, expect_success, metric_steps, probunet, run_err, run_ok, sweep_summary, text,
+    Running,
+};
+use probunet::run::Phase;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Writes the tiny base and a sweep spec over it; returns the sweep spec's path.
 fn write_sweep(dir: &Path, sweep: &str) -> PathBuf {
@@ -21,57 +23,8 @@ fn write_sweep(dir: &Path, sweep: &str) -> PathBuf {
     path
 }
 
-fn probunet(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_probunet"));
-    cmd.current_dir(dir)
-        .args(args)
-        .env("OMP_NUM_THREADS", "1")
-        .env_remove("SLURM_ARRAY_TASK_ID")
-        .env_remove("JOB_COMPLETION_INDEX");
-    cmd
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn run_ok(dir: &Path, args: &[&str]) -> Output {
-    let out = probunet(dir, args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "probunet {args:?} failed:\n{}",
-        text(&out)
-    );
-    out
-}
-
-/// summary.csv as one map per row, in trial order.
-fn summary(folder: &Path) -> Vec<BTreeMap<String, String>> {
-    let mut reader = csv::Reader::from_path(folder.join("summary.csv")).unwrap();
-    let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
-    reader
-        .records()
-        .map(|r| {
-            header
-                .iter()
-                .cloned()
-                .zip(r.unwrap().iter().map(String::from))
-                .collect()
-        })
-        .collect()
-}
-
 fn column<'a>(rows: &'a [BTreeMap<String, String>], key: &str) -> Vec<&'a str> {
     rows.iter().map(|r| r[key].as_str()).collect()
-}
-
-fn read_events(paths: &[&Path]) -> Value {
-    let args: Vec<&std::ffi::OsStr> = paths.iter().map(|p| p.as_os_str()).collect();
-    serde_json::from_str(&common::run_script("read_events.py", &args)).unwrap()
 }
 
 #[test]
@@ -84,7 +37,7 @@ fn plan_prints_the_trials_and_runs_nothing() {
          [sweep.random]\n\"train.lr\" = { log_uniform = [1e-4, 1e-2] }\n",
     );
     let out = run_ok(dir.path(), &["sweep", spec.to_str().unwrap(), "--plan"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = common::stdout(&out);
     assert!(
         stdout.starts_with("sweep p: 16 trials (beta 2 x latent_dim 2 x lr drawn x 2 repeats)"),
         "{stdout}"
@@ -129,15 +82,10 @@ fn bad_sweeps_name_the_file_the_key_or_the_value() {
     ];
     for (sweep, message) in cases {
         let spec = write_sweep(dir.path(), sweep);
-        let out = probunet(dir.path(), &["sweep", spec.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
+        let out = run_err(dir.path(), &["sweep", spec.to_str().unwrap()]);
         assert!(text(&out).contains(message), "{sweep}: {}", text(&out));
     }
-    let out = probunet(dir.path(), &["sweep", "none.toml"])
-        .output()
-        .unwrap();
+    let out = run_err(dir.path(), &["sweep", "none.toml"]);
     assert!(
         text(&out).contains("none.toml: does not exist"),
         "{}",
@@ -152,10 +100,7 @@ fn bad_sweeps_name_the_file_the_key_or_the_value() {
         &["sweep", spec.to_str().unwrap(), "--emit", "slurm"],
     );
     let spec = write_sweep(dir.path(), "name = \"s\"\n[sweep.grid]\nbeta = [1, 100]\n");
-    let out = probunet(dir.path(), &["sweep", spec.to_str().unwrap(), "--plan"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let out = run_err(dir.path(), &["sweep", spec.to_str().unwrap(), "--plan"]);
     assert!(
         text(&out).contains(
             "runs/s: holds another plan for sweep `s`: trial 1 is 01-beta100 (model.beta=100) \
@@ -164,43 +109,37 @@ fn bad_sweeps_name_the_file_the_key_or_the_value() {
         "{}",
         text(&out)
     );
-    let out = probunet(dir.path(), &["sweep", spec.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success() && text(&out).contains("Refusing to mix them"));
+    let out = run_err(dir.path(), &["sweep", spec.to_str().unwrap()]);
+    assert!(
+        text(&out).contains("Refusing to mix them"),
+        "{}",
+        text(&out)
+    );
     // --trial out of range, and no trial at all.
-    let out = probunet(dir.path(), &["train", "--sweep", "runs/s", "--trial", "2"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let out = run_err(dir.path(), &["train", "--sweep", "runs/s", "--trial", "2"]);
     assert!(
         text(&out).contains("trial 2 is out of range: runs/s has 2 trials (0 to 1)"),
         "{}",
         text(&out)
     );
-    let out = probunet(dir.path(), &["train", "--sweep", "runs/s"])
-        .output()
-        .unwrap();
+    let out = run_err(dir.path(), &["train", "--sweep", "runs/s"]);
     assert!(
         text(&out).contains("Pass --trial N, or run as a Slurm array task (SLURM_ARRAY_TASK_ID)"),
         "{}",
         text(&out)
     );
-    let out = probunet(dir.path(), &["train", "--sweep", "runs/s"])
-        .env("SLURM_ARRAY_TASK_ID", "x")
-        .output()
-        .unwrap();
+    let out = expect_failure(
+        probunet(dir.path(), &["train", "--sweep", "runs/s"]).env("SLURM_ARRAY_TASK_ID", "x"),
+    );
     assert!(
         text(&out).contains("SLURM_ARRAY_TASK_ID=\"x\" is not a trial number"),
         "{}",
         text(&out)
     );
-    let out = probunet(
+    let out = run_err(
         dir.path(),
         &["train", "--sweep", "runs/none", "--trial", "0"],
-    )
-    .output()
-    .unwrap();
+    );
     assert!(
         text(&out).contains("runs/none: does not exist"),
         "{}",
@@ -227,8 +166,8 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
             "1",
         ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = common::stdout(&out);
+    let stderr = common::stderr(&out);
     eprintln!(
         "4 trials, 2 at once: {:.1} s",
         started.elapsed().as_secs_f64()
@@ -256,7 +195,7 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
     );
 
     let folder = dir.path().join("runs/grid");
-    let rows = summary(&folder);
+    let rows = sweep_summary(&folder);
     assert_eq!(
         column(&rows, "id"),
         [
@@ -312,13 +251,7 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
         spec_toml.contains("steps = 30  # runs/grid/base.toml\n"),
         "{spec_toml}"
     );
-    let val: Vec<u64> = read_rows(&trial.join("metrics.csv"))
-        .unwrap()
-        .iter()
-        .filter(|r| r.phase == Phase::Val)
-        .map(|r| r.step)
-        .collect();
-    assert_eq!(val, [15, 30]);
+    assert_eq!(metric_steps(&trial, Phase::Val), [15, 30]);
 
     // The HParams dashboard: the experiment in the sweep folder, a session per trial.
     let trials: Vec<PathBuf> = column(&rows, "id")
@@ -327,8 +260,8 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
         .collect();
     let mut paths: Vec<&Path> = vec![&folder];
     paths.extend(trials.iter().map(PathBuf::as_path));
-    let events = read_events(&paths);
-    let experiment = &events[folder.to_str().unwrap()]["hparams"]["_hparams_/experiment"];
+    let events = common::read_events(&paths);
+    let experiment = &common::events_at(&events, &folder)["hparams"]["_hparams_/experiment"];
     assert_eq!(
         experiment["hparam_infos"],
         serde_json::json!([
@@ -346,7 +279,7 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
         ])
     );
     for (trial, row) in trials.iter().zip(&rows) {
-        let run = &events[trial.to_str().unwrap()];
+        let run = common::events_at(&events, trial);
         let start = &run["hparams"]["_hparams_/session_start_info"];
         let beta: f64 = row["model.beta"].parse().unwrap();
         let latent: f64 = row["model.latent_dim"].parse().unwrap();
@@ -357,13 +290,8 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
             "STATUS_SUCCESS"
         );
         for tag in ["val_ged", "val_hm_iou", "val_elbo", "val_kl"] {
-            let steps: Vec<u64> = run["scalars"][tag]
-                .as_array()
-                .unwrap_or_else(|| panic!("{tag} in {}", trial.display()))
-                .iter()
-                .map(|p| p[0].as_u64().unwrap())
-                .collect();
-            assert_eq!(steps, [15, 30], "{tag}");
+            let steps: Vec<u64> = common::scalars(run, tag).iter().map(|p| p.0).collect();
+            assert_eq!(steps, [15, 30], "{tag} in {}", trial.display());
         }
     }
 
@@ -374,13 +302,13 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
         &["sweep", spec.to_str().unwrap(), "--jobs", "2"],
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout)
+        common::stdout(&out)
             .contains("sweep grid: 4 trials in runs/grid: 4 finished; nothing to run"),
         "{}",
         text(&out)
     );
     let out = run_ok(dir.path(), &["sweep", "runs/grid", "--collect"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("4 trials: 4 finished"));
+    assert!(common::stdout(&out).contains("4 trials: 4 finished"));
     assert_eq!(std::fs::read(folder.join("summary.csv")).unwrap(), before);
 }
 
@@ -392,19 +320,17 @@ fn a_failing_trial_is_marked_failed_and_the_others_go_on() {
         "name = \"bad\"\nset = { \"train.steps\" = 10 }\n\
          [sweep.grid]\nlatent_dim = [2, 0]\nlr = [1e-3, 1e30]\n",
     );
-    let out = probunet(
+    let out = common::output(&mut probunet(
         dir.path(),
         &["sweep", spec.to_str().unwrap(), "--jobs", "2"],
-    )
-    .output()
-    .unwrap();
+    ));
     let all = text(&out);
     assert_eq!(out.status.code(), Some(1), "{all}");
     assert!(
         all.contains("3 of 4 trials failed") && all.contains("--retry-failed"),
         "{all}"
     );
-    let rows = summary(&dir.path().join("runs/bad"));
+    let rows = sweep_summary(&dir.path().join("runs/bad"));
     assert_eq!(
         column(&rows, "status"),
         ["finished", "failed", "failed", "failed"]
@@ -423,22 +349,23 @@ fn a_failing_trial_is_marked_failed_and_the_others_go_on() {
     assert!(!rows[0]["best_val_ged"].is_empty());
     // The failed trial's session says so in the HParams dashboard.
     let trial = dir.path().join("runs/bad").join(&rows[1]["id"]);
-    let events = read_events(&[&trial]);
+    let events = common::read_events(&[&trial]);
     assert_eq!(
-        events[trial.to_str().unwrap()]["hparams"]["_hparams_/session_end_info"]["status"],
+        common::events_at(&events, &trial)["hparams"]["_hparams_/session_end_info"]["status"],
         "STATUS_FAILURE"
     );
     // Failed trials stay failed on a re-run, unless retried.
-    let out = probunet(dir.path(), &["sweep", spec.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = common::output(&mut probunet(
+        dir.path(),
+        &["sweep", spec.to_str().unwrap()],
+    ));
     assert!(
         text(&out)
             .contains("1 finished, 3 failed (--retry-failed runs them again); nothing to run"),
         "{}",
         text(&out)
     );
-    let out = probunet(
+    let out = common::output(&mut probunet(
         dir.path(),
         &[
             "sweep",
@@ -447,20 +374,9 @@ fn a_failing_trial_is_marked_failed_and_the_others_go_on() {
             "--jobs",
             "2",
         ],
-    )
-    .output()
-    .unwrap();
+    ));
     assert!(text(&out).contains("3 to run"), "{}", text(&out));
-    assert_eq!(out.status.code(), Some(1));
-}
-
-/// Waits for `done`, polling, at most `limit`.
-fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
 
 /// The last `step S/T` a trial's log reports.
@@ -468,7 +384,7 @@ fn logged_step(log: &Path) -> u64 {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.strip_prefix("step ")?.split('/').next()?.parse().ok())
+        .filter_map(common::progress_step)
         .max()
         .unwrap_or(0)
 }
@@ -482,37 +398,27 @@ fn ctrl_c_stops_every_trial_and_running_again_resumes_them() {
         "name = \"stop\"\nset = { \"train.steps\" = 400, \"train.val_every\" = 0, \
          \"train.checkpoint_every\" = 0 }\n[sweep.grid]\nbeta = [0.5, 2, 8]\n",
     );
-    let child = probunet(
+    let child = Running::spawn(&mut probunet(
         dir.path(),
         &["sweep", spec.to_str().unwrap(), "--jobs", "2"],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ));
     let folder = dir.path().join("runs/stop");
     let logs = [
         folder.join("00-beta0.5").join("train.log"),
         folder.join("01-beta2").join("train.log"),
     ];
-    wait_until(
-        Duration::from_secs(120),
-        "both trials to take 10 steps",
-        || logs.iter().all(|l| logged_step(l) >= 10),
-    );
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
+    common::wait_until("both trials to log step 10 in their train.log", || {
+        logs.iter().all(|l| logged_step(l) >= 10)
+    });
+    child.interrupt();
+    let out = child.wait();
     let all = text(&out);
     assert_eq!(out.status.code(), Some(130), "{all}");
     assert!(
         all.contains("Resume with: probunet sweep") && all.contains("sweep.toml"),
         "{all}"
     );
-    let rows = summary(&folder);
+    let rows = sweep_summary(&folder);
     assert_eq!(
         column(&rows, "status"),
         ["interrupted", "interrupted", "pending"],
@@ -541,17 +447,11 @@ fn ctrl_c_stops_every_trial_and_running_again_resumes_them() {
         all.contains(&format!("resuming from step {}", stopped[0])),
         "{all}"
     );
-    let rows = summary(&folder);
+    let rows = sweep_summary(&folder);
     assert_eq!(column(&rows, "status"), ["finished"; 3]);
     for row in &rows {
-        let steps: Vec<u64> = read_rows(&folder.join(&row["id"]).join("metrics.csv"))
-            .unwrap()
-            .iter()
-            .filter(|r| r.phase == Phase::Train)
-            .map(|r| r.step)
-            .collect();
         assert_eq!(
-            steps,
+            metric_steps(&folder.join(&row["id"]), Phase::Train),
             (1..=80).map(|i| i * 5).collect::<Vec<_>>(),
             "{}",
             row["id"]
@@ -582,8 +482,7 @@ fn cluster_tasks_run_one_trial_each_and_collect_summarises_what_finished() {
         ],
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout)
-            .contains("submit it with:  sbatch runs/array/sweep.sbatch"),
+        common::stdout(&out).contains("submit it with:  sbatch runs/array/sweep.sbatch"),
         "{}",
         text(&out)
     );
@@ -618,7 +517,7 @@ fn cluster_tasks_run_one_trial_each_and_collect_summarises_what_finished() {
     let gpu = std::fs::read_to_string(dir.path().join("gpu.sbatch")).unwrap();
     assert!(gpu.contains("#SBATCH --gres=gpu:1\n") && gpu.contains("--partition=gpu\n"));
     assert!(gpu.contains("--device cuda\n"), "{gpu}");
-    let out = probunet(
+    let out = run_err(
         dir.path(),
         &[
             "sweep",
@@ -628,52 +527,45 @@ fn cluster_tasks_run_one_trial_each_and_collect_summarises_what_finished() {
             "--mem",
             "lots",
         ],
-    )
-    .output()
-    .unwrap();
+    );
     assert!(
-        !out.status.success()
-            && text(&out).contains("sweep.slurm (or its flag): mem \"lots\": expected a size"),
+        text(&out).contains("sweep.slurm (or its flag): mem \"lots\": expected a size"),
         "{}",
         text(&out)
     );
 
     // Array task 1 and Indexed Job completion 0, as the engines set them.
-    let out = probunet(dir.path(), &["train", "--sweep", "runs/array", "--plain"])
-        .env("SLURM_ARRAY_TASK_ID", "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let out = expect_success(
+        probunet(dir.path(), &["train", "--sweep", "runs/array", "--plain"])
+            .env("SLURM_ARRAY_TASK_ID", "1"),
+    );
     assert!(
-        String::from_utf8_lossy(&out.stdout)
-            .contains("trial 1 finished: 10 steps in runs/array/01-beta1"),
+        common::stdout(&out).contains("trial 1 finished: 10 steps in runs/array/01-beta1"),
         "{}",
         text(&out)
     );
-    let out = probunet(dir.path(), &["train", "--sweep", "runs/array", "--plain"])
-        .env("JOB_COMPLETION_INDEX", "0")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    expect_success(
+        probunet(dir.path(), &["train", "--sweep", "runs/array", "--plain"])
+            .env("JOB_COMPLETION_INDEX", "0"),
+    );
     // A finished trial is not run again.
     let out = run_ok(
         dir.path(),
         &["train", "--sweep", "runs/array", "--trial", "1"],
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout)
-            .contains("trial 1 (01-beta1) already finished (10 steps)"),
+        common::stdout(&out).contains("trial 1 (01-beta1) already finished (10 steps)"),
         "{}",
         text(&out)
     );
 
     let out = run_ok(dir.path(), &["sweep", "runs/array", "--collect"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = common::stdout(&out);
     assert!(
         stdout.contains("sweep array: 3 trials: 2 finished, 1 pending"),
         "{stdout}"
     );
-    let rows = summary(&folder);
+    let rows = sweep_summary(&folder);
     assert_eq!(column(&rows, "status"), ["finished", "finished", "pending"]);
     assert_eq!(column(&rows, "steps"), ["10", "10", ""]);
     // The next script holds only what is left.

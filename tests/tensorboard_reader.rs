@@ -2,7 +2,6 @@
 //! `EventAccumulator` (through `scripts/read_events.py`), so that the files are
 //! checked against the real reader rather than our own understanding of it.
 
-use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
@@ -13,34 +12,13 @@ use probunet::tensorboard::{
 use serde_json::{json, Value};
 
 mod common;
-
-/// Runs `scripts/read_events.py` on `paths` and returns its JSON, keyed by path.
-fn read_events(paths: &[&Path]) -> Value {
-    let args: Vec<&OsStr> = paths.iter().map(|p| p.as_os_str()).collect();
-    serde_json::from_str(&common::run_script("read_events.py", &args))
-        .expect("read_events.py prints JSON")
-}
-
-fn run<'a>(events: &'a Value, path: &Path) -> &'a Value {
-    &events[path.to_str().unwrap()]
-}
-
-/// A fresh folder under Cargo's scratch space for integration tests.
-fn test_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("tensorboard_reader")
-        .join(name);
-    let _ = fs::remove_dir_all(&dir);
-    dir
-}
+use common::{events_at, read_events};
 
 /// `(step, value)` pairs of a scalar tag, values as the `f32` TensorBoard keeps.
 fn scalars(run: &Value, tag: &str) -> Vec<(i64, f32)> {
-    run["scalars"][tag]
-        .as_array()
-        .unwrap_or_else(|| panic!("no scalar tag {tag} in {run}"))
-        .iter()
-        .map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap() as f32))
+    common::scalars(run, tag)
+        .into_iter()
+        .map(|(step, value)| (i64::try_from(step).unwrap(), value as f32))
         .collect()
 }
 
@@ -70,7 +48,8 @@ fn train_loss(step: i64) -> f32 {
 
 #[test]
 fn scalars_images_and_hparams_read_back() {
-    let sweep = test_dir("sweep");
+    let tmp = tempfile::tempdir().unwrap();
+    let sweep = tmp.path().join("sweep");
     let trial = sweep.join("trial_0");
 
     let mut root = EventWriter::create(&sweep).unwrap();
@@ -134,7 +113,7 @@ fn scalars_images_and_hparams_read_back() {
     writer.close().unwrap();
 
     let events = read_events(&[&sweep, &trial]);
-    let trial_run = run(&events, &trial);
+    let trial_run = events_at(&events, &trial);
     assert_eq!(trial_run["file_version"], json!(2.0));
     assert_eq!(
         keys(&trial_run["scalars"]),
@@ -184,7 +163,7 @@ fn scalars_images_and_hparams_read_back() {
 
     // The sweep folder's own file holds the experiment; the accumulator for a
     // folder does not descend into the trial's subfolder.
-    let sweep_run = run(&events, &sweep);
+    let sweep_run = events_at(&events, &sweep);
     let experiment = &sweep_run["hparams"]["_hparams_/experiment"];
     assert!(experiment["time_created_secs"].as_f64().unwrap() > 1.7e9);
     assert_eq!(
@@ -219,7 +198,8 @@ fn name_secs(path: &Path) -> &str {
 
 #[test]
 fn two_writers_in_one_folder_and_second_both_survive() {
-    let dir = test_dir("two_writers");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("two_writers");
     // Retry in the unlikely case the two creations straddle a second boundary,
     // so that the test really covers two writers in the same second.
     let (mut a, mut b) = loop {
@@ -248,7 +228,7 @@ fn two_writers_in_one_folder_and_second_both_survive() {
         both
     });
     let events = read_events(&[&dir, &a_path, &b_path]);
-    let folder = run(&events, &dir);
+    let folder = events_at(&events, &dir);
     assert_eq!(scalars(folder, "a/loss"), [(0, 0.0), (1, 1.0), (2, 2.0)]);
     assert_eq!(scalars(folder, "b/loss"), [(0, 10.0), (1, 11.0), (2, 12.0)]);
     let mut val = scalars(folder, "val_loss");
@@ -265,18 +245,19 @@ fn two_writers_in_one_folder_and_second_both_survive() {
         ]
     );
     assert_eq!(
-        keys(&run(&events, &a_path)["scalars"]),
+        keys(&events_at(&events, &a_path)["scalars"]),
         ["a/loss", "val_loss"]
     );
     assert_eq!(
-        keys(&run(&events, &b_path)["scalars"]),
+        keys(&events_at(&events, &b_path)["scalars"]),
         ["b/loss", "val_loss"]
     );
 }
 
 #[test]
 fn truncated_last_record_is_skipped() {
-    let dir = test_dir("truncated");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("truncated");
     let mut writer = EventWriter::create(dir.join("whole")).unwrap();
     for step in 0..5 {
         writer
@@ -318,7 +299,7 @@ fn truncated_last_record_is_skipped() {
     let before: Vec<(i64, f32)> = (0..5).map(|s| (s, train_loss(s))).collect();
     for run_dir in &runs {
         assert_eq!(
-            scalars(run(&events, run_dir), "train_loss"),
+            scalars(events_at(&events, run_dir), "train_loss"),
             before,
             "{}",
             run_dir.display()
@@ -326,7 +307,7 @@ fn truncated_last_record_is_skipped() {
     }
     let all: Vec<(i64, f32)> = (0..6).map(|s| (s, train_loss(s))).collect();
     assert_eq!(
-        scalars(run(&events, path.parent().unwrap()), "train_loss"),
+        scalars(events_at(&events, path.parent().unwrap()), "train_loss"),
         all
     );
 }

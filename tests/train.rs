@@ -2,66 +2,16 @@
 //! resume after SIGKILL, Ctrl-C, non-finite losses and determinism.
 mod common;
 
-use probunet::run::{read_rows, MetricsRow, Phase};
-use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-fn probunet(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_probunet"));
-    cmd.current_dir(dir).args(args).env("OMP_NUM_THREADS", "1");
-    cmd
-}
-
-fn run_ok(dir: &Path, args: &[&str]) -> Output {
-    let out = probunet(dir, args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "probunet {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// The single run folder under `dir/runs`.
-fn run_dir(dir: &Path) -> PathBuf {
-    let mut runs: Vec<PathBuf> = std::fs::read_dir(dir.join("runs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert_eq!(runs.len(), 1, "{runs:?}");
-    runs.pop().unwrap()
-}
-
-fn rows(run: &Path, phase: Phase) -> Vec<MetricsRow> {
-    read_rows(&run.join("metrics.csv"))
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.phase == phase)
-        .collect()
-}
-
-fn scalars(events: &Value, run: &Path, tag: &str) -> Vec<(u64, f64)> {
-    events[run.to_str().unwrap()]["scalars"][tag]
-        .as_array()
-        .unwrap_or_else(|| panic!("no scalar {tag}"))
-        .iter()
-        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
-        .collect()
-}
-
-fn read_events(run: &Path) -> Value {
-    serde_json::from_str(&common::run_script("read_events.py", &[run.as_os_str()])).unwrap()
-}
+use common::{metrics, only_run, probunet, run_err, run_ok, scalars, stderr, stdout, Running};
+use probunet::run::Phase;
 
 #[test]
 fn a_run_logs_every_tag_and_checkpoints_as_configured() {
     let dir = tempfile::tempdir().unwrap();
     let spec = common::write_spec(dir.path(), "");
     let out = run_ok(dir.path(), &["train", spec.to_str().unwrap()]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let run = run_dir(dir.path());
+    let stdout = stdout(&out);
+    let run = only_run(dir.path());
     assert!(
         stdout.contains(&format!(
             "tensorboard --logdir {}",
@@ -71,23 +21,23 @@ fn a_run_logs_every_tag_and_checkpoints_as_configured() {
     );
     assert!(stdout.contains("ideal-model reference"), "{stdout}");
     // Plain progress lines, since stderr is not a terminal here.
-    assert!(String::from_utf8_lossy(&out.stderr).contains("step 60/60"));
+    assert!(stderr(&out).contains("step 60/60"), "{}", stderr(&out));
 
     let spec_toml = std::fs::read_to_string(run.join("spec.toml")).unwrap();
     assert!(
         spec_toml.contains("batch = 8") && spec_toml.contains("tiny.toml"),
         "{spec_toml}"
     );
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
+    let meta = common::read_json(&run.join("meta.json"));
     assert_eq!(meta["probunet_version"], env!("CARGO_PKG_VERSION"));
 
-    let train_steps: Vec<u64> = rows(&run, Phase::Train).iter().map(|r| r.step).collect();
+    let train_steps = common::metric_steps(&run, Phase::Train);
     assert_eq!(train_steps, (1..=12).map(|i| i * 5).collect::<Vec<_>>());
-    let val_steps: Vec<u64> = rows(&run, Phase::Val).iter().map(|r| r.step).collect();
+    let val_steps = common::metric_steps(&run, Phase::Val);
     assert_eq!(val_steps, [20, 40, 60]);
 
-    let events = read_events(&run);
+    let all = common::read_events(&[&run]);
+    let events = common::events_at(&all, &run);
     for tag in [
         "train_loss",
         "train_elbo",
@@ -98,28 +48,25 @@ fn a_run_logs_every_tag_and_checkpoints_as_configured() {
         "beta",
         "images_per_sec",
     ] {
-        let steps: Vec<u64> = scalars(&events, &run, tag).iter().map(|p| p.0).collect();
+        let steps: Vec<u64> = scalars(events, tag).iter().map(|p| p.0).collect();
         assert_eq!(steps, train_steps, "{tag}");
     }
     for tag in ["val_elbo", "val_kl", "val_ged", "val_hm_iou"] {
-        let steps: Vec<u64> = scalars(&events, &run, tag).iter().map(|p| p.0).collect();
+        let steps: Vec<u64> = scalars(events, tag).iter().map(|p| p.0).collect();
         assert_eq!(steps, val_steps, "{tag}");
     }
     // The CSV and TensorBoard hold the same numbers.
-    let csv_loss: Vec<f64> = rows(&run, Phase::Train)
+    let csv_loss: Vec<f64> = metrics(&run, Phase::Train)
         .iter()
         .map(|r| r.loss.unwrap())
         .collect();
-    let tb_loss: Vec<f64> = scalars(&events, &run, "train_loss")
-        .iter()
-        .map(|p| p.1)
-        .collect();
+    let tb_loss: Vec<f64> = scalars(events, "train_loss").iter().map(|p| p.1).collect();
     for (a, b) in csv_loss.iter().zip(&tb_loss) {
         assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "{a} vs {b}");
     }
-    let lr = scalars(&events, &run, "learning_rate");
+    let lr = scalars(events, "learning_rate");
     assert!(lr.iter().all(|p| (p.1 - 1e-3).abs() < 1e-9));
-    let grid = &events[run.to_str().unwrap()]["images"]["val_samples"][0];
+    let grid = &events["images"]["val_samples"][0];
     // 4 rows of input, 4 annotations, 6 samples and the mean, 32 px tiles, 2 px gaps.
     assert_eq!(grid["width"].as_u64().unwrap(), 12 * 32 + 11 * 2);
     assert_eq!(grid["height"].as_u64().unwrap(), 4 * 32 + 3 * 2);
@@ -147,7 +94,7 @@ fn the_same_spec_and_seed_give_the_same_loss_curve() {
                 dir.path(),
                 &["train", spec.to_str().unwrap(), "--set", "train.steps=30"],
             );
-            rows(&run_dir(dir.path()), Phase::Train)
+            metrics(&only_run(dir.path()), Phase::Train)
                 .iter()
                 .map(|r| r.loss.unwrap())
                 .collect()
@@ -155,19 +102,6 @@ fn the_same_spec_and_seed_give_the_same_loss_curve() {
         .collect();
     assert_eq!(curves[0].len(), 6);
     assert_eq!(curves[0], curves[1]);
-}
-
-/// Waits until `path` exists (a checkpoint the process wrote), at most a minute.
-fn wait_for(path: &Path) {
-    let start = Instant::now();
-    while !path.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -178,33 +112,28 @@ fn sigkill_then_resume_loses_and_repeats_no_step() {
     let reference = tempfile::tempdir().unwrap();
     let ref_spec = common::write_spec(reference.path(), "");
     run_ok(reference.path(), &["train", ref_spec.to_str().unwrap()]);
-    let expected = rows(&run_dir(reference.path()), Phase::Train);
+    let expected = metrics(&only_run(reference.path()), Phase::Train);
 
-    let mut child = probunet(dir.path(), &["train", spec.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Running::spawn(&mut probunet(
+        dir.path(),
+        &["train", spec.to_str().unwrap()],
+    ));
     let runs = dir.path().join("runs");
-    wait_for(&runs);
-    let start = Instant::now();
-    let run = loop {
-        if let Some(run) = std::fs::read_dir(&runs).unwrap().next() {
-            break run.unwrap().path();
-        }
-        assert!(start.elapsed() < Duration::from_secs(60));
-    };
-    wait_for(&run.join("checkpoints/step-00000030"));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let run = common::wait_for("the run folder", || {
+        Some(std::fs::read_dir(&runs).ok()?.next()?.ok()?.path())
+    });
+    // Checkpoints are renamed into place whole: once the folder is there, it is complete.
+    common::wait_for_path(&run.join("checkpoints/step-00000030"));
+    let killed = child.kill();
+    assert!(
+        !killed.status.success(),
+        "the run finished before it was killed:\n{}",
+        common::text(&killed)
+    );
 
     let out = run_ok(dir.path(), &["train", "--resume", run.to_str().unwrap()]);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("resuming"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let got = rows(&run, Phase::Train);
+    assert!(stdout(&out).contains("resuming"), "{}", stdout(&out));
+    let got = metrics(&run, Phase::Train);
     let steps: Vec<u64> = got.iter().map(|r| r.step).collect();
     assert_eq!(
         steps,
@@ -218,16 +147,17 @@ fn sigkill_then_resume_loses_and_repeats_no_step() {
             a.step
         );
     }
-    let val: Vec<u64> = rows(&run, Phase::Val).iter().map(|r| r.step).collect();
+    let val = common::metric_steps(&run, Phase::Val);
     assert_eq!(val, [20, 40, 60]);
-    let events = read_events(&run);
+    let all = common::read_events(&[&run]);
+    let events = common::events_at(&all, &run);
     for tag in ["train_loss", "val_ged"] {
-        let steps: Vec<u64> = scalars(&events, &run, tag).iter().map(|p| p.0).collect();
+        let steps: Vec<u64> = scalars(events, tag).iter().map(|p| p.0).collect();
         let mut unique = steps.clone();
         unique.dedup();
         assert_eq!(steps, unique, "{tag} has a step twice in TensorBoard");
     }
-    assert_eq!(scalars(&events, &run, "train_loss").len(), 12);
+    assert_eq!(scalars(events, "train_loss").len(), 12);
 }
 
 #[cfg(unix)]
@@ -235,7 +165,7 @@ fn sigkill_then_resume_loses_and_repeats_no_step() {
 fn ctrl_c_checkpoints_and_says_how_to_resume() {
     let dir = tempfile::tempdir().unwrap();
     let spec = common::write_spec(dir.path(), "");
-    let child = probunet(
+    let child = Running::spawn(&mut probunet(
         dir.path(),
         &[
             "train",
@@ -247,36 +177,38 @@ fn ctrl_c_checkpoints_and_says_how_to_resume() {
             "--set",
             "train.val_every=0",
         ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let runs = dir.path().join("runs");
-    wait_for(&runs);
-    // Let it take some steps, then interrupt it as a terminal's Ctrl-C would.
-    std::thread::sleep(Duration::from_secs(4));
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    ));
+    // A progress line at step 10 says training is under way, with Ctrl-C's handler in place.
+    let line = child.wait_for_stderr("progress at step 10", |line| {
+        common::progress_step(line).is_some_and(|step| step >= 10)
+    });
+    let seen = common::progress_step(&line).unwrap();
+    child.interrupt();
+    let out = child.wait();
+    let stderr = stderr(&out);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("probunet train --resume"), "{stderr}");
-    let run = run_dir(dir.path());
-    let ckpts: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+    let run = only_run(dir.path());
+    let ckpts: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(ckpts.len(), 1, "one checkpoint, at the interrupted step");
+    let step: u64 = ckpts[0]
+        .strip_prefix("step-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{ckpts:?}"));
+    assert!(
+        step >= seen,
+        "checkpoint {step}, but step {seen} was logged"
+    );
 }
 
 #[test]
 fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let spec = common::write_spec(dir.path(), "");
-    let out = probunet(
+    let out = run_err(
         dir.path(),
         &[
             "train",
@@ -286,17 +218,14 @@ fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
             "--set",
             "train.steps=10",
         ],
-    )
-    .output()
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    );
+    let stderr = stderr(&out);
     assert!(
         stderr.contains("step ") && stderr.contains("non-finite"),
         "{stderr}"
     );
     assert!(stderr.contains("--resume"), "{stderr}");
-    let run = run_dir(dir.path());
+    let run = only_run(dir.path());
     assert!(
         !run.join("checkpoints").exists()
             || std::fs::read_dir(run.join("checkpoints"))
@@ -321,8 +250,12 @@ fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
             "train.on_nan=\"skip\"",
         ],
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("batches were skipped"));
-    let skipped: u64 = rows(&run_dir(dir.path()), Phase::Train)
+    assert!(
+        stdout(&out).contains("batches were skipped"),
+        "{}",
+        stdout(&out)
+    );
+    let skipped: u64 = metrics(&only_run(dir.path()), Phase::Train)
         .iter()
         .map(|r| r.skipped)
         .sum();
@@ -332,42 +265,25 @@ fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
 #[test]
 fn bad_specs_and_flags_name_the_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
-    let out = probunet(dir.path(), &["train", "nope.toml"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
+    let out = run_err(dir.path(), &["train", "nope.toml"]);
+    assert!(stderr(&out).contains("nope.toml"), "{}", stderr(&out));
     let spec = common::write_spec(dir.path(), "[oops]\nx = 1\n");
-    let out = probunet(dir.path(), &["train", spec.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("tiny.toml") && stderr.contains("oops"),
-        "{stderr}"
-    );
+    let out = run_err(dir.path(), &["train", spec.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert!(err.contains("tiny.toml") && err.contains("oops"), "{err}");
     let spec = common::write_spec(dir.path(), "");
-    let out = probunet(
+    let out = run_err(
         dir.path(),
         &["train", spec.to_str().unwrap(), "--set", "train.batch=zero"],
-    )
-    .output()
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("train.batch"),
-        "{stderr}"
     );
-    let out = probunet(
+    let err = stderr(&out);
+    assert!(err.contains("train.batch"), "{err}");
+    let out = run_err(
         dir.path(),
         &["train", spec.to_str().unwrap(), "--device", "cuda:9"],
-    )
-    .output()
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("cuda:9"),
-        "{stderr}"
     );
+    let err = stderr(&out);
+    assert!(err.contains("cuda:9"), "{err}");
     assert!(
         !dir.path().join("runs").exists()
             || std::fs::read_dir(dir.path().join("runs")).unwrap().count() <= 1
