@@ -10,6 +10,8 @@ const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 /// libtorch's stream of a training step's randomness (z from the posterior, dropout-free
 /// but kept apart from validation's).
 pub const STREAM_TRAIN: u64 = 1;
+/// libtorch's stream of a validation's ELBO (z from the posterior).
+pub const STREAM_VALIDATION: u64 = 2;
 /// The stream of the sampling noise of validation and eval: one per store item.
 pub const STREAM_SAMPLING: u64 = 16;
 

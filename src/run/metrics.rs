@@ -42,12 +42,18 @@ impl StepStats {
         }
     }
 
-    pub fn add(self, other: StepStats) -> StepStats {
-        self.zip(other, |a, b| a + b)
-    }
 
-    pub fn scaled(self, factor: f64) -> StepStats {
-        self.zip(self, |a, _| a * factor)
+    /// Each term divided by `n` (a mean of `n` summed steps).
+    pub fn divided(self, n: f64) -> StepStats {
+        self.zip(self, |a, _| a / n)
+    }
+}
+
+impl std::ops::Add for StepStats {
+    type Output = StepStats;
+
+    fn add(self, other: StepStats) -> StepStats {
+        self.zip(other, |a, b| a + b)
     }
 }
 

@@ -29,7 +29,7 @@ use crate::run::{
     RunLock, TrainState,
 };
 use crate::score::{ScoreError, ValidationPlan};
-use crate::seed::{step_seed, STREAM_TRAIN};
+use crate::seed::{step_seed, STREAM_TRAIN, STREAM_VALIDATION};
 use crate::tensorboard::{EventWriter, TensorboardError};
 use events::Interval;
 use sinks::{MetricsSink, TensorboardSink};
@@ -205,8 +205,7 @@ impl IntervalSums {
 
     /// Means over the steps that were not skipped.
     fn means(&self) -> StepStats {
-        self.sums
-            .scaled(1.0 / (self.steps - self.skipped).max(1) as f64)
+        self.sums.divided((self.steps - self.skipped).max(1) as f64)
     }
 }
 
@@ -448,7 +447,7 @@ impl Trainer {
         self.interval.steps += 1;
         if stats.is_finite() {
             self.adam.step(lr);
-            self.interval.sums = self.interval.sums.add(stats);
+            self.interval.sums = self.interval.sums + stats;
             return Ok(());
         }
         let what = step::diagnose(&stats, &terms);
@@ -536,6 +535,9 @@ impl Trainer {
             seed: train.seed,
             convention: EmptyConvention::default(),
         };
+        // The ELBO's z from the posterior comes from libtorch's generator: seeded per
+        // validation, so the val ELBO does not depend on what ran before it.
+        tch::manual_seed(step_seed(train.seed, self.step, STREAM_VALIDATION));
         // Validation allocates other sizes than a training step: hand the blocks each
         // phase keeps for reuse back on the way in and out, so the two never add up.
         crate::memory::empty_cache();
