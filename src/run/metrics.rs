@@ -42,7 +42,6 @@ impl StepStats {
         }
     }
 
-
     /// Each term divided by `n` (a mean of `n` summed steps).
     pub fn divided(self, n: f64) -> StepStats {
         self.zip(self, |a, _| a / n)
