@@ -104,12 +104,7 @@ fn validation_and_eval_draw_the_same_samples_and_score_the_same_ged() {
 #[test]
 fn a_run_is_evaluated_and_resumed_from_another_working_folder() {
     let here = tempfile::tempdir().unwrap();
-    let spec = common::write_spec(here.path(), "");
-    run_ok(
-        here.path(),
-        &["train", spec.to_str().unwrap(), "--set", "train.steps=10"],
-    );
-    let run = only_run(here.path());
+    let run = common::trained_run(here.path());
     let elsewhere = tempfile::tempdir().unwrap();
     let run_arg = run.to_str().unwrap();
     run_ok(
@@ -141,23 +136,9 @@ fn a_run_is_evaluated_and_resumed_from_another_working_folder() {
 #[test]
 fn two_processes_never_train_one_run() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = common::write_spec(dir.path(), "");
-    run_ok(
-        dir.path(),
-        &["train", spec.to_str().unwrap(), "--set", "train.steps=10"],
-    );
-    let run = only_run(dir.path());
-    let run_arg = run.to_str().unwrap();
-    let longer = [
-        "--set",
-        "train.steps=100000",
-        "--set",
-        "train.checkpoint_every=0",
-        "--set",
-        "train.val_every=0",
-    ];
-    let mut args = vec!["train", "--resume", run_arg];
-    args.extend(longer);
+    let run = common::trained_run(dir.path());
+    let mut args = vec!["train", "--resume", run.to_str().unwrap()];
+    args.extend(common::UNTIL_STOPPED);
     let first = Running::spawn(&mut probunet(dir.path(), &args));
     first.wait_for_stderr("progress after the resume", |line| {
         common::progress_step(line).is_some_and(|step| step > 10)
@@ -347,16 +328,8 @@ fn sigterm_checkpoints_like_ctrl_c_and_a_second_stop_never_crashes() {
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();
     let spec = common::write_spec(dir.path(), "");
-    let args = [
-        "train",
-        spec.to_str().unwrap(),
-        "--set",
-        "train.steps=100000",
-        "--set",
-        "train.checkpoint_every=0",
-        "--set",
-        "train.val_every=0",
-    ];
+    let mut args = vec!["train", spec.to_str().unwrap()];
+    args.extend(common::UNTIL_STOPPED);
     let started = |child: &Running| {
         child.wait_for_stderr("training under way", |line| {
             common::progress_step(line).is_some()

@@ -165,19 +165,9 @@ fn sigkill_then_resume_loses_and_repeats_no_step() {
 fn ctrl_c_checkpoints_and_says_how_to_resume() {
     let dir = tempfile::tempdir().unwrap();
     let spec = common::write_spec(dir.path(), "");
-    let child = Running::spawn(&mut probunet(
-        dir.path(),
-        &[
-            "train",
-            spec.to_str().unwrap(),
-            "--set",
-            "train.steps=100000",
-            "--set",
-            "train.checkpoint_every=0",
-            "--set",
-            "train.val_every=0",
-        ],
-    ));
+    let mut args = vec!["train", spec.to_str().unwrap()];
+    args.extend(common::UNTIL_STOPPED);
+    let child = Running::spawn(&mut probunet(dir.path(), &args));
     // A progress line at step 10 says training is under way, with Ctrl-C's handler in place.
     let line = child.wait_for_stderr("progress at step 10", |line| {
         common::progress_step(line).is_some_and(|step| step >= 10)

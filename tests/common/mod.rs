@@ -482,6 +482,27 @@ runs_dir = "runs"
     )
 }
 
+/// `--set` flags that make a run train until it is stopped: no end in sight, and no
+/// checkpoint or validation on the way, for tests that interrupt it.
+pub const UNTIL_STOPPED: [&str; 6] = [
+    "--set",
+    "train.steps=100000",
+    "--set",
+    "train.checkpoint_every=0",
+    "--set",
+    "train.val_every=0",
+];
+
+/// Trains [`write_spec`]'s experiment for 10 steps in `dir` and returns its run folder.
+pub fn trained_run(dir: &Path) -> PathBuf {
+    let spec = write_spec(dir, "");
+    run_ok(
+        dir,
+        &["train", spec.to_str().unwrap(), "--set", "train.steps=10"],
+    );
+    only_run(dir)
+}
+
 /// Writes [`tiny_spec`] (60 steps) as `tiny.toml` in `dir`; `extra` goes into `[log]`.
 pub fn write_spec(dir: &Path, extra: &str) -> PathBuf {
     let spec = tiny_spec(60, 20, extra);
