@@ -264,7 +264,7 @@ fn the_synthetic_dataset_prepares_with_its_ideal_reference() {
 }
 
 #[test]
-fn a_killed_prepare_leaves_no_store_and_the_next_one_cleans_up() {
+fn a_killed_prepare_leaves_no_store_and_the_next_prepare_in_its_folder_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("big");
     let child = common::Running::spawn(&mut common::probunet(
@@ -281,8 +281,11 @@ fn a_killed_prepare_leaves_no_store_and_the_next_one_cleans_up() {
         ],
     ));
     // Kill it hard once it is writing: its array file is there, in the hidden folder it
-    // builds the store in (`.big.partial-PID`, renamed to `big` only when complete).
-    let partial = dir.path().join(format!(".big.partial-{}", child.id()));
+    // builds the store in (`.big.partial-HOST-PID`, renamed to `big` only when complete).
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let partial = dir
+        .path()
+        .join(format!(".big.partial-{}-{}", host.trim(), child.id()));
     common::wait_for_path(&partial.join(ARRAYS_FILE));
     let killed = child.kill();
     assert!(
@@ -295,6 +298,15 @@ fn a_killed_prepare_leaves_no_store_and_the_next_one_cleans_up() {
         "the killed prepare left no partial folder, so the next one has nothing to clean up"
     );
     assert!(!out_dir.exists(), "a killed prepare left a store");
+    // A prepare of any store in the same folder removes it, not only one of `big`; a
+    // hidden folder that holds something else is not a partial store and stays.
+    let dead = format!("partial-{}-999999999", host.trim());
+    let foreign = dir.path().join(format!(".notes.{dead}"));
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("mine.txt"), "keep").unwrap();
+    let stale = dir.path().join(format!(".other.{dead}"));
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join(ARRAYS_FILE), "half a store").unwrap();
     run_ok(
         dir.path(),
         &[
@@ -305,8 +317,8 @@ fn a_killed_prepare_leaves_no_store_and_the_next_one_cleans_up() {
             "--size".as_ref(),
             "32".as_ref(),
             "--out".as_ref(),
-            out_dir.as_os_str(),
+            dir.path().join("small").as_os_str(),
         ],
     );
-    assert_only(dir.path(), &["big"]);
+    assert_only(dir.path(), &[&format!(".notes.{dead}"), "small"]);
 }

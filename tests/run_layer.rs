@@ -90,7 +90,7 @@ fn validation_and_eval_draw_the_same_samples_and_score_the_same_ged() {
             "--device",
             "cpu",
             "--bootstrap",
-            "10",
+            "40",
         ],
     );
     let report = read_json(&run.join("eval/val-4.json"));
@@ -117,7 +117,7 @@ fn a_run_is_evaluated_and_resumed_from_another_working_folder() {
             "--device",
             "cpu",
             "--bootstrap",
-            "10",
+            "40",
         ],
     );
     let out = run_ok(elsewhere.path(), &["train", "--resume", run_arg]);
@@ -361,5 +361,102 @@ fn sigterm_checkpoints_like_ctrl_c_and_a_second_stop_never_crashes() {
             out.status,
             common::text(&out)
         );
+    }
+}
+
+/// Runs `script` with `sh` as root of new user and mount namespaces, where it may mount a
+/// small tmpfs without privileges; `None` (after a banner) where the machine forbids it.
+#[cfg(target_os = "linux")]
+fn with_own_mounts(dir: &Path, script: &str) -> Option<std::process::Output> {
+    let allowed = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !allowed {
+        eprintln!("SKIPPED: unshare cannot make a mount namespace here, so no small tmpfs");
+        return None;
+    }
+    let out = common::output(
+        std::process::Command::new("unshare")
+            .args(["--user", "--map-root-user", "--mount", "sh", "-c", script])
+            .current_dir(dir)
+            .env("PROBUNET", env!("CARGO_BIN_EXE_probunet"))
+            .env("OMP_NUM_THREADS", "1"),
+    );
+    assert!(out.status.success(), "{}", common::text(&out));
+    Some(out)
+}
+
+/// What one command of [`with_own_mounts`]'s script printed, and its exit status.
+fn logged(dir: &Path, name: &str) -> (String, i32) {
+    let text = std::fs::read_to_string(dir.join(format!("{name}.txt"))).unwrap();
+    let rc = std::fs::read_to_string(dir.join(format!("{name}.rc"))).unwrap();
+    (text, rc.trim().parse().unwrap())
+}
+
+/// A disk that fills up stops training with the I/O error said once and plainly; once
+/// there is room again, `--resume` ends with exactly the curves of a run that never
+/// stopped. eval on a full disk fails the same way and leaves no empty or partial file.
+/// The sizes make the disk fill inside the `best` checkpoint at step 20 and inside
+/// `step-30`.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_disk_stops_cleanly_and_the_run_resumes_to_the_uninterrupted_curves() {
+    let reference = tempfile::tempdir().unwrap();
+    let spec = common::write_spec(reference.path(), "");
+    run_ok(reference.path(), &["train", spec.to_str().unwrap()]);
+    let expected = only_run(reference.path());
+    for size in ["400k", "800k"] {
+        let dir = tempfile::tempdir().unwrap();
+        common::write_spec(dir.path(), "");
+        std::fs::create_dir(dir.path().join("full")).unwrap();
+        std::fs::create_dir(dir.path().join("saved")).unwrap();
+        let script = format!(
+            r#"set -u
+mount -t tmpfs -o size={size} tmpfs full || exit 90
+"$PROBUNET" train tiny.toml --set log.runs_dir=full > train.txt 2>&1; echo $? > train.rc
+mount -o remount,size=64m full || exit 91
+"$PROBUNET" train --resume full/tiny-* > resume.txt 2>&1; echo $? > resume.rc
+dd if=/dev/zero of=full/filler bs=4k 2>/dev/null
+"$PROBUNET" eval full/tiny-* --samples 4 --bootstrap 40 > eval.txt 2>&1; echo $? > eval.rc
+rm full/filler
+cp -a full/. saved/"#
+        );
+        let Some(_) = with_own_mounts(dir.path(), &script) else {
+            return;
+        };
+        let (train, rc) = logged(dir.path(), "train");
+        assert_eq!(rc, 1, "{size}: {train}");
+        let error = train.lines().last().unwrap();
+        assert!(error.starts_with("error: checkpoint "), "{size}: {train}");
+        assert!(
+            error.ends_with(": No space left on device (os error 28)"),
+            "{size}: {train}"
+        );
+        assert_eq!(error.matches("No space").count(), 1, "{error}");
+        let (resume, rc) = logged(dir.path(), "resume");
+        assert_eq!(rc, 0, "{size}: {resume}");
+        let saved: Vec<PathBuf> = std::fs::read_dir(dir.path().join("saved"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        let [run] = &saved[..] else {
+            panic!("not one run on the disk: {saved:?}")
+        };
+        assert_eq!(curves(run), curves(&expected), "disk of {size}");
+        assert_eq!(
+            tensorboard_curves(run),
+            tensorboard_curves(&expected),
+            "disk of {size}"
+        );
+        let (eval, rc) = logged(dir.path(), "eval");
+        assert_eq!(rc, 1, "{eval}");
+        assert!(
+            eval.contains("No space left on device (os error 28)"),
+            "{eval}"
+        );
+        assert!(!eval.contains("panicked"), "{eval}");
+        let left: Vec<_> = std::fs::read_dir(run.join("eval")).unwrap().collect();
+        assert!(left.is_empty(), "eval on a full disk left {left:?}");
     }
 }

@@ -194,36 +194,62 @@ fn ctrl_c_checkpoints_and_says_how_to_resume() {
     );
 }
 
-#[test]
-fn a_non_finite_loss_stops_naming_the_step_or_is_skipped() {
+/// Trains the tiny spec with `sets` and returns the error line and the checkpoints left.
+fn diverged(sets: &[&str]) -> (String, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let spec = common::write_spec(dir.path(), "");
-    let out = run_err(
-        dir.path(),
-        &[
-            "train",
-            spec.to_str().unwrap(),
-            "--set",
-            "train.lr=1e30",
-            "--set",
-            "train.steps=10",
-        ],
-    );
+    let mut args = vec!["train", spec.to_str().unwrap(), "--set", "train.steps=10"];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let out = run_err(dir.path(), &args);
     let stderr = stderr(&out);
-    assert!(
-        stderr.contains("step ") && stderr.contains("non-finite"),
-        "{stderr}"
+    let error = stderr.lines().last().unwrap_or_default().to_string();
+    let checkpoints = only_run(dir.path()).join("checkpoints");
+    let left = std::fs::read_dir(checkpoints).map_or_else(
+        |_| Vec::new(),
+        |d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        },
     );
-    assert!(stderr.contains("--resume"), "{stderr}");
-    let run = only_run(dir.path());
+    (error, left)
+}
+
+#[test]
+fn a_non_finite_loss_stops_naming_the_step_and_term_or_is_skipped() {
+    // Diverges at the second step, before any checkpoint: the terms are named, and the
+    // advice does not point at a checkpoint that does not exist.
+    let (error, left) = diverged(&["train.lr=1e30"]);
     assert!(
-        !run.join("checkpoints").exists()
-            || std::fs::read_dir(run.join("checkpoints"))
-                .unwrap()
-                .next()
-                .is_none(),
-        "no checkpoint of NaN weights"
+        error.starts_with("error: step 1: non-finite kl = NaN, reconstruction = NaN"),
+        "{error}"
     );
+    assert!(
+        error.contains("stopped before its first checkpoint"),
+        "{error}"
+    );
+    assert!(!error.contains("--resume"), "{error}");
+    assert_eq!(left, Vec::<String>::new());
+    // A checkpoint after every step: the one before the divergence is the last good one.
+    let (error, left) = diverged(&["train.lr=1e30", "train.checkpoint_every=1"]);
+    assert!(
+        error.contains("The last good checkpoint is step 1"),
+        "{error}"
+    );
+    assert!(
+        error.contains("probunet train --resume runs/tiny-"),
+        "{error}"
+    );
+    assert_eq!(left, ["step-00000001"]);
+    // A rate beyond float32 makes the first update infinite while its loss was finite:
+    // the weights are refused at the checkpoint, never written.
+    let (error, left) = diverged(&["train.lr=1e39", "train.checkpoint_every=1"]);
+    assert!(
+        error.contains("step 1: non-finite weights (refusing to checkpoint them)"),
+        "{error}"
+    );
+    assert_eq!(left, Vec::<String>::new());
 
     let dir = tempfile::tempdir().unwrap();
     let spec = common::write_spec(dir.path(), "");

@@ -62,6 +62,23 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The error and its causes on one line, each cause said once: a message that already
+/// quotes its cause (`"{path}: {source}"`) is not followed by the cause again.
+pub fn describe(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
 /// 130 for a run or sweep stopped by Ctrl-C (as a shell reports SIGINT), so scripts and
 /// schedulers can tell an interruption from a failure; 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> ExitCode {
@@ -135,4 +152,35 @@ fn ctrl_c_stops_the_trials() -> Result<Arc<Stop>> {
         }
     })?;
     Ok(stop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+    use anyhow::Context;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: {source}")]
+    struct Quoting {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device");
+        let quoting = anyhow::Error::new(Quoting {
+            path: "runs/a/metrics.csv".into(),
+            source: io(),
+        });
+        assert_eq!(
+            describe(&quoting.context("writing the log")),
+            "writing the log: runs/a/metrics.csv: No space left on device"
+        );
+        let plain: anyhow::Result<()> = Err(io()).context("saving runs/a");
+        assert_eq!(
+            describe(&plain.unwrap_err()),
+            "saving runs/a: No space left on device"
+        );
+    }
 }

@@ -26,6 +26,8 @@ pub enum DataError {
         source: lidc::LidcError,
     },
     #[error(transparent)]
+    TooLarge(#[from] crate::memory::budget::TooLarge),
+    #[error(transparent)]
     Torch(#[from] tch::TchError),
 }
 

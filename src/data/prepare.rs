@@ -219,17 +219,19 @@ pub fn prepare_synthetic(
     if already_prepared(&options.out, &source, options)? {
         return Ok(Outcome::AlreadyPrepared(options.out.clone()));
     }
+    let shape = StoreShape {
+        items: config.items,
+        annotators: config.annotators,
+        height: config.size,
+        width: config.size,
+    };
+    shape.check_room(&options.out)?;
     let start = Instant::now();
     let data = Synthetic::new(config.clone());
     let n = data.len();
     let plan = Plan {
         source,
-        shape: StoreShape {
-            items: n,
-            annotators: config.annotators,
-            height: config.size,
-            width: config.size,
-        },
+        shape,
         dtypes_seen: DtypesSeen {
             image: vec!["float32".into()],
             masks: vec!["uint8".into()],
@@ -437,6 +439,7 @@ pub fn prepare_pickle(
         release(p.map, p.map);
     }
     let split = Split::by_patient(&plan.patients, options.split, options.split_seed);
+    plan.shape.check_room(&options.out)?;
     let builder = StoreBuilder::new(&options.out)?;
     let stats = write_pickle_arrays(&builder.arrays_path(), plan.shape, &parsed)?;
     let manifest = manifest(options, plan, split, stats);

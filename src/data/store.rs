@@ -8,6 +8,7 @@
 use super::split::{Split, SplitName};
 use super::synthetic::SyntheticConfig;
 use super::DataError;
+use crate::memory::budget::{self, Need};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -41,6 +42,39 @@ impl StoreShape {
 
     fn mask_bytes(&self) -> usize {
         self.items * self.annotators * self.pixels()
+    }
+
+    /// Images (float32) and masks (one byte per annotator) together, without overflow
+    /// whatever a manifest or a flag says.
+    pub fn bytes(&self) -> u128 {
+        let pixels = [self.items, self.height, self.width].map(|v| v as u64);
+        budget::product(&pixels).saturating_mul(4 + self.annotators as u128)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} items of {}x{} pixels with {} annotators",
+            self.items, self.height, self.width, self.annotators
+        )
+    }
+
+    /// What scoring one item holds: its arrays, and the annotator-by-annotator distances
+    /// (float64) that GED's reference terms need.
+    fn item_work_bytes(&self) -> u128 {
+        let one = StoreShape { items: 1, ..*self };
+        let a = self.annotators as u64;
+        one.bytes().saturating_add(budget::product(&[a, a, 8]))
+    }
+
+    /// Refuses a store that the disk under `out` cannot hold, or whose items (generated,
+    /// converted and scored one by one in memory) do not fit in memory.
+    pub fn check_room(&self, out: &Path) -> Result<(), budget::TooLarge> {
+        let item = format!(
+            "one item of {}x{} pixels with {} annotators",
+            self.height, self.width, self.annotators
+        );
+        Need::new(item, self.item_work_bytes()).fits_memory()?;
+        Need::new(format!("a store of {}", self.describe()), self.bytes()).fits_disk(out)
     }
 }
 
@@ -526,8 +560,8 @@ impl Store {
             .map_err(|_| bad("shorter than a safetensors header".into()))?;
         let header_len = u64::from_le_bytes(prefix);
         let shape = manifest.shape;
-        let expected = 8 + header_len + (shape.image_bytes() + shape.mask_bytes()) as u64;
-        if header_len > 1 << 20 || len != expected {
+        let expected = 8 + u128::from(header_len) + shape.bytes();
+        if header_len > 1 << 20 || u128::from(len) != expected {
             return Err(bad(format!(
                 "{len} bytes, but the manifest's shape {shape:?} needs {expected}: truncated or not this store's file"
             )));
@@ -536,6 +570,9 @@ impl Store {
         file.read_exact(&mut header)
             .map_err(|_| bad("truncated safetensors header".into()))?;
         check_header(&header, shape).map_err(bad)?;
+        let what = format!("loading the store {} ({})", dir.display(), shape.describe());
+        let bytes = shape.bytes().saturating_add(shape.item_work_bytes());
+        Need::new(what, bytes).fits_memory()?;
         // SAFETY: the map is read-only and lives only for the copies below; a store is
         // written once and renamed into place, never modified in place.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::io(&path, e))?;
@@ -655,9 +692,12 @@ impl StoreBuilder {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
-        let prefix = format!(".{}.partial-", name.to_string_lossy());
-        remove_stale_partials(parent, &prefix)?;
-        let partial = parent.join(format!("{prefix}{}", std::process::id()));
+        remove_stale_partials(parent)?;
+        let partial = parent.join(format!(
+            ".{}{PARTIAL_MARK}{}",
+            name.to_string_lossy(),
+            partial_owner(std::process::id())
+        ));
         fs::create_dir(&partial).map_err(|e| DataError::io(&partial, e))?;
         Ok(Self {
             partial,
@@ -675,7 +715,10 @@ impl StoreBuilder {
     /// only after the new one is complete.
     pub fn commit(mut self, manifest: &Manifest) -> Result<PathBuf, DataError> {
         let path = self.partial.join(MANIFEST_FILE);
-        let json = serde_json::to_vec_pretty(manifest).expect("the manifest serialises");
+        let json = serde_json::to_vec_pretty(manifest).map_err(|e| DataError::Store {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
         fs::write(&path, json).map_err(|e| DataError::io(&path, e))?;
         let old = self.partial.with_extension("old");
         let replacing = self.target.exists();
@@ -691,23 +734,55 @@ impl StoreBuilder {
     }
 }
 
-/// Removes what killed prepares left behind: `<prefix><pid>` folders whose process is gone.
-fn remove_stale_partials(parent: &Path, prefix: &str) -> Result<(), DataError> {
+/// Between a store's name and its builder's host and pid in a store being built.
+const PARTIAL_MARK: &str = ".partial-";
+
+/// `<host>-<pid>`: a pid alone cannot tell a dead builder from one on another machine
+/// sharing the folder.
+fn partial_owner(pid: u32) -> String {
+    format!("{}-{pid}", crate::sys::hostname())
+}
+
+/// Removes what killed prepares on this host left behind, whatever store they were
+/// building: hidden `.<name>.partial-<host>-<pid>` folders whose process is gone and
+/// that hold nothing but store files.
+fn remove_stale_partials(parent: &Path) -> Result<(), DataError> {
     let entries = fs::read_dir(parent).map_err(|e| DataError::io(parent, e))?;
+    let host_prefix = format!("{}-", crate::sys::hostname());
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+        let Some(owner) = name
+            .to_str()
+            .filter(|n| n.starts_with('.'))
+            .and_then(|n| n.rsplit_once(PARTIAL_MARK))
+            .map(|(_, owner)| owner)
+        else {
             continue;
         };
-        let alive = pid
-            .parse::<u32>()
-            .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        if !alive || pid == std::process::id().to_string() {
-            let path = entry.path();
+        let Some(pid) = owner
+            .strip_prefix(&host_prefix)
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists();
+        let path = entry.path();
+        if !alive && only_store_files(&path) {
             fs::remove_dir_all(&path).map_err(|e| DataError::io(&path, e))?;
         }
     }
     Ok(())
+}
+
+/// Whether `dir` is a folder holding nothing but the files a store is made of.
+fn only_store_files(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().all(|e| {
+            let name = e.file_name();
+            (name == MANIFEST_FILE || name == ARRAYS_FILE)
+                && e.file_type().is_ok_and(|t| t.is_file())
+        })
+    })
 }
 
 impl Drop for StoreBuilder {

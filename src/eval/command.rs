@@ -17,8 +17,8 @@ use crate::data::split::SplitName;
 use crate::data::store::Store;
 use crate::device::{describe, DeviceSpec};
 use crate::metrics::{EmptyConvention, ImageScores, Summary};
-use crate::model::ProbUNet;
-use crate::run::{shape_mismatch, write_atomic, Checkpoint, RunDir, MODEL_FILE};
+use crate::model::{ModelError, ProbUNet};
+use crate::run::{check_finite, shape_mismatch, write_atomic, Checkpoint, RunDir, MODEL_FILE};
 use crate::score::{sample_items, BatchCounts, FigureRow};
 use crate::tensorboard::EventWriter;
 use std::collections::BTreeMap;
@@ -34,6 +34,8 @@ pub const DEFAULT_SAMPLES: [usize; 2] = [16, 100];
 const FIGURE_SAMPLES: i64 = 8;
 /// Bootstrap resamples of the mean, for the 95% intervals.
 pub const DEFAULT_BOOTSTRAP: usize = 10_000;
+/// Fewer resamples leave the 2.5% tails of a 95% interval empty.
+pub const MIN_BOOTSTRAP: usize = 40;
 
 /// Which checkpoint of the run to evaluate.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -255,7 +257,26 @@ fn sample_counts(options: &EvalOptions) -> Result<Vec<usize>, EvalError> {
     if options.batch == 0 {
         return Err(EvalError::Options("--batch must be positive".into()));
     }
+    if options.bootstrap < MIN_BOOTSTRAP {
+        return Err(EvalError::Options(format!(
+            "--bootstrap {}: a 95% percentile interval needs at least {MIN_BOOTSTRAP} \
+             resamples (1 in 40 on each side)",
+            options.bootstrap
+        )));
+    }
     Ok(samples)
+}
+
+/// Refuses a `--samples` and `--batch` that memory cannot hold, before sampling.
+fn check_room(loaded: &Loaded, options: &EvalOptions, samples: &[usize]) -> Result<(), EvalError> {
+    let most = samples.last().copied().unwrap_or(1);
+    let shape = loaded.store.manifest.shape;
+    let what = format!("eval --samples {most} with --batch {}", options.batch);
+    let (h, w) = (shape.height as u64, shape.width as u64);
+    (loaded.experiment.model)
+        .check_sampling(what, options.batch as u64, most as u64, h, w)
+        .map_err(ModelError::from)?;
+    Ok(())
 }
 
 /// The run's model with the chosen checkpoint's weights, and the store to score.
@@ -281,6 +302,7 @@ fn load(options: &EvalOptions) -> Result<Loaded, EvalError> {
         path: chosen.model.clone(),
         why: e.to_string(),
     })?;
+    check_finite(&vs, &chosen.model)?;
     vs.freeze();
     let store = match &options.store {
         Some(dir) => Store::open(dir)?,
@@ -511,6 +533,7 @@ pub fn evaluate(
     let started = Instant::now();
     let samples = sample_counts(options)?;
     let loaded = load(options)?;
+    check_room(&loaded, options, &samples)?;
     let scored = score_split(&loaded, options, &samples, progress)?;
     let dir = loaded.run.eval_dir();
     std::fs::create_dir_all(&dir).map_err(|e| EvalError::Io {

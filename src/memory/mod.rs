@@ -8,6 +8,8 @@
 //! `PROBUNET_CPU_ALLOCATOR=system` keeps libtorch's own (for comparisons), and
 //! `PROBUNET_CPU_CACHE_MIB` sets how much freed memory may be kept.
 
+pub mod budget;
+
 use std::sync::OnceLock;
 
 extern "C" {

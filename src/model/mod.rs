@@ -5,6 +5,7 @@
 //!
 //! Each part is a struct built from a `tch::nn::Path` with a plain `forward`.
 mod fcomb;
+mod footprint;
 mod gaussian;
 mod layers;
 mod probunet;
@@ -154,6 +155,8 @@ pub enum ModelError {
         expected: String,
         got: Vec<i64>,
     },
+    #[error(transparent)]
+    TooLarge(#[from] crate::memory::budget::TooLarge),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }

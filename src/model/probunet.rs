@@ -76,6 +76,7 @@ impl ProbUNet {
     /// `fcomb.*`, the names the PyTorch parity script uses).
     pub fn new(p: &nn::Path, config: ModelConfig) -> Result<Self, ModelError> {
         config.validate()?;
+        config.check_weights()?;
         let c = &config;
         let unet = UNet::new(p / "unet", c.input_channels, &c.filters);
         let prior = AxisAlignedConvGaussian::new(

@@ -71,15 +71,70 @@ impl Checkpoint {
             path: path.clone(),
             why: e.to_string(),
         })?;
-        let state = serde_json::from_str(&text).map_err(|e| RunError::Checkpoint {
-            path,
+        let state: TrainState = serde_json::from_str(&text).map_err(|e| RunError::Checkpoint {
+            path: path.clone(),
             why: e.to_string(),
         })?;
+        let named_step = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.parse::<u64>().ok());
+        state
+            .check(named_step)
+            .map_err(|why| RunError::Checkpoint { path, why })?;
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             state,
         })
     }
+}
+
+impl TrainState {
+    /// What a state written by a training step always satisfies: the step its folder is
+    /// named after, and no more optimiser steps or epochs than steps.
+    fn check(&self, named_step: Option<u64>) -> Result<(), String> {
+        if let Some(named) = named_step.filter(|&n| n != self.step) {
+            return Err(format!(
+                "says step {}, but its folder is step {named}: not a checkpoint probunet wrote",
+                self.step
+            ));
+        }
+        if self.optimizer_steps > self.step || self.epoch > self.step {
+            return Err(format!(
+                "{} optimiser steps and {} epochs in {} steps: not a checkpoint probunet wrote",
+                self.optimizer_steps, self.epoch, self.step
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses weights that hold NaN or infinity, naming the first such variable: training
+/// never writes them, so they were damaged or written by something else.
+pub fn check_finite(vs: &nn::VarStore, model_file: &Path) -> Result<(), RunError> {
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, tensor) in variables {
+        let finite = tensor
+            .f_isfinite()
+            .and_then(|t| t.f_all())
+            .and_then(bool::try_from)
+            .map_err(|e| RunError::Checkpoint {
+                path: model_file.to_path_buf(),
+                why: e.to_string(),
+            })?;
+        if !finite {
+            return Err(RunError::Checkpoint {
+                path: model_file.to_path_buf(),
+                why: format!(
+                    "variable {name} holds NaN or infinite values; training never writes \
+                     those, so this checkpoint is damaged"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The variable shapes in a safetensors file, read from its header alone.
@@ -257,7 +312,7 @@ impl Checkpoints {
         fs::create_dir_all(partial).map_err(|e| io_error(partial, e))?;
         let write = |file: &str, tensors: &[(String, Tensor)]| {
             let path = partial.join(file);
-            Tensor::write_safetensors(tensors, &path).map_err(|e| RunError::Checkpoint {
+            super::safetensors::write(&path, tensors).map_err(|e| RunError::Checkpoint {
                 path,
                 why: e.to_string(),
             })

@@ -267,12 +267,17 @@ fn trial_error(folder: &Path, index: usize, e: TrainError) -> SweepError {
             folder: folder.to_path_buf(),
             run,
         },
-        TrainError::NonFinite { step, what, run } => SweepError::TrialNonFinite {
+        TrainError::NonFinite {
+            step,
+            what,
+            run,
+            last_checkpoint,
+        } => SweepError::TrialNonFinite {
             index,
             step,
             what,
             folder: folder.to_path_buf(),
-            has_checkpoint: checkpoint_step(&run).is_some(),
+            has_checkpoint: last_checkpoint.is_some(),
             run,
         },
         e => SweepError::from(e),

@@ -90,8 +90,15 @@ impl EventWriter {
             out: BufWriter::new(file),
             dirty: false,
         };
-        writer.write_event(0, proto::event::What::FileVersion(FILE_VERSION.into()))?;
-        writer.flush()?;
+        let header = writer
+            .write_event(0, proto::event::What::FileVersion(FILE_VERSION.into()))
+            .and_then(|()| writer.flush());
+        if let Err(e) = header {
+            // A file without its header (a full disk) is not an event file: leave none.
+            writer.dirty = false;
+            let _ = fs::remove_file(&writer.path);
+            return Err(e);
+        }
         Ok(writer)
     }
 

@@ -63,18 +63,31 @@ pub enum TrainError {
     Checkpoint { path: PathBuf, why: String },
     #[error("{0}")]
     Spec(String),
-    #[error(
-        "step {step}: non-finite {what}; stopped (policy on_nan = \"stop\"). The last good checkpoint is in {}; \
-         resume with `probunet train --resume {}` after changing the spec (e.g. a lower train.lr or a \
-         model.log_sigma_clamp)", run.display(), run.display()
-    )]
+    #[error("{}", non_finite_advice(*step, what, run, *last_checkpoint))]
     NonFinite {
         step: u64,
         what: String,
         run: PathBuf,
+        /// The step of the run's latest checkpoint, which a resume starts from.
+        last_checkpoint: Option<u64>,
     },
     #[error("interrupted at step {step}; checkpoint written. Resume with: probunet train --resume {}", run.display())]
     Interrupted { step: u64, run: PathBuf },
+}
+
+fn non_finite_advice(step: u64, what: &str, run: &Path, last_checkpoint: Option<u64>) -> String {
+    let next = match last_checkpoint {
+        Some(at) => format!(
+            "The last good checkpoint is step {at}; after changing the spec (e.g. a lower \
+             train.lr or a model.log_sigma_clamp), resume from it with \
+             `probunet train --resume {}`",
+            run.display()
+        ),
+        None => "It stopped before its first checkpoint: change the spec (e.g. a lower \
+                 train.lr or a model.log_sigma_clamp) and start a new run"
+            .into(),
+    };
+    format!("step {step}: non-finite {what}; stopped (policy on_nan = \"stop\"). {next}")
 }
 
 /// Options that are about this invocation, not the experiment.
@@ -90,6 +103,12 @@ pub struct TrainOptions {
 
 /// The optimiser steps a run of `experiment` takes when its training split holds
 /// `train_items` items: `train.steps`, or `train.epochs` full batches per epoch.
+/// Images per validation forward pass: the training batch, at least 8 (the scores do not
+/// depend on it).
+fn validation_batch(train_batch: usize) -> usize {
+    train_batch.max(8)
+}
+
 pub fn planned_steps(experiment: &Experiment, train_items: usize) -> Option<u64> {
     let train = &experiment.train;
     match (train.steps, train.epochs) {
@@ -267,11 +286,25 @@ impl Trainer {
                 describe(device)
             )));
         }
+        let shape = store.manifest.shape;
+        let (h, w) = (shape.height as u64, shape.width as u64);
+        if device == Device::Cpu {
+            (experiment.model)
+                .check_training(train.batch as u64, h, w)
+                .map_err(ModelError::from)?;
+        }
+        let val_batch = validation_batch(train.batch);
+        let what = format!(
+            "validation with train.val_samples = {} (batches of {val_batch})",
+            train.val_samples
+        );
+        (experiment.model)
+            .check_sampling(what, val_batch as u64, train.val_samples as u64, h, w)
+            .map_err(ModelError::from)?;
         tch::manual_seed(step_seed(train.seed, 0, 0));
         let vs = nn::VarStore::new(device);
         let mut model = ProbUNet::new(&vs.root(), experiment.model.clone())?;
         model.set_precision(train.precision);
-        let shape = store.manifest.shape;
         model
             .check_input(&[1, 1, shape.height as i64, shape.width as i64])
             .map_err(|e| TrainError::Spec(format!("{}: {e}", store.dir.display())))?;
@@ -333,6 +366,7 @@ impl Trainer {
                 path: model_path.clone(),
                 why: format!("does not fit this model: {e}"),
             })?;
+        crate::run::check_finite(&self.vs, &model_path)?;
         self.adam
             .load_state(&ckpt.optimizer_tensors()?, ckpt.state.optimizer_steps)
             .map_err(|why| TrainError::Checkpoint {
@@ -452,11 +486,7 @@ impl Trainer {
         }
         let what = step::diagnose(&stats, &terms);
         match on_nan {
-            NanPolicy::Stop => Err(TrainError::NonFinite {
-                step: self.step,
-                what,
-                run: self.run.path.clone(),
-            }),
+            NanPolicy::Stop => Err(self.non_finite(what)),
             NanPolicy::Skip => {
                 self.interval.skipped += 1;
                 self.skipped_total += 1;
@@ -529,7 +559,7 @@ impl Trainer {
         let train = &self.experiment.train;
         let plan = ValidationPlan {
             split: SplitName::Val,
-            batch: train.batch.max(8),
+            batch: validation_batch(train.batch),
             samples: train.val_samples,
             max_items: train.val_items,
             seed: train.seed,
@@ -583,17 +613,26 @@ impl Trainer {
         }
     }
 
+    fn non_finite(&self, what: String) -> TrainError {
+        TrainError::NonFinite {
+            step: self.step,
+            what,
+            run: self.run.path.clone(),
+            last_checkpoint: self
+                .checkpoints
+                .steps()
+                .ok()
+                .and_then(|s| s.last().map(|l| l.0)),
+        }
+    }
+
     /// Flushes the logs, then writes a checkpoint of a model known to be finite.
     fn checkpoint(&mut self, best: bool, val_ged: Option<f64>) -> Result<(), TrainError> {
         self.flush()?;
         let params = named_variables(&self.vs);
         let finite: Vec<Tensor> = params.iter().map(|(_, t)| t.isfinite().all()).collect();
         if !bool::try_from(Tensor::f_stack(&finite, 0)?.all())? {
-            return Err(TrainError::NonFinite {
-                step: self.step,
-                what: "weights (refusing to checkpoint them)".into(),
-                run: self.run.path.clone(),
-            });
+            return Err(self.non_finite("weights (refusing to checkpoint them)".into()));
         }
         let path = self.checkpoints.save(
             &params,

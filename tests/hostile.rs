@@ -1,0 +1,228 @@
+//! Hostile input of every kind: sizes no machine holds, and stores and checkpoints that
+//! were tampered with. Each ends in exit status 1 with an error naming the value or the
+//! file, never a panic or an abort, and leaves nothing behind.
+mod common;
+
+use common::{probunet, run_err, run_ok, stderr};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+/// The error line of a command that must fail cleanly.
+fn refused(out: &Output) -> String {
+    let text = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "{}", common::text(out));
+    assert!(!text.contains("panicked"), "{text}");
+    let error = text.lines().find(|l| l.starts_with("error: "));
+    error
+        .unwrap_or_else(|| panic!("no error line: {text}"))
+        .into()
+}
+
+/// Entries of `dir` (hidden ones included), or none where it does not exist.
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir).map_or_else(
+        |_| Vec::new(),
+        |it| {
+            it.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        },
+    )
+}
+
+/// Memory is held to 4 GiB, so that what is refused does not depend on the machine.
+const MEMORY_LIMIT: (&str, &str) = ("PROBUNET_MEMORY_LIMIT_MIB", "4096");
+
+fn limited(dir: &Path, args: &[&str]) -> Output {
+    common::expect_failure(probunet(dir, args).env(MEMORY_LIMIT.0, MEMORY_LIMIT.1))
+}
+
+#[test]
+fn sizes_no_machine_holds_are_refused_before_anything_is_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::write_spec(dir.path(), "");
+    let spec = spec.to_str().unwrap();
+    for (set, says) in [
+        (
+            "model.filters=[8,100000000]",
+            "model.filters = [8, 100000000] on batches of 8 images of 32x32 needs about",
+        ),
+        (
+            "data.synthetic.size=65536",
+            "one item of 65536x65536 pixels with 4 annotators needs about 32.0 GiB",
+        ),
+        (
+            "data.synthetic.annotators=100000",
+            "one item of 32x32 pixels with 100000 annotators needs about",
+        ),
+        ("train.batch=100000000", "on batches of 100000000 images"),
+        (
+            "train.val_samples=100000000",
+            "validation with train.val_samples = 100000000",
+        ),
+    ] {
+        let error = refused(&limited(dir.path(), &["train", spec, "--set", set]));
+        assert!(error.contains(says), "{set}: {error}");
+        assert!(
+            error
+                .ends_with("more than the 4.0 GiB of memory available (PROBUNET_MEMORY_LIMIT_MIB)"),
+            "{set}: {error}"
+        );
+    }
+    for (flags, says) in [
+        (
+            ["--items", "18446744073709551615"],
+            "a store of 18446744073709551615 items of 128x128 pixels with 4 annotators needs about",
+        ),
+        (
+            ["--size", "1000000"],
+            "one item of 1000000x1000000 pixels with 4 annotators needs about 7.3 TiB",
+        ),
+    ] {
+        let mut args = vec!["prepare", "--synthetic", "--out", "data/big"];
+        args.extend(flags);
+        let error = refused(&limited(dir.path(), &args));
+        assert!(error.contains(says), "{flags:?}: {error}");
+    }
+    assert_eq!(entries(&dir.path().join("runs")), Vec::<String>::new());
+    // The spec's own store may have been built before the model was refused; no half
+    // store is left.
+    let data = entries(&dir.path().join("data"));
+    assert!(data.iter().all(|e| e.starts_with("synthetic-")), "{data:?}");
+}
+
+#[test]
+fn eval_refuses_what_it_cannot_hold_or_compute() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = common::trained_run(dir.path());
+    let run = run.to_str().unwrap();
+    let error = refused(&limited(
+        dir.path(),
+        &["eval", run, "--samples", "100000000"],
+    ));
+    assert!(
+        error.contains("eval --samples 100000000 with --batch 4 needs about"),
+        "{error}"
+    );
+    for bootstrap in ["0", "39"] {
+        let error = refused(&run_err(
+            dir.path(),
+            &["eval", run, "--bootstrap", bootstrap],
+        ));
+        assert!(
+            error.contains(&format!(
+                "--bootstrap {bootstrap}: a 95% percentile interval"
+            )),
+            "{error}"
+        );
+    }
+    assert_eq!(entries(&Path::new(run).join("eval")), Vec::<String>::new());
+}
+
+/// The step folder of a run's only step checkpoint.
+fn step_checkpoint(run: &Path) -> PathBuf {
+    let dir = run.join("checkpoints/step-00000010");
+    assert!(dir.is_dir(), "{}", dir.display());
+    dir
+}
+
+/// Overwrites the first float of a safetensors file's data with NaN.
+fn poison_first_weight(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header..8 + header + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn tampered_checkpoints_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = common::trained_run(dir.path());
+    let run_arg = run.to_str().unwrap();
+    let state_path = step_checkpoint(&run).join("state.json");
+    let honest = std::fs::read_to_string(&state_path).unwrap();
+    // Edited as text: the loader's generator states are u128, more than a JSON Value holds.
+    let lying = honest.replacen("\"step\": 10,", "\"step\": 1000000000000,", 1);
+    assert_ne!(lying, honest);
+    std::fs::write(&state_path, lying).unwrap();
+    let error = refused(&run_err(dir.path(), &["train", "--resume", run_arg]));
+    assert!(error.contains(&state_path.display().to_string()), "{error}");
+    assert!(
+        error.contains("says step 1000000000000, but its folder is step 10"),
+        "{error}"
+    );
+    std::fs::write(&state_path, honest).unwrap();
+
+    let model = step_checkpoint(&run).join("model.safetensors");
+    poison_first_weight(&model);
+    let error = refused(&run_err(dir.path(), &["train", "--resume", run_arg]));
+    assert!(
+        error.contains(&format!("checkpoint {}: variable", model.display())),
+        "{error}"
+    );
+    assert!(error.contains("holds NaN or infinite values"), "{error}");
+    let best = run.join("checkpoints/best/model.safetensors");
+    poison_first_weight(&best);
+    let error = refused(&run_err(dir.path(), &["eval", run_arg]));
+    assert!(error.contains("holds NaN or infinite values"), "{error}");
+    assert_eq!(entries(&run.join("eval")), Vec::<String>::new());
+}
+
+/// A copy of the run's store in `dir/name`, with `edit` applied to its manifest.
+fn tampered_store(store: &Path, dir: &Path, name: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
+    let copy = dir.join(name);
+    std::fs::create_dir(&copy).unwrap();
+    for file in ["manifest.json", "data.safetensors"] {
+        std::fs::copy(store.join(file), copy.join(file)).unwrap();
+    }
+    let path = copy.join("manifest.json");
+    let mut manifest = common::read_json(&path);
+    edit(&mut manifest);
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    copy
+}
+
+#[test]
+fn a_store_whose_manifest_or_header_lies_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = common::trained_run(dir.path());
+    let meta = common::read_json(&run.join("meta.json"));
+    let store = PathBuf::from(meta["store"].as_str().unwrap());
+    let run = run.to_str().unwrap();
+    let eval_on = |store: &Path| {
+        let out = run_err(
+            dir.path(),
+            &["eval", run, "--store", store.to_str().unwrap()],
+        );
+        refused(&out)
+    };
+    let short = tampered_store(&store, dir.path(), "short", |m| {
+        m["keys"].as_array_mut().unwrap().truncate(3);
+    });
+    let error = eval_on(&short);
+    assert!(
+        error.contains(&format!(
+            "{}: keys lists 3 entries for 120 items",
+            short.join("manifest.json").display()
+        )),
+        "{error}"
+    );
+    let far = tampered_store(&store, dir.path(), "far", |m| {
+        m["split"]["test"][0] = Value::from(1_000_000_000u64);
+    });
+    let error = eval_on(&far);
+    assert!(
+        error.contains("split.test names item 1000000000, but the store has 120 items"),
+        "{error}"
+    );
+    let header = tampered_store(&store, dir.path(), "header", |_| {});
+    let arrays = header.join("data.safetensors");
+    let mut bytes = std::fs::read(&arrays).unwrap();
+    let at = bytes.windows(4).position(|w| w == b"\"U8\"").unwrap();
+    bytes[at + 1] = b'I';
+    std::fs::write(&arrays, bytes).unwrap();
+    let error = eval_on(&header);
+    assert!(error.contains(&arrays.display().to_string()), "{error}");
+    assert!(error.contains("tensor \"masks\" is I8"), "{error}");
+    run_ok(dir.path(), &["eval", run, "--bootstrap", "40"]);
+}
