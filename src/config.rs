@@ -544,6 +544,7 @@ fn resolve_layers(
     flags: &[Flag],
     sets: &[String],
 ) -> Result<Resolved, ConfigError> {
+    #[expect(clippy::expect_used, reason = "a fixed struct of plain fields")]
     let defaults = Value::serialize(Experiment::default())
         .ok()
         .and_then(Value::into_dict)
@@ -819,6 +820,7 @@ pub fn known_keys() -> Vec<String> {
     full.train.steps = Some(1);
     full.train.val_items = Some(1);
     full.model.log_sigma_clamp = Some(1.0);
+    #[expect(clippy::expect_used, reason = "a fixed struct of plain fields")]
     let table = toml::Table::try_from(&full).expect("the experiment serialises to a table");
     let mut keys = std::collections::BTreeSet::new();
     leaves(&table, "", &mut |key| {

@@ -6,6 +6,7 @@
 //! [`score`] is the one sampling and scoring path of validation and eval. The library
 //! never prints: it returns values and emits typed events; the binary's `cli` module
 //! decides what a person sees.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 pub mod bench;
 pub mod config;
 pub mod data;

@@ -1,4 +1,5 @@
 //! The `probunet` command line; `src/cli` holds each subcommand's flags and output.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 mod cli;
 
 use clap::Parser;

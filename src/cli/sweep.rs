@@ -100,10 +100,8 @@ pub fn run(args: SweepArgs) -> Result<()> {
     if let Some(SweepCommand::Trial(trial_args)) = &args.command {
         return trial(&trial_args.sweep, trial_args.trial, &trial_args.run);
     }
-    let spec = args
-        .spec
-        .as_deref()
-        .expect("clap requires a spec without a subcommand");
+    let spec = (args.spec.as_deref())
+        .ok_or_else(|| anyhow::anyhow!("probunet sweep: give a sweep spec (or a subcommand)"))?;
     let target = Target::open(spec)?;
     if args.plan {
         print!("{}", sweep::plan_text(&target)?);

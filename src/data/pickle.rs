@@ -527,8 +527,9 @@ impl ArrayView<'_> {
                 }
             }
             ElementType::F8 => {
-                for (o, b) in out.iter_mut().zip(self.data.chunks_exact(8)) {
-                    let v = f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32;
+                let chunks = self.data.chunks_exact(8).filter_map(|b| b.try_into().ok());
+                for (o, b) in out.iter_mut().zip(chunks) {
+                    let v = f64::from_le_bytes(b) as f32;
                     bad |= v.to_bits() & F32_EXPONENT == F32_EXPONENT;
                     *o = v;
                 }

@@ -346,16 +346,16 @@ fn fetch<'x>(
     view: &'x ArrayView<'_>,
     scratch: &'x mut Vec<u8>,
 ) -> Result<ArrayView<'x>, DataError> {
+    let lost = || DataError::Store {
+        path: source.path.clone(),
+        why: "an array's payload changed length while it was read".into(),
+    };
     let Some(offset) = source.offset_of(view) else {
-        return Ok(view
-            .with_data(view.data())
-            .expect("the payload's own length"));
+        return view.with_data(view.data()).ok_or_else(lost);
     };
     scratch.resize(view.data().len(), 0);
     source.read_at(offset, scratch)?;
-    Ok(view
-        .with_data(scratch)
-        .expect("a buffer of the payload's length"))
+    view.with_data(scratch).ok_or_else(lost)
 }
 
 /// Copies an array's payload, whose bytes are already the store's, into `out`: with pread
@@ -425,7 +425,7 @@ pub fn prepare_pickle(
     let parsed = parse_files(&paths, &maps, annotators)?;
     let files = fingerprints
         .join()
-        .expect("the checksum thread does not panic")?;
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
     let source = Source::Pickle {
         files: files.clone(),
     };

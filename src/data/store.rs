@@ -214,9 +214,8 @@ impl<'f> RegionWriter<'f> {
             std::sync::mpsc::sync_channel::<(AlignedBuf, u64, usize)>(CHUNKS_IN_FLIGHT);
         let (give_back, written) = std::sync::mpsc::channel();
         for _ in 0..CHUNKS_IN_FLIGHT {
-            give_back
-                .send(AlignedBuf::new(chunk))
-                .expect("the receiver is here");
+            // `written` is alive here, so the send cannot fail.
+            let _ = give_back.send(AlignedBuf::new(chunk));
         }
         let io = scope.spawn(move || {
             let mut result = Ok(());
@@ -316,7 +315,7 @@ impl<'f> RegionWriter<'f> {
             Ok(())
         };
         drop(self.to_io);
-        let written = self.io.join().expect("the writer thread does not panic");
+        let written = (self.io.join()).unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         written.and(queued)
     }
 }
@@ -367,6 +366,7 @@ pub fn write_arrays(
             "data_offsets": [image_bytes, image_bytes + mask_bytes],
         },
     });
+    #[expect(clippy::expect_used, reason = "a JSON value of strings and numbers")]
     let mut header = serde_json::to_vec(&json).expect("a JSON value serialises");
     // safetensors allows trailing spaces in the header; they align the data to a block.
     header.resize((8 + header.len()).next_multiple_of(BLOCK) - 8, b' ');
@@ -411,7 +411,7 @@ pub fn write_arrays(
             }
             out.finish()
         })();
-        let image_stats = images.join().expect("the image writer does not panic");
+        let image_stats = (images.join()).unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         masks_done?;
         Ok::<_, DataError>((image_stats?, empty))
     })?;

@@ -222,6 +222,7 @@ impl Synthetic {
                     .chunks_exact(pixels)
                     .map(BitMask::from_pixels)
                     .collect();
+                #[expect(clippy::expect_used, reason = "the generator's masks share a size")]
                 let counts = PairCounts::from_masks(&given, &self.fresh_reads(i, samples))
                     .expect("masks of one size");
                 ged(&counts, convention)

@@ -187,7 +187,7 @@ fn export_inputs(
         &[("images", images), ("masks", masks), ("noise", &noise)],
         dir.join("data.safetensors"),
     )?;
-    let json = serde_json::to_vec_pretty(config).expect("the config serialises");
+    let json = serde_json::to_vec_pretty(config).map_err(|e| io(&e))?;
     std::fs::write(dir.join("model.json"), json).map_err(|e| io(&e))?;
     Ok(())
 }

@@ -66,6 +66,7 @@ impl AxisAlignedConvGaussian {
         log_sigma_clamp: Option<f64>,
     ) -> Self {
         let encoder = Encoder::new(&p / "encoder", input_channels, filters);
+        #[expect(clippy::expect_used, reason = "ModelConfig::validate checks filters")]
         let last = *filters.last().expect("at least one level");
         let head = Conv2d::new(
             &p / "head",

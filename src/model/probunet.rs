@@ -59,6 +59,7 @@ impl ParameterCounts {
 /// pooling, upsampling and concatenation. (For C = 1, permuting makes no copy and the
 /// strides must be set by hand, or libtorch would read the tensor as NCHW.)
 fn channels_last(t: &Tensor) -> Tensor {
+    #[expect(clippy::expect_used, reason = "check_input runs first")]
     let (n, c, h, w) = t.size4().expect("a 4-d input, checked by check_input");
     t.permute([0, 2, 3, 1]).contiguous().as_strided(
         [n, c, h, w],

@@ -132,6 +132,7 @@ impl UNet {
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
         let mut levels = self.encoder.forward_levels(xs);
+        #[expect(clippy::expect_used, reason = "ModelConfig::validate checks filters")]
         let mut out = levels.pop().expect("the encoder has at least one level");
         for (block, skip) in self.up.iter().zip(levels.iter().rev()) {
             out = block.forward(&out, skip);

@@ -497,7 +497,9 @@ impl Plan {
         }
         std::fs::create_dir_all(folder).map_err(io)?;
         self.write_base(folder)?;
-        let json = serde_json::to_vec_pretty(self).expect("the plan serialises");
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(std::io::Error::other)
+            .map_err(io)?;
         write_atomic(&folder.join(PLAN_FILE), &json)?;
         self.write_hparams_experiment(folder)?;
         Ok(self.clone())
