@@ -576,3 +576,63 @@ fn cluster_tasks_run_one_trial_each_and_collect_summarises_what_finished() {
     let script = std::fs::read_to_string(folder.join("sweep.sbatch")).unwrap();
     assert!(script.contains("#SBATCH --array=2%2\n"), "{script}");
 }
+
+/// Two `probunet sweep` on one folder share its trials: each trial is run once, by one of
+/// them, from its first step; both end with every trial finished and none failed.
+#[test]
+fn two_sweeps_on_one_folder_share_the_trials_and_fail_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_sweep(
+        dir.path(),
+        "name = \"two\"\n[sweep.grid]\nbeta = [0.1, 1, 10, 100]\n",
+    );
+    let args = [
+        "sweep",
+        spec.to_str().unwrap(),
+        "--jobs",
+        "1",
+        "--threads",
+        "1",
+    ];
+    let first = Running::spawn(&mut probunet(dir.path(), &args));
+    first.wait_for_stderr("its first trial under way", |line| {
+        line.starts_with("[00-") && line.contains("step 5/")
+    });
+    let second = expect_success(&mut probunet(dir.path(), &args));
+    let first = first.wait();
+    assert!(first.status.success(), "{}", text(&first));
+    let outputs = [text(&first), text(&second)];
+    let folder = dir.path().join("runs/two");
+    for (index, id) in ["00-beta0.1", "01-beta1", "02-beta10", "03-beta100"]
+        .iter()
+        .enumerate()
+    {
+        let started = format!("trial {id} started");
+        let runs: usize = outputs.iter().map(|o| o.matches(&started).count()).sum();
+        assert_eq!(runs, 1, "trial {index} started {runs} times:\n{outputs:#?}");
+        let trial = folder.join(id);
+        let status = common::read_json(&trial.join("status.json"));
+        assert_eq!(status["state"], "finished", "{status}");
+        assert_eq!(status["attempts"], 1, "{status}");
+        let log = std::fs::read_to_string(trial.join("train.log")).unwrap();
+        assert!(!log.contains("resuming"), "{log}");
+        let steps = metric_steps(&trial, Phase::Train);
+        assert_eq!(steps, (1..=6).map(|k| 5 * k).collect::<Vec<u64>>(), "{id}");
+    }
+    // The one that ends first may leave a trial to the other, and says so.
+    for output in &outputs {
+        assert!(!output.contains("failed"), "{output}");
+        assert!(
+            output.contains("4 trials: 4 finished")
+                || output.contains("running: being run by another process"),
+            "{output}"
+        );
+    }
+    // The one that ends last saw every trial finish.
+    assert!(
+        outputs.iter().any(|o| o.contains("4 trials: 4 finished")),
+        "{outputs:#?}"
+    );
+    let summary = sweep_summary(&folder);
+    assert_eq!(column(&summary, "status"), ["finished"; 4]);
+}

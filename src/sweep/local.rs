@@ -394,9 +394,45 @@ fn settle(
     (state, Some(why), followed.last_step)
 }
 
+/// What another process did with the trial since the queue was made, if anything: a
+/// second sweep on the same folder takes trials as they come, and this one skips them
+/// instead of waiting on their lock. A held lock is looked at three times, 100 ms apart,
+/// since a starting sweep holds each trial's lock for an instant to look at it.
+fn taken_elsewhere(dir: &Path) -> Option<(State, Option<String>, Option<u64>)> {
+    if let Some(status) = Status::read(dir).filter(|s| s.state == State::Finished) {
+        return Some((State::Finished, None, status.steps));
+    }
+    for probe in 0..3 {
+        if !RunLock::is_held(dir) {
+            return None;
+        }
+        if probe < 2 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    let why = "being run by another process".to_string();
+    Some((State::Running, Some(why), None))
+}
+
 fn run_one(ctx: &Ctx, slot: usize, index: usize) {
     let trial = &ctx.plan.trials[index];
     let dir = ctx.plan.trial_dir(ctx.folder, index);
+    if let Some((state, error, steps)) = taken_elsewhere(&dir) {
+        if state == State::Finished {
+            ctx.counts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .finished += 1;
+        }
+        (ctx.observe)(SweepEvent::TrialEnded {
+            index,
+            id: &trial.id,
+            state,
+            steps,
+            error: error.as_deref(),
+        });
+        return;
+    }
     let devices = &ctx.options.devices;
     let device = (!devices.is_empty()).then(|| devices[slot % devices.len()].as_str());
     let start_step = checkpoint_step(&dir).unwrap_or(0);
