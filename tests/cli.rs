@@ -162,3 +162,37 @@ fn sweep_trial_and_train_sweep_are_one_entry_point() {
         );
     }
 }
+
+/// The README's promise that the binary runs without `LD_LIBRARY_PATH` and uses CUDA on a
+/// GPU machine: `libtorch_cuda.so` is linked (rustc's `--as-needed` would drop it) and the
+/// RUNPATH names torch's `lib/` folder, which holds it.
+#[test]
+fn the_binary_needs_libtorch_cuda_and_finds_it_through_its_runpath() {
+    let binary = env!("CARGO_BIN_EXE_probunet");
+    let out = common::expect_success(std::process::Command::new("readelf").args(["-d", binary]));
+    let dynamic = stdout(&out);
+    let needed: Vec<&str> = dynamic
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| l.split('[').nth(1)?.strip_suffix(']'))
+        .collect();
+    assert!(needed.contains(&"libtorch_cuda.so"), "{needed:?}");
+    let runpath = dynamic
+        .lines()
+        .find(|l| l.contains("(RUNPATH)"))
+        .and_then(|l| l.split('[').nth(1)?.strip_suffix(']'))
+        .unwrap_or_else(|| panic!("no RUNPATH in:\n{dynamic}"));
+    let holds = |lib: &str| {
+        runpath
+            .split(':')
+            .any(|dir| std::path::Path::new(dir).join(lib).is_file())
+    };
+    assert!(holds("libtorch_cuda.so"), "{runpath}");
+    assert!(holds("libtorch_cpu.so"), "{runpath}");
+    // And it starts with no library path set.
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::expect_success(
+        common::probunet(dir.path(), &["--version"]).env_remove("LD_LIBRARY_PATH"),
+    );
+    assert!(stdout(&out).starts_with("probunet "), "{}", stdout(&out));
+}

@@ -8,7 +8,7 @@ use common::{
     events_at, metrics, only_run, probunet, read_events, read_json, run_err, run_ok, scalars,
     stderr, stdout, Running,
 };
-use probunet::run::{MetricsRow, Phase};
+use probunet::run::Phase;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -193,29 +193,6 @@ fn prepare_never_replaces_a_folder_or_file_it_did_not_make() {
     assert_eq!(leftovers.len(), 2, "{leftovers:?}");
 }
 
-/// The loss terms and validation scores of a run, without the wall-clock fields.
-fn curves(run: &Path) -> Vec<(u64, Phase, [Option<f64>; 8])> {
-    let values = |r: &MetricsRow| {
-        [
-            r.loss,
-            r.elbo,
-            r.kl,
-            r.reconstruction,
-            r.reg,
-            r.grad_norm,
-            r.ged,
-            r.hm_iou,
-        ]
-    };
-    let mut rows: Vec<_> = metrics(run, Phase::Train)
-        .iter()
-        .chain(&metrics(run, Phase::Val))
-        .map(|r| (r.step, r.phase, values(r)))
-        .collect();
-    rows.sort_by_key(|r| (r.0, r.1 == Phase::Val));
-    rows
-}
-
 /// The TensorBoard curves of a run as TensorBoard's own reader sees them.
 fn tensorboard_curves(run: &Path) -> Vec<Vec<(u64, f64)>> {
     let all = read_events(&[run]);
@@ -257,11 +234,13 @@ fn under_strace(
 #[cfg(target_os = "linux")]
 #[test]
 fn a_run_killed_inside_any_checkpoint_resumes_to_the_uninterrupted_curves() {
-    let strace = Path::new("/usr/bin/strace");
-    if !strace.exists() {
-        eprintln!("SKIPPED: no /usr/bin/strace to kill the run inside a rename");
+    if let Err(why) = common::ensure_packages(&["strace"], &["strace"]) {
+        common::loud(&format!(
+            "SKIPPED: no strace to kill the run inside a rename: {why}"
+        ));
         return;
     }
+    let strace = Path::new("strace");
     let reference = tempfile::tempdir().unwrap();
     let spec = common::write_spec(reference.path(), "");
     let args = [
@@ -301,7 +280,11 @@ fn a_run_killed_inside_any_checkpoint_resumes_to_the_uninterrupted_curves() {
             "not killed at step {step}"
         );
         run_ok(dir.path(), &["train", "--resume", run.to_str().unwrap()]);
-        assert_eq!(curves(&run), curves(&expected), "killed at step {step}");
+        assert_eq!(
+            common::curves(&run),
+            common::curves(&expected),
+            "killed at step {step}"
+        );
         assert_eq!(
             tensorboard_curves(&run),
             tensorboard_curves(&expected),
@@ -373,7 +356,7 @@ fn with_own_mounts(dir: &Path, script: &str) -> Option<std::process::Output> {
         .status()
         .is_ok_and(|s| s.success());
     if !allowed {
-        eprintln!("SKIPPED: unshare cannot make a mount namespace here, so no small tmpfs");
+        common::loud("SKIPPED: unshare cannot make a mount namespace here, so no small tmpfs");
         return None;
     }
     let out = common::output(
@@ -443,7 +426,11 @@ cp -a full/. saved/"#
         let [run] = &saved[..] else {
             panic!("not one run on the disk: {saved:?}")
         };
-        assert_eq!(curves(run), curves(&expected), "disk of {size}");
+        assert_eq!(
+            common::curves(run),
+            common::curves(&expected),
+            "disk of {size}"
+        );
         assert_eq!(
             tensorboard_curves(run),
             tensorboard_curves(&expected),

@@ -3,7 +3,7 @@
 //! job array submitted with sbatch, and the summary collected from what the array tasks
 //! wrote. The test skips itself, loudly, only where the packages cannot be installed.
 mod common;
-use common::{run_ok, text};
+use common::{loud, on_path, run_ok, text};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -40,18 +40,6 @@ fn with_sbin_on_path() {
     );
 }
 
-fn on_path(binary: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).any(|dir| dir.join(binary).is_file())
-}
-
-/// A line straight to the process's stderr, past the test harness's capture, so that it
-/// shows in every log, passing or not: how long the packages took, or why the test skipped.
-fn loud(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
 fn skip(why: &str) {
     // Straight to the process's stderr, past the test harness's capture, so that the
     // skip shows in every log, passing or not.
@@ -78,49 +66,7 @@ fn ensure_slurm() -> Result<(), String> {
                 .into(),
         );
     }
-    if BINARIES.iter().all(|b| on_path(b)) {
-        eprintln!("slurm and munge are installed");
-        return Ok(());
-    }
-    if !on_path("apt-get") {
-        return Err("they are missing and there is no apt-get here".into());
-    }
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "-q"])
-            .args(PACKAGES)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-    };
-    let start = Instant::now();
-    let mut out = install().map_err(|e| format!("apt-get did not run: {e}"))?;
-    if !out.status.success() {
-        let update = Command::new("apt-get")
-            .args(["update", "-q"])
-            .output()
-            .map_err(|e| format!("apt-get update did not run: {e}"))?;
-        if !update.status.success() {
-            return Err(format!("apt-get update failed:\n{}", text(&update)));
-        }
-        out = install().map_err(|e| format!("apt-get did not run: {e}"))?;
-    }
-    if !out.status.success() {
-        let all = text(&out);
-        let tail: Vec<&str> = all.lines().rev().take(15).collect();
-        return Err(format!(
-            "apt-get install failed:\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        ));
-    }
-    loud(&format!(
-        "installed {} with apt-get in {:.1} s",
-        PACKAGES.join(", "),
-        start.elapsed().as_secs_f64()
-    ));
-    if let Some(missing) = BINARIES.iter().find(|b| !on_path(b)) {
-        return Err(format!("{missing} is still missing after installing"));
-    }
-    Ok(())
+    common::ensure_packages(&PACKAGES, &BINARIES)
 }
 
 fn free_port() -> u16 {

@@ -493,6 +493,10 @@ fn cluster_tasks_run_one_trial_each_and_collect_summarises_what_finished() {
         "#SBATCH --cpus-per-task=1\n",
         "#SBATCH --mem=500M\n",
         "#SBATCH --time=00:10:00\n",
+        // The README's promise: Ctrl-C 120 s before the time limit, to probunet itself
+        // (the shell execs it), which checkpoints and stops.
+        "#SBATCH --signal=B:INT@120\n",
+        "\nexec ",
         "--trial \"$SLURM_ARRAY_TASK_ID\" --plain",
         "--device cpu\n",
     ] {
@@ -635,4 +639,78 @@ fn two_sweeps_on_one_folder_share_the_trials_and_fail_none() {
     );
     let summary = sweep_summary(&folder);
     assert_eq!(column(&summary, "status"), ["finished"; 4]);
+}
+
+/// The README's promise that a trial's numbers do not depend on what runs beside it:
+/// two trials two at once give, bit for bit, what they give one after the other (one
+/// thread each both times).
+#[test]
+fn trials_run_two_at_once_equal_trials_run_one_by_one() {
+    let sweep = "name = \"pair\"\n[sweep.grid]\nbeta = [0.1, 10]\n";
+    let ran = |jobs: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = write_sweep(dir.path(), sweep);
+        let args = [
+            "sweep",
+            spec.to_str().unwrap(),
+            "--jobs",
+            jobs,
+            "--threads",
+            "1",
+        ];
+        expect_success(&mut probunet(dir.path(), &args));
+        let folder = dir.path().join("runs/pair");
+        let curves: Vec<_> = ["00-beta0.1", "01-beta10"]
+            .iter()
+            .map(|id| common::curves(&folder.join(id)))
+            .collect();
+        (dir, curves)
+    };
+    let (_together, two_at_once) = ran("2");
+    let (_apart, one_by_one) = ran("1");
+    assert_eq!(two_at_once[0].len(), 8, "{:?}", two_at_once[0]);
+    assert_eq!(two_at_once, one_by_one);
+    assert_ne!(two_at_once[0], two_at_once[1], "beta makes no difference");
+}
+
+/// The README's promise that a sweep whose process dies (SIGKILL, a closed terminal) does
+/// not leave its trials running unseen: each gets a Ctrl-C, checkpoints and is marked
+/// interrupted, though its pipes to the dead sweep are broken; running the sweep again
+/// resumes it.
+#[test]
+fn trials_of_a_killed_sweep_checkpoint_and_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_sweep(
+        dir.path(),
+        "name = \"orphan\"\n[sweep.grid]\n\"train.steps\" = [100000]\n",
+    );
+    let args = [
+        "sweep",
+        spec.to_str().unwrap(),
+        "--jobs",
+        "1",
+        "--threads",
+        "1",
+    ];
+    let sweep = Running::spawn(&mut probunet(dir.path(), &args));
+    sweep.wait_for_stderr("the trial under way", |line| line.contains("step 5/"));
+    let killed = sweep.kill();
+    assert!(!killed.status.success(), "{}", text(&killed));
+    let trial = dir.path().join("runs/orphan/00-steps100000");
+    let status = common::wait_for("the trial to stop", || {
+        let status = common::read_json(&trial.join("status.json"));
+        (status["state"] != "running").then_some(status)
+    });
+    assert_eq!(status["state"], "interrupted", "{status}");
+    let step = status["steps"].as_u64().unwrap();
+    assert!(step >= 5, "{status}");
+    let checkpoint = trial.join(format!("checkpoints/step-{step:08}"));
+    assert!(checkpoint.is_dir(), "{}", checkpoint.display());
+    // Resumed from there by the next sweep, which is stopped again at once.
+    let again = Running::spawn(&mut probunet(dir.path(), &args));
+    let line = again.wait_for_stderr("the resumed trial", |line| line.contains("resum"));
+    assert!(line.contains(&step.to_string()), "{line}");
+    again.interrupt();
+    let out = again.wait();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
 }

@@ -62,6 +62,17 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// A line to standard error, or to standard output with `to_stdout`, that never panics as
+/// `eprintln!` does when the reader went away: a sweep trial whose parent died (its pipes
+/// break) must still finish its step and checkpoint.
+pub fn line(to_stdout: bool, text: &str) {
+    use std::io::Write;
+    let _ = match to_stdout {
+        true => writeln!(std::io::stdout(), "{text}"),
+        false => writeln!(std::io::stderr(), "{text}"),
+    };
+}
+
 /// The error and its causes on one line, each cause said once: a message that already
 /// quotes its cause (`"{path}: {source}"`) is not followed by the cause again.
 pub fn describe(err: &anyhow::Error) -> String {
@@ -107,14 +118,16 @@ fn ctrl_c_finishes_the_step() -> Result<Arc<AtomicBool>> {
     let flag = interrupt.clone();
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
-            eprintln!(
-                "second stop request: stopping at once; the run resumes from its last checkpoint"
+            line(
+                false,
+                "second stop request: stopping at once; the run resumes from its last checkpoint",
             );
             die_by_sigint();
         }
-        eprintln!(
+        line(
+            false,
             "stop requested (Ctrl-C or SIGTERM): finishing the step and writing a checkpoint \
-             (Ctrl-C again to stop at once)"
+             (Ctrl-C again to stop at once)",
         );
     })?;
     Ok(interrupt)

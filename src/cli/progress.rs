@@ -58,7 +58,7 @@ impl TrainProgress {
     fn line(&self, text: &str) {
         match &self.bar {
             Some(bar) => bar.println(text),
-            None => eprintln!("{text}"),
+            None => super::line(false, text),
         }
     }
 
@@ -101,7 +101,7 @@ impl EventSink for TrainProgress {
                         bar.set_position(i.step);
                         bar.set_message(text);
                     }
-                    None => eprintln!("step {}/{}  {text}", i.step, self.total),
+                    None => super::line(false, &format!("step {}/{}  {text}", i.step, self.total)),
                 }
             }
             TrainEvent::Validation(v) => self.last_val = Some((v.ged, v.hm_iou)),

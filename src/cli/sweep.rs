@@ -192,10 +192,14 @@ fn print_emitted(emitted: &sweep::Emitted) {
 pub fn trial(folder: &Path, index: Option<usize>, run: &RunFlags) -> Result<()> {
     let flags = run.apply();
     let index = sweep::trial::trial_index(index)?;
+    let train = run.train_options()?;
+    if let Some(stop) = &train.interrupt {
+        sweep::local::stop_when_parent_dies(stop.clone());
+    }
     let options = sweep::trial::TrialOptions {
         flags,
         threads: run.threads(),
-        train: run.train_options()?,
+        train,
     };
     let stdout_taken = run.events_on_stdout();
     match sweep::trial::run_trial(folder, index, options)? {

@@ -138,10 +138,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
 /// A line of the command's own output: on standard output, unless `--events -` took it.
 pub fn say(stdout_taken: bool, line: &str) {
-    match stdout_taken {
-        true => eprintln!("{line}"),
-        false => println!("{line}"),
-    }
+    super::line(!stdout_taken, line);
 }
 
 fn print_outcome(outcome: &Outcome, stdout_taken: bool) {

@@ -17,8 +17,8 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// How to run a sweep locally.
@@ -470,7 +470,7 @@ fn run_one(ctx: &Ctx, slot: usize, index: usize) {
 }
 
 /// The trial's process: its own process group (so a terminal's Ctrl-C reaches only the
-/// sweep, which forwards exactly one SIGINT per Ctrl-C), a SIGINT when the sweep dies,
+/// sweep, which forwards exactly one SIGINT per Ctrl-C), a stop when the sweep dies,
 /// JSON events on its stdout and human lines on its stderr.
 fn trial_command(ctx: &Ctx, index: usize, device: Option<&str>) -> (Command, Vec<String>) {
     let threads = ctx.options.threads.to_string();
@@ -511,16 +511,33 @@ fn trial_command(ctx: &Ctx, index: usize, device: Option<&str>) -> (Command, Vec
             .next()
             .unwrap_or_else(|| "probunet".into()),
     );
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
-    unsafe {
-        // If the sweep dies, its trials get a Ctrl-C and checkpoint.
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT);
-            Ok(())
-        });
-    }
+    // If the sweep dies, its trials finish their step, checkpoint and stop.
+    command.env(PARENT_ENV, std::process::id().to_string());
     (command, args)
+}
+
+/// The pid of the sweep that started a trial, so that the trial notices its death.
+pub const PARENT_ENV: &str = "PROBUNET_SWEEP_PARENT";
+
+/// In a trial started by a local sweep ([`PARENT_ENV`] set), sets `stop` once the sweep
+/// process is gone (the trial is reparented), checking every 100 ms. A parent-death
+/// signal would do it sooner but arrives once per thread of the dying sweep, and a
+/// second Ctrl-C means "stop at once, without a checkpoint".
+pub fn stop_when_parent_dies(stop: Arc<AtomicBool>) {
+    let Some(parent) = std::env::var(PARENT_ENV)
+        .ok()
+        .and_then(|pid| pid.parse::<libc::pid_t>().ok())
+    else {
+        return;
+    };
+    std::thread::spawn(move || loop {
+        // SAFETY: getppid has no preconditions.
+        if unsafe { libc::getppid() } != parent {
+            stop.store(true, Ordering::SeqCst);
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    });
 }
 
 /// The trial's train.log, opened for appending with a header line for this attempt.

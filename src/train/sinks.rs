@@ -178,6 +178,8 @@ impl EventSink for TensorboardSink {
 pub struct JsonLinesSink<W: Write> {
     out: W,
     name: String,
+    /// The reader closed its end of a pipe: nothing more is sent.
+    reader_gone: bool,
 }
 
 impl<W: Write> JsonLinesSink<W> {
@@ -186,16 +188,26 @@ impl<W: Write> JsonLinesSink<W> {
         JsonLinesSink {
             out,
             name: name.into(),
+            reader_gone: false,
         }
     }
 }
 
 impl<W: Write> EventSink for JsonLinesSink<W> {
+    /// A reader that went away (a sweep whose process died) does not stop training: the
+    /// same events are in metrics.csv and TensorBoard. Any other write error does.
     fn event(&mut self, event: &TrainEvent) -> Result<(), SinkError> {
+        if self.reader_gone {
+            return Ok(());
+        }
         let line = serde_json::to_string(event).map_err(|e| SinkError::new(&self.name, e))?;
-        writeln!(self.out, "{line}")
-            .and_then(|()| self.out.flush())
-            .map_err(|e| SinkError::new(&self.name, e))
+        match writeln!(self.out, "{line}").and_then(|()| self.out.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.reader_gone = true;
+                Ok(())
+            }
+            other => other.map_err(|e| SinkError::new(&self.name, e)),
+        }
     }
 }
 

@@ -409,6 +409,29 @@ pub fn metrics(run: &Path, phase: Phase) -> Vec<MetricsRow> {
         .collect()
 }
 
+/// The loss terms and validation scores of a run, without the wall-clock fields.
+pub fn curves(run: &Path) -> Vec<(u64, Phase, [Option<f64>; 8])> {
+    let values = |r: &MetricsRow| {
+        [
+            r.loss,
+            r.elbo,
+            r.kl,
+            r.reconstruction,
+            r.reg,
+            r.grad_norm,
+            r.ged,
+            r.hm_iou,
+        ]
+    };
+    let mut rows: Vec<_> = metrics(run, Phase::Train)
+        .iter()
+        .chain(&metrics(run, Phase::Val))
+        .map(|r| (r.step, r.phase, values(r)))
+        .collect();
+    rows.sort_by_key(|r| (r.0, r.1 == Phase::Val));
+    rows
+}
+
 /// The steps of a run's metrics.csv rows in one phase.
 pub fn metric_steps(run: &Path, phase: Phase) -> Vec<u64> {
     metrics(run, phase).iter().map(|r| r.step).collect()
@@ -509,4 +532,67 @@ pub fn write_spec(dir: &Path, extra: &str) -> PathBuf {
     let path = dir.join("tiny.toml");
     std::fs::write(&path, spec).unwrap();
     path
+}
+
+// ---------------------------------------------------------------------------------------
+// Tools from Debian's packages
+
+pub fn on_path(binary: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|dir| dir.join(binary).is_file())
+}
+
+/// A line straight to the process's stderr, past the test harness's capture, so that it
+/// shows in every log, passing or not: how long packages took, or why a test skipped.
+pub fn loud(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Installs `packages` with apt-get when one of `binaries` is missing from PATH (CI runs
+/// the suite as root on a fresh Debian machine); `Err` says why that cannot be done.
+pub fn ensure_packages(packages: &[&str], binaries: &[&str]) -> Result<(), String> {
+    if binaries.iter().all(|b| on_path(b)) {
+        return Ok(());
+    }
+    if !on_path("apt-get") {
+        return Err(format!(
+            "{binaries:?} are missing and there is no apt-get here"
+        ));
+    }
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", "-q"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+    };
+    let start = Instant::now();
+    let mut out = install().map_err(|e| format!("apt-get did not run: {e}"))?;
+    if !out.status.success() {
+        let update = Command::new("apt-get")
+            .args(["update", "-q"])
+            .output()
+            .map_err(|e| format!("apt-get update did not run: {e}"))?;
+        if !update.status.success() {
+            return Err(format!("apt-get update failed:\n{}", text(&update)));
+        }
+        out = install().map_err(|e| format!("apt-get did not run: {e}"))?;
+    }
+    if !out.status.success() {
+        let all = text(&out);
+        let tail: Vec<&str> = all.lines().rev().take(15).collect();
+        return Err(format!(
+            "apt-get install failed:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ));
+    }
+    loud(&format!(
+        "installed {} with apt-get in {:.1} s",
+        packages.join(", "),
+        start.elapsed().as_secs_f64()
+    ));
+    match binaries.iter().find(|b| !on_path(b)) {
+        Some(missing) => Err(format!("{missing} is still missing after installing")),
+        None => Ok(()),
+    }
 }
