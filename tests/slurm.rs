@@ -3,7 +3,7 @@
 //! job array submitted with sbatch, and the summary collected from what the array tasks
 //! wrote. The test skips itself, loudly, only where the packages cannot be installed.
 mod common;
-use common::{loud, on_path, run_ok, text};
+use common::{loud, run_ok, text};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
