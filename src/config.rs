@@ -747,6 +747,16 @@ fn origin(figment: &Figment, key: &str) -> Option<String> {
     )
 }
 
+/// serde's names of the number types, in words.
+fn in_words(expected: &str) -> &str {
+    match expected {
+        "f64" | "f32" => "a number",
+        "u64" | "u32" | "usize" => "a whole number, 0 or more",
+        "i64" | "i32" | "isize" => "a whole number",
+        other => other,
+    }
+}
+
 /// An extraction error as the dotted key it concerns and the layer that set that key.
 fn key_error(figment: &Figment, error: figment::Error) -> ConfigError {
     let mut path = error.path.clone();
@@ -756,6 +766,16 @@ fn key_error(figment: &Figment, error: figment::Error) -> ConfigError {
                 path.push(field.clone());
             }
             format!("unknown key, expected one of: {}", expected.join(", "))
+        }
+        figment::error::Kind::UnknownVariant(found, expected) => {
+            format!(
+                "unknown value {found:?}, expected one of: {}",
+                expected.join(", ")
+            )
+        }
+        figment::error::Kind::InvalidType(found, expected)
+        | figment::error::Kind::InvalidValue(found, expected) => {
+            format!("found {found}, expected {}", in_words(expected))
         }
         kind => kind.to_string(),
     };
@@ -1039,7 +1059,9 @@ mod tests {
     fn wrong_types_are_errors_naming_the_layer_and_the_key() {
         let err = error(&format!("{STORE}[train]\nbatch = \"many\"\n"), &[]);
         assert!(
-            err.contains("spec.toml: train.batch: invalid type"),
+            err.contains(
+                "spec.toml: train.batch: found string \"many\", expected a whole number, 0 or more"
+            ),
             "{err}"
         );
 

@@ -23,9 +23,11 @@ pub struct DoctorOptions {
 
 /// One thing [`check`] found, told as soon as it is known: when a later check fails, the
 /// user still sees how far the installation got.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Finding {
     Libtorch {
+        /// Its version and folder, where they could be found.
+        found: crate::sys::Libtorch,
         cuda_available: bool,
         cuda_devices: i64,
         cudnn_available: bool,
@@ -56,6 +58,7 @@ pub enum Finding {
 /// step, telling `found` each finding in that order.
 pub fn check(options: &DoctorOptions, mut found: impl FnMut(Finding)) -> Result<()> {
     found(Finding::Libtorch {
+        found: crate::sys::libtorch(),
         cuda_available: Cuda::is_available(),
         cuda_devices: Cuda::device_count(),
         cudnn_available: Cuda::cudnn_is_available(),

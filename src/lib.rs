@@ -17,6 +17,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod run;
+pub mod runs;
 pub mod score;
 pub mod seed;
 pub mod sweep;

@@ -9,7 +9,12 @@ fn main() -> ExitCode {
     match cli::run(cli::Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", cli::describe(&err));
+            let prefix = if cli::is_interruption(&err) {
+                ""
+            } else {
+                "error: "
+            };
+            eprintln!("{prefix}{}", cli::describe(&err));
             cli::exit_code(&err)
         }
     }

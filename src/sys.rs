@@ -11,3 +11,65 @@ pub fn hostname() -> String {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".into())
 }
+
+/// The libtorch this process runs: the folder its `libtorch_cpu.so` was loaded from (read
+/// from `/proc/self/maps`), and the version PyTorch's `version.py` beside that folder
+/// gives (`2.11.0+cu130`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Libtorch {
+    pub lib_dir: Option<std::path::PathBuf>,
+    pub version: Option<String>,
+}
+
+pub fn libtorch() -> Libtorch {
+    let lib_dir = std::fs::read_to_string("/proc/self/maps")
+        .ok()
+        .and_then(|maps| loaded_from(&maps, "libtorch_cpu.so"));
+    let version = lib_dir
+        .as_ref()
+        .and_then(|dir| std::fs::read_to_string(dir.parent()?.join("version.py")).ok())
+        .and_then(|text| python_version(&text));
+    Libtorch { lib_dir, version }
+}
+
+/// The folder of the first mapping of `library` in the text of `/proc/<pid>/maps`.
+fn loaded_from(maps: &str, library: &str) -> Option<std::path::PathBuf> {
+    let path = maps
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| path.ends_with(&format!("/{library}")))?;
+    Some(std::path::Path::new(path).parent()?.to_path_buf())
+}
+
+/// `__version__ = '2.11.0+cu130'` from a `version.py`.
+fn python_version(text: &str) -> Option<String> {
+    let line = text.lines().find(|l| l.starts_with("__version__"))?;
+    let value = line.split_once('=')?.1.trim();
+    Some(value.trim_matches(|c| c == '\'' || c == '"').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtorch_is_found_where_this_process_loaded_it() {
+        let maps = "7f00-7f10 r-xp 00000000 08:01 42 /venv/torch/lib/libtorch_cpu.so\n\
+                    7f20-7f30 r-xp 00000000 08:01 43 /usr/lib/libc.so.6\n";
+        assert_eq!(
+            loaded_from(maps, "libtorch_cpu.so"),
+            Some("/venv/torch/lib".into())
+        );
+        assert_eq!(
+            python_version("__all__ = []\n__version__ = '2.11.0+cu130'\n"),
+            Some("2.11.0+cu130".into())
+        );
+        // This test process links libtorch; a tensor makes sure it is loaded.
+        let _ = tch::Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
+        let found = libtorch();
+        assert!(found
+            .lib_dir
+            .is_some_and(|d| d.join("libtorch_cpu.so").is_file()));
+        assert!(found.version.is_some_and(|v| v.starts_with("2.11.0")));
+    }
+}

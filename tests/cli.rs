@@ -23,6 +23,17 @@ fn help_lists_every_subcommand_with_a_description() {
 }
 
 #[test]
+fn prepare_shows_both_ways_to_call_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = stderr(&run_err(dir.path(), &["prepare"]));
+    assert!(err.contains("probunet prepare <INPUT> [OPTIONS]"), "{err}");
+    assert!(
+        err.contains("probunet prepare --synthetic [OPTIONS]"),
+        "{err}"
+    );
+}
+
+#[test]
 fn doctor_builds_the_seed_model_and_times_a_step() {
     let dir = tempfile::tempdir().unwrap();
     let out = run_ok(
@@ -31,6 +42,13 @@ fn doctor_builds_the_seed_model_and_times_a_step() {
     );
     let stdout = stdout(&out);
     assert!(stdout.contains("total 4996233 parameters"), "{stdout}");
+    // Which libtorch, read from where this process loaded it.
+    let libtorch = stdout.lines().find(|l| l.starts_with("libtorch ")).unwrap();
+    assert!(libtorch.starts_with("libtorch 2.11.0"), "{libtorch}");
+    assert!(
+        libtorch.contains("/torch/lib: CUDA available"),
+        "{libtorch}"
+    );
     assert!(stdout.contains("ms/step"), "{stdout}");
 }
 

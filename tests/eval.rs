@@ -346,6 +346,22 @@ fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
     assert_eq!(report["checkpoint"]["step"], 20);
     assert_eq!(report["checkpoint"]["model"], model.to_str().unwrap());
 
+    // A step number, as `step-20` or `20`; one that was not kept is named with those that were.
+    for choice in ["step-20", "20"] {
+        let (copy, _) = eval_ok(
+            scratch.path(),
+            choice,
+            &["--checkpoint", choice, "--samples", "4"],
+        );
+        let report = read_json(&copy.join("eval/test-4.json"));
+        assert_eq!(report["checkpoint"]["step"], 20, "{choice}");
+    }
+    let err = eval_err(scratch.path(), "step-7", &["--checkpoint", "step-7"]);
+    assert!(
+        err.contains("keeps no checkpoint of step 7; it keeps steps [20, 30]"),
+        "{err}"
+    );
+
     let (root, run) = fixture();
     let copy = scratch.path().join("no-best");
     copy_dir(run, &copy);

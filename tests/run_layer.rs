@@ -256,9 +256,19 @@ fn a_run_killed_inside_any_checkpoint_resumes_to_the_uninterrupted_curves() {
     // puts each checkpoint into place; a fresh folder renames the same files.
     let renames = std::fs::read_to_string(reference.path().join("renames.txt")).unwrap();
     let renames: Vec<&str> = renames.lines().filter(|l| l.contains("rename(")).collect();
+    let nth = |target: &str| {
+        let found = renames
+            .iter()
+            .position(|l| l.contains(&format!("{target}\")")));
+        1 + found.unwrap_or_else(|| panic!("no rename to {target}: {renames:#?}"))
+    };
+    // Each step checkpoint's rename into place: the kill leaves its hidden partial. (The
+    // tiny run's val GED never improves, so `best` is written once and never swapped;
+    // run::checkpoint's unit tests kill that swap at each of its steps.)
     for step in [14, 21, 35] {
-        let partial = format!(".step-{step:08}.partial");
-        let nth = 1 + renames.iter().position(|l| l.contains(&partial)).unwrap();
+        let place = format!("step {step}");
+        let nth = nth(&format!("step-{step:08}"));
+        let left = format!(".step-{step:08}.partial");
         let dir = tempfile::tempdir().unwrap();
         let spec = common::write_spec(dir.path(), "");
         let args = [
@@ -271,25 +281,30 @@ fn a_run_killed_inside_any_checkpoint_resumes_to_the_uninterrupted_curves() {
         let killed = under_strace(strace, dir.path(), Some(inject), &args);
         assert!(
             !killed.status.success(),
-            "step {step}: {}",
+            "{place}: {}",
             common::text(&killed)
         );
         let run = only_run(dir.path());
-        assert!(
-            run.join("checkpoints").join(&partial).exists(),
-            "not killed at step {step}"
-        );
+        let checkpoints = run.join("checkpoints");
+        assert!(checkpoints.join(&left).exists(), "not killed at {place}");
         run_ok(dir.path(), &["train", "--resume", run.to_str().unwrap()]);
         assert_eq!(
             common::curves(&run),
             common::curves(&expected),
-            "killed at step {step}"
+            "killed at {place}"
         );
         assert_eq!(
             tensorboard_curves(&run),
             tensorboard_curves(&expected),
-            "killed at step {step}"
+            "killed at {place}"
         );
+        let hidden: Vec<_> = std::fs::read_dir(&checkpoints)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(hidden.is_empty(), "{place}: left {hidden:?}");
+        assert!(checkpoints.join("best").is_dir(), "{place}: no best");
     }
 }
 

@@ -181,6 +181,14 @@ fn ctrl_c_checkpoints_and_says_how_to_resume() {
     let stderr = stderr(&out);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("probunet train --resume"), "{stderr}");
+    // A stop asked for is not an error.
+    assert!(!stderr.contains("error:"), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("interrupted at step ")),
+        "{stderr}"
+    );
     let run = only_run(dir.path());
     let ckpts: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
@@ -297,6 +305,38 @@ fn bad_specs_and_flags_name_the_file_and_key() {
     );
     let err = stderr(&out);
     assert!(err.contains("train.batch"), "{err}");
+    // Types and choices in words, without serde's type names or doubled backticks.
+    for (set, says) in [
+        (
+            "train.lr=abc",
+            "train.lr: found string \"abc\", expected a number",
+        ),
+        ("train.steps=-3", "expected a whole number, 0 or more"),
+        (
+            "train.precision=\"fp16\"",
+            "unknown value \"fp16\", expected one of: fp32, bf16",
+        ),
+    ] {
+        let out = run_err(dir.path(), &["train", spec.to_str().unwrap(), "--set", set]);
+        let err = stderr(&out);
+        assert!(err.contains(says), "{set}: {err}");
+        assert!(!err.contains("``"), "{err}");
+    }
+    // A store that is not there says how to make one.
+    let out = run_err(
+        dir.path(),
+        &[
+            "train",
+            "--set",
+            "data.store=\"data/lidc\"",
+            spec.to_str().unwrap(),
+        ],
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("data/lidc: no prepared store here: make it with `probunet prepare"),
+        "{err}"
+    );
     let out = run_err(
         dir.path(),
         &["train", spec.to_str().unwrap(), "--device", "cuda:9"],

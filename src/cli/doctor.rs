@@ -35,12 +35,18 @@ pub fn run(args: &DoctorArgs) -> Result<()> {
 fn line(finding: Finding) -> String {
     match finding {
         Finding::Libtorch {
+            found,
             cuda_available,
             cuda_devices,
             cudnn_available,
         } => format!(
-            "libtorch: CUDA available: {cuda_available}, CUDA devices: {cuda_devices}, cuDNN: \
-             {cudnn_available}"
+            "libtorch {} from {}: CUDA available: {cuda_available}, CUDA devices: \
+             {cuda_devices}, cuDNN: {cudnn_available}",
+            found.version.as_deref().unwrap_or("(version unknown)"),
+            found
+                .lib_dir
+                .as_ref()
+                .map_or("(folder unknown)".into(), |d| d.display().to_string()),
         ),
         Finding::Device(device) => format!("device: {}", describe(device)),
         Finding::Allocator(allocator) => format!(

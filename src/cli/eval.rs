@@ -1,5 +1,5 @@
 //! `probunet eval`: a run's metrics at each sample count, as a table with 95% intervals.
-use anyhow::Result;
+use anyhow::{Context, Result};
 use probunet::data::split::SplitName;
 use probunet::device::DeviceSpec;
 use probunet::eval::{self as evaluation, CheckpointChoice, EvalOptions, EvalOutcome};
@@ -16,7 +16,7 @@ pub struct EvalArgs {
     /// Samples per image; one set of results each (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "16,100")]
     samples: Vec<usize>,
-    /// best, last, a checkpoint folder or a model.safetensors file.
+    /// best, last, step-N (or N), a checkpoint folder or a model.safetensors file.
     #[arg(long, default_value = "best")]
     checkpoint: CheckpointChoice,
     /// auto, cpu, cuda or cuda:N.
@@ -36,7 +36,35 @@ pub struct EvalArgs {
     bootstrap: usize,
 }
 
+/// A sweep folder is not a run: name its trials, which are.
+fn refuse_sweep_folder(folder: &std::path::Path) -> Result<()> {
+    if !folder.join(probunet::sweep::plan::PLAN_FILE).is_file() {
+        return Ok(());
+    }
+    let mut trials: Vec<String> = std::fs::read_dir(folder)
+        .with_context(|| folder.display().to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(probunet::run::SPEC_FILE).is_file())
+        .map(|p| p.display().to_string())
+        .collect();
+    trials.sort();
+    anyhow::bail!(
+        "{} is a sweep folder, not a run: evaluate one of its trials ({}), or compare them \
+         with `probunet runs {}`",
+        folder.display(),
+        if trials.is_empty() {
+            "none has started".into()
+        } else {
+            trials.join(", ")
+        },
+        folder
+            .parent()
+            .map_or(".".into(), |p| p.display().to_string())
+    )
+}
+
 pub fn run(args: EvalArgs) -> Result<()> {
+    refuse_sweep_folder(&args.run)?;
     let options = EvalOptions {
         run: args.run,
         split: args.split,

@@ -6,6 +6,7 @@ mod doctor;
 mod eval;
 mod prepare;
 mod progress;
+mod runs;
 mod sweep;
 mod sweep_progress;
 mod train;
@@ -32,6 +33,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Convert an LIDC pickle (or a folder of them) into a fast dataset store.
+    #[command(override_usage = "probunet prepare <INPUT> [OPTIONS]\n       \
+                                probunet prepare --synthetic [OPTIONS]")]
     Prepare(prepare::PrepareArgs),
     /// Train a model from an experiment spec (TOML), or resume a run.
     Train(train::TrainArgs),
@@ -41,6 +44,8 @@ enum Command {
     BenchEval(bench_eval::BenchEvalArgs),
     /// Run a hyperparameter sweep over beta, latent_dim, ...
     Sweep(sweep::SweepArgs),
+    /// List the runs and sweep trials in a folder: status, steps, best and final val GED.
+    Runs(runs::RunsArgs),
     /// Check the installation: libtorch, CUDA, the model's parameter counts, one training step.
     Doctor(doctor::DoctorArgs),
     /// Benchmark training and sampling against the PyTorch implementation of the same model.
@@ -57,6 +62,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::BenchEval(args) => bench_eval::run(&args),
         Command::Sweep(args) => sweep::run(args),
+        Command::Runs(args) => runs::run(args),
         Command::Doctor(args) => doctor::run(&args),
         Command::Bench(args) => bench::run(&args),
     }
@@ -93,7 +99,16 @@ pub fn describe(err: &anyhow::Error) -> String {
 /// 130 for a run or sweep stopped by Ctrl-C (as a shell reports SIGINT), so scripts and
 /// schedulers can tell an interruption from a failure; 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> ExitCode {
-    let interrupted = matches!(
+    if is_interruption(err) {
+        ExitCode::from(130)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// A stop asked for with Ctrl-C or SIGTERM: a normal end, not an error.
+pub fn is_interruption(err: &anyhow::Error) -> bool {
+    matches!(
         err.downcast_ref::<TrainError>(),
         Some(TrainError::Interrupted { .. })
     ) || matches!(
@@ -103,12 +118,7 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
                 interrupted: true,
                 ..
             })
-    );
-    if interrupted {
-        ExitCode::from(130)
-    } else {
-        ExitCode::FAILURE
-    }
+    )
 }
 
 /// The first Ctrl-C (or SIGTERM) asks training to finish its step and checkpoint (the

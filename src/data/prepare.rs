@@ -192,27 +192,30 @@ fn manifest(options: &PrepareOptions, plan: Plan, split: Split, stats: Stats) ->
     }
 }
 
+/// What the generator needs: an image size it can halve three times, and positive counts.
+fn check_synthetic(config: &SyntheticConfig) -> Result<(), String> {
+    if config.size < 8 || config.size % 8 != 0 {
+        return Err(format!(
+            "synthetic size {} must be a positive multiple of 8",
+            config.size
+        ));
+    }
+    if config.items == 0 || config.annotators == 0 {
+        return Err("synthetic items and annotators must be positive".into());
+    }
+    Ok(())
+}
+
 /// Generates the synthetic dataset into a store, with the ideal-model GED of its val and
 /// test parts in the manifest.
 pub fn prepare_synthetic(
     config: SyntheticConfig,
     options: &PrepareOptions,
 ) -> Result<Outcome, DataError> {
-    let invalid = |why: String| DataError::Store {
+    check_synthetic(&config).map_err(|why| DataError::Store {
         path: options.out.clone(),
         why,
-    };
-    if config.size < 8 || config.size % 8 != 0 {
-        return Err(invalid(format!(
-            "synthetic size {} must be a positive multiple of 8",
-            config.size
-        )));
-    }
-    if config.items == 0 || config.annotators == 0 {
-        return Err(invalid(
-            "synthetic items and annotators must be positive".into(),
-        ));
-    }
+    })?;
     let source = Source::Synthetic {
         config: config.clone(),
     };

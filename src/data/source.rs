@@ -1,7 +1,7 @@
 //! Where an experiment's data comes from: a prepared store, or the built-in synthetic
 //! dataset, generated into a store on first use and reused after.
 use super::prepare::{prepare_synthetic, Outcome, PrepareOptions, Summary};
-use super::store::Store;
+use super::store::{Store, MANIFEST_FILE};
 use super::synthetic::SyntheticConfig;
 use super::DataError;
 use std::path::{Path, PathBuf};
@@ -67,6 +67,15 @@ impl DataSource {
                     Outcome::Prepared(summary) => Some(summary),
                     Outcome::AlreadyPrepared(_) => None,
                 }
+            }
+            DataSource::Store(dir) if !dir.join(MANIFEST_FILE).is_file() => {
+                return Err(DataError::Store {
+                    path: dir.clone(),
+                    why: "no prepared store here: make it with `probunet prepare <LIDC pickle> \
+                          --out <this folder>`, or set data.synthetic to try the built-in \
+                          synthetic dataset"
+                        .into(),
+                });
             }
             DataSource::Store(_) => None,
         };

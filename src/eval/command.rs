@@ -45,6 +45,8 @@ pub enum CheckpointChoice {
     Best,
     /// The newest `checkpoints/step-N`.
     Last,
+    /// `checkpoints/step-N` of this step (`step-200` or `200`).
+    Step(u64),
     /// A checkpoint folder, or a `model.safetensors` file.
     Path(PathBuf),
 }
@@ -57,7 +59,13 @@ impl FromStr for CheckpointChoice {
             "" => Err("expected best, last or a checkpoint path".into()),
             "best" => Ok(Self::Best),
             "last" | "latest" => Ok(Self::Last),
-            path => Ok(Self::Path(PathBuf::from(path))),
+            other => {
+                let digits = other.strip_prefix("step-").unwrap_or(other);
+                match digits.parse::<u64>() {
+                    Ok(step) if !digits.starts_with('+') => Ok(Self::Step(step)),
+                    _ => Ok(Self::Path(PathBuf::from(other))),
+                }
+            }
         }
     }
 }
@@ -67,6 +75,7 @@ impl fmt::Display for CheckpointChoice {
         match self {
             Self::Best => f.write_str("best"),
             Self::Last => f.write_str("last"),
+            Self::Step(step) => write!(f, "step-{step}"),
             Self::Path(path) => write!(f, "{}", path.display()),
         }
     }
@@ -195,6 +204,21 @@ fn choose_checkpoint(run: &RunDir, choice: &CheckpointChoice) -> Result<Chosen, 
             }
         }
         CheckpointChoice::Last => latest(None),
+        CheckpointChoice::Step(step) => {
+            let steps = checkpoints.steps()?;
+            match steps.iter().find(|(s, _)| s == step) {
+                Some((_, dir)) => from_dir(dir, None),
+                None => {
+                    let kept: Vec<String> = steps.iter().map(|(s, _)| s.to_string()).collect();
+                    Err(EvalError::Options(format!(
+                        "--checkpoint step-{step}: {} keeps no checkpoint of step {step}; it \
+                         keeps steps [{}] (train.keep_last) and best",
+                        checkpoints.root().display(),
+                        kept.join(", ")
+                    )))
+                }
+            }
+        }
         CheckpointChoice::Path(path) if path.is_dir() => from_dir(path, None),
         CheckpointChoice::Path(path) if path.is_file() => Ok(Chosen {
             label: path.clone(),

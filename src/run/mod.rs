@@ -114,7 +114,7 @@ impl Meta {
             started_at: chrono::Utc::now(),
             command: std::env::args().collect(),
             device,
-            libtorch: "2.11.0".into(),
+            libtorch: (crate::sys::libtorch().version).unwrap_or_else(|| "unknown".into()),
             store: Some(std::path::absolute(store).unwrap_or_else(|_| store.to_path_buf())),
         }
     }
