@@ -765,7 +765,11 @@ fn key_error(figment: &Figment, error: figment::Error) -> ConfigError {
             if path.last() != Some(field) {
                 path.push(field.clone());
             }
-            format!("unknown key, expected one of: {}", expected.join(", "))
+            let guess = did_you_mean(&path.join("."), &known_keys());
+            format!(
+                "unknown key, expected one of: {}{guess}",
+                expected.join(", ")
+            )
         }
         figment::error::Kind::UnknownVariant(found, expected) => {
             format!(
@@ -859,6 +863,40 @@ pub fn known_keys() -> Vec<String> {
     keys.into_iter().collect()
 }
 
+/// `; did you mean model.beta?` for the known key whose last part is a few edits
+/// (a third of its length, at least one) from `name`'s, if there is exactly one such key.
+fn did_you_mean(name: &str, keys: &[String]) -> String {
+    let last = name.rsplit('.').next().unwrap_or(name);
+    let mut close: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            let near = (last.chars().count() / 3).max(1);
+            edit_distance(k.rsplit('.').next().unwrap_or(k), last) <= near
+        })
+        .collect();
+    close.dedup();
+    match close.as_slice() {
+        [one] => format!("; did you mean {one}?"),
+        _ => String::new(),
+    }
+}
+
+/// Levenshtein distance, for suggestions between short names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
 /// The full dotted key that `name` stands for: a known key as it is, or the one known key
 /// whose last segments are `name` (`beta` is `model.beta`). An unknown or ambiguous name
 /// is an error that says which keys there are.
@@ -901,9 +939,14 @@ pub fn full_key(name: &str) -> Result<String, String> {
             } else {
                 format!(" in `{table}`")
             };
+            let short = match table.is_empty() {
+                true => ", or the last part of a key (beta, lr, latent_dim, ...)",
+                false => "",
+            };
             Err(format!(
-                "unknown key{place}, expected one of: {}",
-                siblings.join(", ")
+                "unknown key{place}, expected one of: {}{short}{}",
+                siblings.join(", "),
+                did_you_mean(name, &keys)
             ))
         }
         many => Err(format!(
@@ -1380,6 +1423,14 @@ mod tests {
             err.starts_with("unknown key, expected one of: data, log, model, name, train"),
             "{err}"
         );
+        let err = full_key("betta").unwrap_err();
+        assert!(
+            err.ends_with(
+                "or the last part of a key (beta, lr, latent_dim, ...); did you mean model.beta?"
+            ),
+            "{err}"
+        );
+        assert_eq!(edit_distance("latnet_dim", "latent_dim"), 2);
     }
 
     #[test]

@@ -69,7 +69,13 @@ fn plan_prints_the_trials_and_runs_nothing() {
 fn bad_sweeps_name_the_file_the_key_or_the_value() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("[sweep.grid]\nbetta = [1]\n", "sweep.toml: sweep.grid: `betta`: unknown key"),
+        (
+            "[sweep.grid]\nbetta = [1]\n",
+            "sweep.toml: sweep.grid: `betta`: unknown key, expected one of: data, log, model, \
+             name, train, or the last part of a key (beta, lr, latent_dim, ...); did you mean \
+             model.beta?",
+        ),
+        ("name = \"one\"\n", "sweep.toml: plans one trial: it has no axes"),
         ("[sweep.grid]\nbeta = []\n", "sweep.toml: sweep.grid.beta: the list of values is empty"),
         (
             "[sweep.random]\nlr = { log_uniform = [-1, 1] }\n",
@@ -112,6 +118,38 @@ fn bad_sweeps_name_the_file_the_key_or_the_value() {
     let out = run_err(dir.path(), &["sweep", spec.to_str().unwrap()]);
     assert!(
         text(&out).contains("Refusing to mix them"),
+        "{}",
+        text(&out)
+    );
+    // --set fixes a key in every trial, but not an axis, and not in a planned folder.
+    let spec = write_sweep(dir.path(), "name = \"t\"\n[sweep.grid]\nbeta = [1, 10]\n");
+    let spec = spec.to_str().unwrap();
+    let plan = run_ok(
+        dir.path(),
+        &[
+            "sweep",
+            spec,
+            "--plan",
+            "--set",
+            "train.steps=7",
+            "--set",
+            "lr=3e-3",
+        ],
+    );
+    assert!(
+        common::stdout(&plan).contains("every trial sets: train.steps=7 train.lr=0.003"),
+        "{}",
+        text(&plan)
+    );
+    let out = run_err(dir.path(), &["sweep", spec, "--plan", "--set", "beta=2"]);
+    assert!(
+        text(&out).contains("--set beta=2: model.beta is an axis of this sweep"),
+        "{}",
+        text(&out)
+    );
+    let out = run_err(dir.path(), &["sweep", "runs/s", "--set", "lr=1"]);
+    assert!(
+        text(&out).contains("--set changes a sweep's plan: give the sweep spec"),
         "{}",
         text(&out)
     );

@@ -45,6 +45,11 @@ pub struct SweepArgs {
     /// Run failed trials again (otherwise they stay failed).
     #[arg(long)]
     retry_failed: bool,
+    /// Fix KEY to VALUE in every trial, as the spec's [sweep.set] does (repeatable; short
+    /// names such as train.steps=50 or lr=3e-4 work). A sweep folder made without it
+    /// refuses it: start a new sweep.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
     /// Write a job script for a cluster instead of running the trials here.
     #[arg(long, value_enum, value_name = "ENGINE")]
     emit: Option<Engine>,
@@ -102,7 +107,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
     }
     let spec = (args.spec.as_deref())
         .ok_or_else(|| anyhow::anyhow!("probunet sweep: give a sweep spec (or a subcommand)"))?;
-    let target = Target::open(spec)?;
+    let target = Target::open(spec, &args.sets)?;
     if args.plan {
         print!("{}", sweep::plan_text(&target)?);
         return Ok(());

@@ -112,8 +112,16 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn open(path: &Path) -> Result<Target, SweepError> {
+    /// The sweep of a spec (with `sets`, `--set` flags, added to its fixed overrides) or
+    /// of a folder.
+    pub fn open(path: &Path, sets: &[String]) -> Result<Target, SweepError> {
         if path.is_dir() {
+            if !sets.is_empty() {
+                return Err(SweepError::Other(format!(
+                    "--set changes a sweep's plan: give the sweep spec, not its folder {}",
+                    path.display()
+                )));
+            }
             Plan::load(path)?;
             return Ok(Target {
                 folder: path.to_path_buf(),
@@ -121,7 +129,8 @@ impl Target {
                 spec: None,
             });
         }
-        let spec = SweepSpec::load(path)?;
+        let mut spec = SweepSpec::load(path)?;
+        spec.set_fixed(sets)?;
         let plan = Plan::build(&spec)?;
         Ok(Target {
             folder: spec.folder(),

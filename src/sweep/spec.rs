@@ -281,6 +281,44 @@ impl SweepSpec {
         Self::parse(path, &text)
     }
 
+    /// Adds `--set KEY=VALUE` flags to the spec's fixed overrides (`[sweep.set]`),
+    /// replacing a value the spec fixes; a key that is an axis, or `train.seed` under
+    /// repeats, is refused, as a trial could not take two values for it.
+    pub fn set_fixed(&mut self, sets: &[String]) -> Result<(), SweepError> {
+        for arg in sets {
+            let refuse = |why: String| SweepError::Spec {
+                path: self.path.clone(),
+                why: format!("--set {arg}: {why}"),
+            };
+            let (written, text) = arg
+                .split_once('=')
+                .ok_or_else(|| refuse("expected KEY=VALUE".into()))?;
+            let key = config::full_key(written.trim()).map_err(refuse)?;
+            let axis = self.grid.iter().map(|a| &a.key);
+            if axis
+                .chain(self.random.iter().map(|a| &a.key))
+                .any(|k| *k == key)
+            {
+                return Err(refuse(format!(
+                    "{key} is an axis of this sweep; a fixed value would replace it"
+                )));
+            }
+            if key == "train.seed" && self.repeats > 1 {
+                return Err(refuse(format!(
+                    "sweep.repeats = {} sets train.seed per repeat",
+                    self.repeats
+                )));
+            }
+            let value = toml::from_str::<toml::Table>(&format!("v = {}", text.trim()))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(text.trim().to_string()));
+            self.fixed.retain(|(k, _)| *k != key);
+            self.fixed.push((key, value));
+        }
+        Ok(())
+    }
+
     /// Whether `text` is a sweep spec (it has a top-level `[sweep]` table) rather than
     /// an experiment spec.
     pub fn is_sweep(text: &str) -> bool {
@@ -322,6 +360,14 @@ impl SweepSpec {
             random: axes.random,
             slurm: raw.slurm,
         };
+        if spec.grid.is_empty() && spec.random.is_empty() && repeats == 1 {
+            return Err(
+                "plans one trial: it has no axes in [sweep.grid] or [sweep.random] \
+                        and repeats = 1; add the values to sweep over, or repeats = N to \
+                        train one configuration with N seeds (one run is `probunet train`)"
+                    .into(),
+            );
+        }
         let trials = spec.trial_count();
         if trials > MAX_TRIALS as u128 {
             return Err(format!(
@@ -650,6 +696,7 @@ mod tests {
             ("repeats = 2\nset = { \"train.seed\" = 4 }\n", "sweep.repeats = 2 sets train.seed per repeat, which sweep.set sets too"),
             ("name = \"a/b\"\n", "sweep.name: \"a/b\" cannot name a folder"),
             ("smaples = 3\n", "unknown field `smaples`"),
+            ("seed = 1\n", "plans one trial: it has no axes"),
         ];
         for (extra, message) in cases {
             let err = parse(&format!("{HEAD}{extra}")).unwrap_err();
