@@ -578,7 +578,9 @@ fn resolve_layers(
         .fold(Figment::new(), |figment, layer| figment.merge(layer));
     let mut experiment: Experiment = figment.extract().map_err(|e| key_error(&figment, e))?;
     keep_later_alternatives(&mut experiment, &layers);
-    experiment.validate()?;
+    experiment
+        .validate()
+        .map_err(|e| with_origin(&figment, e))?;
     let mut provenance = BTreeMap::new();
     leaves(&toml::Table::try_from(&experiment)?, "", &mut |key| {
         let origin = origin(&figment, &key).unwrap_or_else(|| "default".into());
@@ -753,6 +755,18 @@ fn in_words(expected: &str) -> &str {
         "f64" | "f32" => "a number",
         "u64" | "u32" | "usize" => "a whole number, 0 or more",
         "i64" | "i32" | "isize" => "a whole number",
+        other => other,
+    }
+}
+
+/// A value that cannot be used, said with the layer that set it (the spec file, an
+/// environment variable, a flag or `--set`), as type errors are.
+fn with_origin(figment: &Figment, error: ConfigError) -> ConfigError {
+    match error {
+        ConfigError::Invalid { key, why } => match origin(figment, &key) {
+            Some(origin) if origin != "default" => ConfigError::Key { origin, key, why },
+            _ => ConfigError::Invalid { key, why },
+        },
         other => other,
     }
 }
@@ -1207,13 +1221,16 @@ mod tests {
     #[test]
     fn one_layer_setting_both_alternatives_is_refused() {
         let err = error(&format!("{STORE}[train]\nepochs = 3\nsteps = 50\n"), &[]);
-        assert_eq!(
-            err,
-            "train: both train.epochs (3) and train.steps (50) are set; set exactly one"
+        assert!(
+            err.ends_with(
+                "spec.toml: train: both train.epochs (3) and train.steps (50) are set; set \
+                 exactly one"
+            ),
+            "{err}"
         );
         let err = error(&format!("{STORE}[data.synthetic]\nitems = 40\n"), &[]);
         assert!(
-            err.starts_with("data: both data.store (data/data_lidc)"),
+            err.contains("spec.toml: data: both data.store (data/data_lidc)"),
             "{err}"
         );
         let err = error("name = \"x\"\n", &[]);
@@ -1264,12 +1281,17 @@ mod tests {
             ),
         ];
         for (set, message) in cases {
-            assert_eq!(error(STORE, &[set]), message, "{set}");
+            assert_eq!(error(STORE, &[set]), format!("--set {set}: {message}"));
         }
+        // Said with the layer that set the value, here the spec file.
         let synthetic = "[data.synthetic]\nsize = 60\n";
-        assert_eq!(
-            error(synthetic, &[]),
-            "data.synthetic.size: must be a positive multiple of 8 for 4 model levels, got 60"
+        let err = error(synthetic, &[]);
+        assert!(
+            err.ends_with(
+                "spec.toml: data.synthetic.size: must be a positive multiple of 8 for 4 model \
+                 levels, got 60"
+            ),
+            "{err}"
         );
     }
 

@@ -59,7 +59,9 @@ fn plan_prints_the_trials_and_runs_nothing() {
     assert_eq!(lr(lines[2]), lr(lines[3]));
     assert_ne!(lr(lines[2]), lr(lines[4]));
     assert!(
-        stdout.contains("will fail: model.latent_dim: must be positive, got 0"),
+        stdout.contains(
+            "will fail: --set model.latent_dim=0: model.latent_dim: must be positive, got 0"
+        ),
         "{stdout}"
     );
     assert!(!dir.path().join("runs").exists(), "--plan writes nothing");
@@ -83,7 +85,7 @@ fn bad_sweeps_name_the_file_the_key_or_the_value() {
         ),
         (
             "set = { \"train.steps\" = 0 }\n[sweep.grid]\nbeta = [1]\n",
-            "the base experiment with sweep.set does not resolve: train.steps: must be at least 1",
+            "the base experiment with sweep.set does not resolve: --set train.steps=0: train.steps: must be at least 1",
         ),
     ];
     for (sweep, message) in cases {
@@ -381,7 +383,10 @@ fn a_failing_trial_is_marked_failed_and_the_others_go_on() {
         rows[1]
     );
     for row in &rows[2..] {
-        assert_eq!(row["error"], "model.latent_dim: must be positive, got 0");
+        assert_eq!(
+            row["error"],
+            "--set model.latent_dim=0: model.latent_dim: must be positive, got 0"
+        );
     }
     assert_eq!(rows[0]["steps"], "10");
     assert!(!rows[0]["best_val_ged"].is_empty());

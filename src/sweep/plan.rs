@@ -703,7 +703,7 @@ mod tests {
         assert_eq!(bad[0].0, 1);
         assert_eq!(
             bad[0].1.to_string(),
-            "model.latent_dim: must be positive, got 0"
+            "--set model.latent_dim=0: model.latent_dim: must be positive, got 0"
         );
         let err = Plan::build(&spec(
             dir.path(),
@@ -712,7 +712,10 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            err.contains("sweep.toml: the base experiment with sweep.set does not resolve: train.batch: must be at least 1"),
+            err.contains(
+                "sweep.toml: the base experiment with sweep.set does not resolve: \
+                 --set train.batch=0: train.batch: must be at least 1"
+            ),
             "{err}"
         );
     }
