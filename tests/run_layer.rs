@@ -462,3 +462,48 @@ cp -a full/. saved/"#
         assert!(left.is_empty(), "eval on a full disk left {left:?}");
     }
 }
+
+/// A run whose prepared store was moved says so and how to go on: `--store` names the copy.
+#[test]
+fn eval_of_a_run_whose_store_moved_points_at_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::write_spec(dir.path(), "");
+    run_ok(
+        dir.path(),
+        &[
+            "prepare",
+            "--synthetic",
+            "--items",
+            "60",
+            "--size",
+            "32",
+            "--out",
+            "st",
+        ],
+    );
+    run_ok(
+        dir.path(),
+        &[
+            "train",
+            spec.to_str().unwrap(),
+            "--set",
+            "data.store=\"st\"",
+            "--set",
+            "train.steps=10",
+        ],
+    );
+    let run = only_run(dir.path());
+    std::fs::rename(dir.path().join("st"), dir.path().join("moved")).unwrap();
+    let run_arg = run.to_str().unwrap();
+    let err = stderr(&run_err(dir.path(), &["eval", run_arg]));
+    assert!(err.contains("the run's store "), "{err}");
+    assert!(err.contains("no prepared store here"), "{err}");
+    assert!(
+        err.ends_with("or evaluate on a copy of it with --store DIR\n"),
+        "{err}"
+    );
+    run_ok(
+        dir.path(),
+        &["eval", run_arg, "--store", "moved", "--samples", "2"],
+    );
+}

@@ -303,6 +303,19 @@ fn check_room(loaded: &Loaded, options: &EvalOptions, samples: &[usize]) -> Resu
     Ok(())
 }
 
+/// A run whose recorded store is gone can still be scored on a copy of it.
+fn point_at_store_flag(error: crate::run::RunError) -> EvalError {
+    match error {
+        crate::run::RunError::Data(crate::data::DataError::Store { path, why }) => {
+            EvalError::Options(format!(
+                "the run's store {}: {why}; or evaluate on a copy of it with --store DIR",
+                path.display()
+            ))
+        }
+        other => other.into(),
+    }
+}
+
 /// The run's model with the chosen checkpoint's weights, and the store to score.
 fn load(options: &EvalOptions) -> Result<Loaded, EvalError> {
     let run = RunDir::open(&options.run)?;
@@ -330,7 +343,7 @@ fn load(options: &EvalOptions) -> Result<Loaded, EvalError> {
     vs.freeze();
     let store = match &options.store {
         Some(dir) => Store::open(dir)?,
-        None => run.open_store(&experiment)?.0,
+        None => run.open_store(&experiment).map_err(point_at_store_flag)?.0,
     };
     let shape = store.manifest.shape;
     model
