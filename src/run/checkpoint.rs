@@ -110,31 +110,41 @@ impl TrainState {
     }
 }
 
+/// The name of the first of `variables` that holds NaN or infinity, if any. All are
+/// checked at once (one device sync), and one by one only when one is not finite.
+pub fn first_non_finite(variables: &[(String, Tensor)]) -> Result<Option<&str>, tch::TchError> {
+    let finite = |t: &Tensor| t.f_isfinite().and_then(|t| t.f_all());
+    let each = variables
+        .iter()
+        .map(|(_, t)| finite(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    if variables.is_empty() || bool::try_from(Tensor::f_stack(&each, 0)?.f_all()?)? {
+        return Ok(None);
+    }
+    for ((name, _), all) in variables.iter().zip(&each) {
+        if !bool::try_from(all)? {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
+}
+
 /// Refuses weights that hold NaN or infinity, naming the first such variable: training
 /// never writes them, so they were damaged or written by something else.
 pub fn check_finite(vs: &nn::VarStore, model_file: &Path) -> Result<(), RunError> {
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, tensor) in variables {
-        let finite = tensor
-            .f_isfinite()
-            .and_then(|t| t.f_all())
-            .and_then(bool::try_from)
-            .map_err(|e| RunError::Checkpoint {
-                path: model_file.to_path_buf(),
-                why: e.to_string(),
-            })?;
-        if !finite {
-            return Err(RunError::Checkpoint {
-                path: model_file.to_path_buf(),
-                why: format!(
-                    "variable {name} holds NaN or infinite values; training never writes \
-                     those, so this checkpoint is damaged"
-                ),
-            });
-        }
+    let bad = |why: String| RunError::Checkpoint {
+        path: model_file.to_path_buf(),
+        why,
+    };
+    match first_non_finite(&variables).map_err(|e| bad(e.to_string()))? {
+        Some(name) => Err(bad(format!(
+            "variable {name} holds NaN or infinite values; training never writes those, so \
+             this checkpoint is damaged"
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The variable shapes in a safetensors file, read from its header alone.
@@ -416,6 +426,22 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         ProbUNet::new(&vs.root(), config).unwrap();
         vs
+    }
+
+    #[test]
+    fn the_first_non_finite_variable_is_named() {
+        let t = |v: &[f32]| Tensor::from_slice(v);
+        let mut variables = vec![
+            ("a".to_string(), t(&[1.0, 2.0])),
+            ("b".to_string(), t(&[0.0, f32::NAN])),
+            ("c".to_string(), t(&[f32::INFINITY])),
+        ];
+        assert_eq!(first_non_finite(&variables).unwrap(), Some("b"));
+        variables.retain(|(name, _)| name != "b");
+        assert_eq!(first_non_finite(&variables).unwrap(), Some("c"));
+        variables.retain(|(name, _)| name != "c");
+        assert_eq!(first_non_finite(&variables).unwrap(), None);
+        assert_eq!(first_non_finite(&[]).unwrap(), None);
     }
 
     #[test]

@@ -9,7 +9,8 @@ mod metrics;
 pub mod safetensors;
 
 pub use checkpoint::{
-    check_finite, shape_mismatch, Checkpoint, Checkpoints, OpenInterval, TrainState, MODEL_FILE,
+    check_finite, first_non_finite, shape_mismatch, Checkpoint, Checkpoints, OpenInterval,
+    TrainState, MODEL_FILE,
 };
 pub use lock::RunLock;
 pub use metrics::{read_rows, read_rows_but_torn_tail, MetricsCsv, MetricsRow, Phase, StepStats};

@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tch::{nn, Device, Tensor};
+use tch::{nn, Device};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -630,8 +630,7 @@ impl Trainer {
     fn checkpoint(&mut self, best: bool, val_ged: Option<f64>) -> Result<(), TrainError> {
         self.flush()?;
         let params = named_variables(&self.vs);
-        let finite: Vec<Tensor> = params.iter().map(|(_, t)| t.isfinite().all()).collect();
-        if !bool::try_from(Tensor::f_stack(&finite, 0)?.all())? {
+        if crate::run::first_non_finite(&params)?.is_some() {
             return Err(self.non_finite("weights (refusing to checkpoint them)".into()));
         }
         let path = self.checkpoints.save(
