@@ -677,13 +677,19 @@ fn override_values(key: &str, text: &str, defaults: &Dict) -> Option<Dict> {
     })
 }
 
+/// The TOML value `text` writes (`3e-4`, `[8, 16]`, `"sum"`), if it writes exactly one:
+/// the value part of a `--set key=value`.
+pub fn toml_value(text: &str) -> Option<toml::Value> {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .filter(|table| table.len() == 1)
+        .and_then(|mut table| table.remove("v"))
+}
+
 /// `text` as a TOML value if it is one, else as a string; a number or boolean stays text
 /// for a key whose default is text.
 fn parse_value(key: &str, text: &str, defaults: &Dict) -> Value {
-    let parsed = toml::from_str::<toml::Table>(&format!("v = {text}"))
-        .ok()
-        .filter(|table| table.len() == 1)
-        .and_then(|mut table| table.remove("v"));
+    let parsed = toml_value(text);
     let text_key = matches!(find(defaults, key), Some(Value::String(..)));
     match parsed {
         Some(toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_))

@@ -396,22 +396,13 @@ fn settle(
 
 /// What another process did with the trial since the queue was made, if anything: a
 /// second sweep on the same folder takes trials as they come, and this one skips them
-/// instead of waiting on their lock. A held lock is looked at three times, 100 ms apart,
-/// since a starting sweep holds each trial's lock for an instant to look at it.
+/// instead of waiting on their lock ([`RunLock::is_held`] looks without taking it).
 fn taken_elsewhere(dir: &Path) -> Option<(State, Option<String>, Option<u64>)> {
     if let Some(status) = Status::read(dir).filter(|s| s.state == State::Finished) {
         return Some((State::Finished, None, status.steps));
     }
-    for probe in 0..3 {
-        if !RunLock::is_held(dir) {
-            return None;
-        }
-        if probe < 2 {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
     let why = "being run by another process".to_string();
-    Some((State::Running, Some(why), None))
+    RunLock::is_held(dir).then_some((State::Running, Some(why), None))
 }
 
 fn run_one(ctx: &Ctx, slot: usize, index: usize) {

@@ -309,9 +309,7 @@ impl SweepSpec {
                     self.repeats
                 )));
             }
-            let value = toml::from_str::<toml::Table>(&format!("v = {}", text.trim()))
-                .ok()
-                .and_then(|mut t| t.remove("v"))
+            let value = config::toml_value(text.trim())
                 .unwrap_or_else(|| toml::Value::String(text.trim().to_string()));
             self.fixed.retain(|(k, _)| *k != key);
             self.fixed.push((key, value));

@@ -132,9 +132,10 @@ struct Held {
     lock: RunLock,
 }
 
-/// Trial `index` of the plan in `folder`, with its lock: `--collect` and a starting
-/// sweep hold it for an instant to see whether the trial runs, so that is waited out
-/// (up to 3 s) before concluding that another process runs it.
+/// Trial `index` of the plan in `folder`, with its lock. Where there is no `/proc/locks`,
+/// looking whether a trial runs (`--collect`, a starting sweep) holds its lock for an
+/// instant, so a held lock is waited on (up to 3 s) before concluding that another
+/// process runs the trial.
 fn hold(folder: &Path, plan: &Plan, index: usize) -> Result<Held, SweepError> {
     let count = plan.trials.len();
     if index >= count {
