@@ -3,7 +3,7 @@
 //! file, never a panic or an abort, and leaves nothing behind.
 mod common;
 
-use common::{probunet, run_err, run_ok, stderr};
+use common::{entries, probunet, run_err, run_ok, stderr};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -17,17 +17,6 @@ fn refused(out: &Output) -> String {
     error
         .unwrap_or_else(|| panic!("no error line: {text}"))
         .into()
-}
-
-/// Entries of `dir` (hidden ones included), or none where it does not exist.
-fn entries(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir).map_or_else(
-        |_| Vec::new(),
-        |it| {
-            it.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        },
-    )
 }
 
 /// Memory is held to 4 GiB, so that what is refused does not depend on the machine.

@@ -298,11 +298,8 @@ fn a_run_killed_inside_any_checkpoint_resumes_to_the_uninterrupted_curves() {
             tensorboard_curves(&expected),
             "killed at {place}"
         );
-        let hidden: Vec<_> = std::fs::read_dir(&checkpoints)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.'))
-            .collect();
+        let mut hidden = common::entries(&checkpoints);
+        hidden.retain(|n| n.starts_with('.'));
         assert!(hidden.is_empty(), "{place}: left {hidden:?}");
         assert!(checkpoints.join("best").is_dir(), "{place}: no best");
     }
@@ -458,7 +455,8 @@ cp -a full/. saved/"#
             "{eval}"
         );
         assert!(!eval.contains("panicked"), "{eval}");
-        let left: Vec<_> = std::fs::read_dir(run.join("eval")).unwrap().collect();
+        assert!(run.join("eval").is_dir());
+        let left = common::entries(&run.join("eval"));
         assert!(left.is_empty(), "eval on a full disk left {left:?}");
     }
 }

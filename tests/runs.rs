@@ -6,18 +6,7 @@ use std::collections::BTreeMap;
 
 /// `probunet runs --csv` as one map per row, by column name.
 fn csv_rows(text: &str) -> Vec<BTreeMap<String, String>> {
-    let mut reader = csv::Reader::from_reader(text.as_bytes());
-    let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
-    reader
-        .records()
-        .map(|r| {
-            header
-                .iter()
-                .cloned()
-                .zip(r.unwrap().iter().map(String::from))
-                .collect()
-        })
-        .collect()
+    common::csv_maps(csv::Reader::from_reader(text.as_bytes()))
 }
 
 #[test]

@@ -717,9 +717,9 @@ fn trials_run_two_at_once_equal_trials_run_one_by_one() {
 }
 
 /// The README's promise that a sweep whose process dies (SIGKILL, a closed terminal) does
-/// not leave its trials running unseen: each gets a Ctrl-C, checkpoints and is marked
-/// interrupted, though its pipes to the dead sweep are broken; running the sweep again
-/// resumes it.
+/// not leave its trials running unseen: each notices, finishes its step, checkpoints and
+/// is marked interrupted, though its pipes to the dead sweep are broken; running the
+/// sweep again resumes it.
 #[test]
 fn trials_of_a_killed_sweep_checkpoint_and_stop() {
     let dir = tempfile::tempdir().unwrap();

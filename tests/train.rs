@@ -216,14 +216,7 @@ fn diverged(sets: &[&str]) -> (String, Vec<String>) {
     let out = run_err(dir.path(), &args);
     let stderr = stderr(&out);
     let error = stderr.lines().last().unwrap_or_default().to_string();
-    let checkpoints = only_run(dir.path()).join("checkpoints");
-    let left = std::fs::read_dir(checkpoints).map_or_else(
-        |_| Vec::new(),
-        |d| {
-            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        },
-    );
+    let left = common::entries(&only_run(dir.path()).join("checkpoints"));
     (error, left)
 }
 

@@ -450,8 +450,13 @@ pub fn only_run(dir: &Path) -> PathBuf {
 /// A sweep's summary.csv as one map per row, by column name, in trial order.
 pub fn sweep_summary(folder: &Path) -> Vec<BTreeMap<String, String>> {
     let path = folder.join("summary.csv");
-    let mut reader =
+    let reader =
         csv::Reader::from_path(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    csv_maps(reader)
+}
+
+/// Every row of a CSV with a header line, as a map by column name.
+pub fn csv_maps<R: Read>(mut reader: csv::Reader<R>) -> Vec<BTreeMap<String, String>> {
     let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
     reader
         .records()
@@ -463,6 +468,19 @@ pub fn sweep_summary(folder: &Path) -> Vec<BTreeMap<String, String>> {
                 .collect()
         })
         .collect()
+}
+
+/// The names in `dir`, hidden ones included, sorted; none where it does not exist.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir).map_or_else(
+        |_| Vec::new(),
+        |it| {
+            it.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        },
+    );
+    names.sort();
+    names
 }
 
 pub fn read_json(path: &Path) -> Value {
