@@ -11,7 +11,9 @@ loaded with TensorBoard's EventAccumulator, keeping every event, and printed as
             "images": {tag: [{"step", "width", "height",
                               "png_width", "png_height", "png_color_type"}, ...]},
             "tensors": {tag: [step, ...]},
-            "hparams": {tag: Experiment, SessionStartInfo or SessionEndInfo as a dict}}}
+            "hparams": {tag: Experiment, SessionStartInfo or SessionEndInfo as a dict},
+            "text": {tag: [[step, markdown], ...]},
+            "layout": the custom-scalars Layout as a dict, or null}}
 
 The hparams payloads are parsed with the HParams plugin's own parsers, which also
 check the plugin data version and which payload each tag holds. The Rust integration tests use this to check that
@@ -24,7 +26,11 @@ import sys
 
 from google.protobuf import json_format
 from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.plugins.hparams import metadata
+from tensorboard.plugins.text import metadata as text_metadata
+from tensorboard.util import tensor_util
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -53,6 +59,27 @@ def image_entry(event):
         "png_height": png_height,
         "png_color_type": png_color_type,
     }
+
+
+def plugin_tags(acc, plugin):
+    try:
+        return acc.PluginTagToContent(plugin)
+    except KeyError:
+        return {}
+
+
+def string_value(event):
+    """The one string of a scalar string tensor (text, layout)."""
+    return tensor_util.make_ndarray(event.tensor_proto).item()
+
+
+def layout(acc):
+    tag = custom_scalar_metadata.CONFIG_SUMMARY_TAG
+    if tag not in plugin_tags(acc, custom_scalar_metadata.PLUGIN_NAME):
+        return None
+    proto = layout_pb2.Layout()
+    proto.ParseFromString(string_value(acc.Tensors(tag)[0]))
+    return json_format.MessageToDict(proto, preserving_proto_field_name=True)
 
 
 def read(path):
@@ -84,6 +111,11 @@ def read(path):
             )
             for tag, content in hparams_content.items()
         },
+        "text": {
+            tag: [[e.step, string_value(e).decode()] for e in acc.Tensors(tag)]
+            for tag in plugin_tags(acc, text_metadata.PLUGIN_NAME)
+        },
+        "layout": layout(acc),
     }
 
 

@@ -3,7 +3,8 @@
 //!
 //! Data flows one way: [`data`] (readers, stores, the loader) -> [`train`] (over
 //! [`model`]) -> the run folder ([`run`]) -> [`eval`], [`sweep`], which read it.
-//! [`score`] is the one sampling and scoring path of validation and eval. The library
+//! [`score`] is the one sampling and scoring path of validation and eval; [`figure`] and
+//! [`tensorboard`] are leaves that draw labelled PNGs and write event files. The library
 //! never prints: it returns values and emits typed events; the binary's `cli` module
 //! decides what a person sees.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -13,6 +14,7 @@ pub mod data;
 pub mod device;
 pub mod doctor;
 pub mod eval;
+pub mod figure;
 pub mod memory;
 pub mod metrics;
 pub mod model;

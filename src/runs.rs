@@ -150,7 +150,8 @@ impl Curves {
                         continue;
                     };
                     curves.last_val = Some((ged, row.hm_iou));
-                    if curves.best.is_none_or(|(best, _, _)| ged < best) {
+                    // Step 0 scores the untrained model: a baseline, never the best.
+                    if row.step > 0 && curves.best.is_none_or(|(best, _, _)| ged < best) {
                         curves.best = Some((ged, row.hm_iou, row.step));
                     }
                 }

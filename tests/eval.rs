@@ -226,10 +226,13 @@ fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
             sorted[(sorted.len() - 1) / 2]
         ));
         for which in ["best", "median", "worst"] {
-            // Input, 4 annotations, 8 samples, mean and variance: 15 tiles of 32 px, 2 px gaps.
-            assert_eq!(
-                png_size(&eval.join(format!("test-{n}-{which}.png"))),
-                (15 * 32 + 14 * 2, 32)
+            // Input, 4 annotations, 8 samples, mean and variance: 15 tiles of 32 px drawn
+            // at 128, under the headers and the caption, with two colour bars.
+            let (width, height) = png_size(&eval.join(format!("test-{n}-{which}.png")));
+            assert_eq!(height, 12 + 22 + 22 + 128 + 12, "{which}");
+            assert!(
+                width > 15 * 128 + 3 * 20 + 10 * 4 + 2 * 16,
+                "{which}: {width}"
             );
         }
     }
@@ -247,31 +250,35 @@ fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
         .unwrap();
     for n in [16, 100] {
         for which in ["best", "median", "worst"] {
-            let image = &events["images"][format!("test-{n}/{which}")][0];
+            let image = &events["images"][format!("eval/test-{n}/{which}")][0];
             assert_eq!(image["step"], step);
-            assert_eq!(image["png_width"], 15 * 32 + 14 * 2);
+            assert!(image["png_width"].as_u64().unwrap() > 15 * 128);
         }
+        // The summary as a table, not as single-dot charts.
+        assert!(
+            events["scalars"].as_object().unwrap().is_empty(),
+            "{}",
+            events["scalars"]
+        );
+        let text = &events["text"][format!("eval/test-{n}/summary")][0];
+        assert_eq!(text[0], step);
+        let table = text[1].as_str().unwrap();
         let report = read_json(&eval.join(format!("test-{n}.json")));
-        for (tag, convention, metric) in [
-            (format!("test-{n}/ged"), "phiseg", "ged"),
-            (format!("test-{n}/hm_iou"), "phiseg", "hm_iou"),
-            (format!("test-{n}/ncc"), "phiseg", "ncc"),
-            (
-                format!("test-{n}/diversity_kohl_nan"),
-                "kohl-nan",
-                "diversity",
-            ),
-        ] {
-            let expected = &report["metrics"][convention][metric]["mean"];
-            match expected.as_f64() {
-                Some(v) => {
-                    let point = &events["scalars"][&tag][0];
-                    assert_eq!(point[0], step, "{tag}");
-                    assert!((point[1].as_f64().unwrap() - v).abs() < 1e-5, "{tag}");
-                }
-                // A NaN mean (no image defines the metric) is left out of TensorBoard.
-                None => assert!(events["scalars"][&tag].is_null(), "{tag}"),
-            }
+        for metric in ["ged", "hm_iou", "ncc", "diversity"] {
+            let row = table
+                .lines()
+                .find(|l| l.starts_with(&format!("| {metric} |")))
+                .unwrap_or_else(|| panic!("{metric} in {table}"));
+            let summary = &report["metrics"]["phiseg"][metric];
+            let expected = match summary["mean"].as_f64() {
+                Some(mean) => format!(
+                    "{mean:.4} [{:.4}, {:.4}]",
+                    summary["ci_low"].as_f64().unwrap(),
+                    summary["ci_high"].as_f64().unwrap()
+                ),
+                None => "-".into(),
+            };
+            assert!(row.contains(&expected), "{row} lacks {expected}");
         }
     }
 }

@@ -291,7 +291,7 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
         spec_toml.contains("steps = 30  # runs/grid/base.toml\n"),
         "{spec_toml}"
     );
-    assert_eq!(metric_steps(&trial, Phase::Val), [15, 30]);
+    assert_eq!(metric_steps(&trial, Phase::Val), [0, 15, 30]);
 
     // The HParams dashboard: the experiment in the sweep folder, a session per trial.
     let trials: Vec<PathBuf> = column(&rows, "id")
@@ -302,22 +302,46 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
     paths.extend(trials.iter().map(PathBuf::as_path));
     let events = common::read_events(&paths);
     let experiment = &common::events_at(&events, &folder)["hparams"]["_hparams_/experiment"];
+    // The swept axes with their values, then the other standard hyperparameters.
+    let infos = experiment["hparam_infos"].as_array().unwrap();
     assert_eq!(
-        experiment["hparam_infos"],
+        infos[..2],
         serde_json::json!([
             {"name": "model.beta", "type": "DATA_TYPE_FLOAT64", "domain_discrete": [0.5, 2.0]},
             {"name": "model.latent_dim", "type": "DATA_TYPE_FLOAT64", "domain_discrete": [2.0, 4.0]},
         ])
+        .as_array()
+        .unwrap()[..]
+    );
+    let names: Vec<&str> = infos[2..]
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "run",
+            "data",
+            "model.filters",
+            "model.reconstruction",
+            "train.lr",
+            "train.schedule",
+            "train.batch",
+            "train.seed"
+        ]
     );
     assert_eq!(
         experiment["metric_infos"],
         serde_json::json!([
-            {"name": {"tag": "val_ged"}},
-            {"name": {"tag": "val_hm_iou"}},
-            {"name": {"tag": "val_elbo"}},
-            {"name": {"tag": "val_kl"}},
+            {"name": {"tag": "hparams/best_val_ged"}},
+            {"name": {"tag": "hparams/best_val_hm_iou"}},
+            {"name": {"tag": "hparams/final_val_ged"}},
+            {"name": {"tag": "hparams/final_val_hm_iou"}},
+            {"name": {"tag": "val/elbo"}},
+            {"name": {"tag": "val/kl"}},
         ])
     );
+    assert!(folder.join("summary.png").is_file(), "the sweep's figure");
     for (trial, row) in trials.iter().zip(&rows) {
         let run = common::events_at(&events, trial);
         let start = &run["hparams"]["_hparams_/session_start_info"];
@@ -329,10 +353,25 @@ fn a_local_sweep_runs_every_trial_and_says_which_values_are_best() {
             run["hparams"]["_hparams_/session_end_info"]["status"],
             "STATUS_SUCCESS"
         );
-        for tag in ["val_ged", "val_hm_iou", "val_elbo", "val_kl"] {
+        // The full trial id, not cut.
+        let id = trial.file_name().unwrap().to_str().unwrap();
+        assert_eq!(start["hparams"]["run"].as_str(), Some(id));
+        for tag in [
+            "val/ged",
+            "val/hm_iou",
+            "val/elbo",
+            "val/kl",
+            "hparams/final_val_ged",
+        ] {
             let steps: Vec<u64> = common::scalars(run, tag).iter().map(|p| p.0).collect();
-            assert_eq!(steps, [15, 30], "{tag} in {}", trial.display());
+            assert_eq!(steps, [0, 15, 30], "{tag} in {}", trial.display());
         }
+        let best = common::scalars(run, "hparams/best_val_ged");
+        let best_csv: f64 = row["best_val_ged"].parse().unwrap();
+        assert!(
+            (best.last().unwrap().1 - best_csv).abs() < 1e-4,
+            "{best:?} vs {row:?}"
+        );
     }
 
     // Again: every trial finished, so nothing runs; --collect agrees.
@@ -711,7 +750,7 @@ fn trials_run_two_at_once_equal_trials_run_one_by_one() {
     };
     let (_together, two_at_once) = ran("2");
     let (_apart, one_by_one) = ran("1");
-    assert_eq!(two_at_once[0].len(), 8, "{:?}", two_at_once[0]);
+    assert_eq!(two_at_once[0].len(), 9, "{:?}", two_at_once[0]);
     assert_eq!(two_at_once, one_by_one);
     assert_ne!(two_at_once[0], two_at_once[1], "beta makes no difference");
 }

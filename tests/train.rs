@@ -34,42 +34,105 @@ fn a_run_logs_every_tag_and_checkpoints_as_configured() {
     let train_steps = common::metric_steps(&run, Phase::Train);
     assert_eq!(train_steps, (1..=12).map(|i| i * 5).collect::<Vec<_>>());
     let val_steps = common::metric_steps(&run, Phase::Val);
-    assert_eq!(val_steps, [20, 40, 60]);
+    assert_eq!(
+        val_steps,
+        [0, 20, 40, 60],
+        "the untrained model is scored too"
+    );
 
     let all = common::read_events(&[&run]);
     let events = common::events_at(&all, &run);
     for tag in [
-        "train_loss",
-        "train_elbo",
-        "train_kl",
-        "rec_loss",
-        "train_reg_loss",
-        "learning_rate",
-        "beta",
-        "images_per_sec",
+        "train/loss",
+        "train/elbo",
+        "train/kl",
+        "train/reconstruction",
+        "train/reg",
+        "train/grad_norm",
+        "perf/images_per_sec",
     ] {
         let steps: Vec<u64> = scalars(events, tag).iter().map(|p| p.0).collect();
         assert_eq!(steps, train_steps, "{tag}");
     }
-    for tag in ["val_elbo", "val_kl", "val_ged", "val_hm_iou"] {
+    for tag in [
+        "val/elbo",
+        "val/kl",
+        "val/ged",
+        "val/hm_iou",
+        "val/ged_ideal",
+    ] {
         let steps: Vec<u64> = scalars(events, tag).iter().map(|p| p.0).collect();
         assert_eq!(steps, val_steps, "{tag}");
     }
+    // Constants are in the spec text and HParams, not charts of their own.
+    for tag in ["train/learning_rate", "beta", "learning_rate", "train/beta"] {
+        assert!(events["scalars"][tag].is_null(), "{tag} charted");
+    }
+    let ideal = scalars(events, "val/ged_ideal");
+    assert!(ideal.windows(2).all(|w| w[0].1 == w[1].1), "{ideal:?}");
     // The CSV and TensorBoard hold the same numbers.
     let csv_loss: Vec<f64> = metrics(&run, Phase::Train)
         .iter()
         .map(|r| r.loss.unwrap())
         .collect();
-    let tb_loss: Vec<f64> = scalars(events, "train_loss").iter().map(|p| p.1).collect();
+    let tb_loss: Vec<f64> = scalars(events, "train/loss").iter().map(|p| p.1).collect();
     for (a, b) in csv_loss.iter().zip(&tb_loss) {
         assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "{a} vs {b}");
     }
-    let lr = scalars(events, "learning_rate");
-    assert!(lr.iter().all(|p| (p.1 - 1e-3).abs() < 1e-9));
-    let grid = &events["images"]["val_samples"][0];
-    // 4 rows of input, 4 annotations, 6 samples and the mean, 32 px tiles, 2 px gaps.
-    assert_eq!(grid["width"].as_u64().unwrap(), 12 * 32 + 11 * 2);
-    assert_eq!(grid["height"].as_u64().unwrap(), 4 * 32 + 3 * 2);
+    // Best and final val GED for HParams: the best skips step 0 and never rises.
+    let vals = metrics(&run, Phase::Val);
+    let final_ged = scalars(events, "hparams/final_val_ged");
+    assert_eq!(final_ged.last().unwrap().0, 60);
+    assert!((final_ged.last().unwrap().1 - vals.last().unwrap().ged.unwrap()).abs() < 1e-5);
+    let best = scalars(events, "hparams/best_val_ged");
+    assert_eq!(best[0].0, 20, "{best:?}");
+    assert!(best.windows(2).all(|w| w[1].1 < w[0].1), "{best:?}");
+    let lowest = vals[1..]
+        .iter()
+        .map(|r| r.ged.unwrap())
+        .fold(f64::INFINITY, f64::min);
+    assert!(
+        (best.last().unwrap().1 - lowest).abs() < 1e-5,
+        "{best:?} vs {lowest}"
+    );
+    // Every run is an HParams session, with the standard hyperparameters.
+    let start = &events["hparams"]["_hparams_/session_start_info"]["hparams"];
+    assert_eq!(start["model.beta"].as_f64(), Some(1.0), "{start}");
+    assert_eq!(start["train.batch"].as_f64(), Some(8.0), "{start}");
+    let name = run.file_name().unwrap().to_str().unwrap();
+    assert_eq!(
+        start["run"].as_str(),
+        Some(name),
+        "the full run name: {start}"
+    );
+    assert_eq!(
+        events["hparams"]["_hparams_/session_end_info"]["status"],
+        "STATUS_SUCCESS"
+    );
+    // The spec as text, and val GED beside the ideal in the custom-scalars layout.
+    let spec = events["text"]["run/spec"][0][1].as_str().unwrap();
+    assert!(
+        spec.starts_with("```toml") && spec.contains("batch = 8"),
+        "{spec}"
+    );
+    let charts = &events["layout"]["category"][0]["chart"][0];
+    assert_eq!(
+        charts["multiline"]["tag"],
+        serde_json::json!(["^val/ged$", "^val/ged_ideal$"])
+    );
+
+    let grid = &events["images"]["val/samples"][0];
+    // 4 rows of 32 px crops drawn at 128 px under a caption line, below the headers.
+    assert_eq!(
+        grid["height"].as_u64().unwrap(),
+        12 + 22 + 4 * (22 + 128) + 3 * 4 + 12
+    );
+    // Input, 4 annotations, 6 samples and the mean, with gaps, and a colour bar.
+    assert!(grid["width"].as_u64().unwrap() > 12 * 128 + 3 * 20 + 8 * 4);
+    assert!(
+        run.join("curves.png").is_file(),
+        "the training-curve picture"
+    );
 
     let ckpts: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
@@ -151,16 +214,16 @@ fn sigkill_then_resume_loses_and_repeats_no_step() {
         );
     }
     let val = common::metric_steps(&run, Phase::Val);
-    assert_eq!(val, [20, 40, 60]);
+    assert_eq!(val, [0, 20, 40, 60]);
     let all = common::read_events(&[&run]);
     let events = common::events_at(&all, &run);
-    for tag in ["train_loss", "val_ged"] {
+    for tag in ["train/loss", "val/ged"] {
         let steps: Vec<u64> = scalars(events, tag).iter().map(|p| p.0).collect();
         let mut unique = steps.clone();
         unique.dedup();
         assert_eq!(steps, unique, "{tag} has a step twice in TensorBoard");
     }
-    assert_eq!(scalars(events, "train_loss").len(), 12);
+    assert_eq!(scalars(events, "train/loss").len(), 12);
 }
 
 #[cfg(unix)]

@@ -481,7 +481,7 @@ fn write_figures(
     name: &str,
     n: usize,
     items: &[usize],
-    geds: &[f64],
+    (geds, hm_ious): (&[f64], &[f64]),
     out: &mut Output,
 ) -> Result<(Vec<PathBuf>, BTreeMap<&'static str, report::Example>), EvalError> {
     let store = &loaded.store;
@@ -494,7 +494,12 @@ fn write_figures(
             .f_index_select(0, &index)?
             .to_device(loaded.device);
         let probs = sample_items(&loaded.model, &image, &[item], n, options.seed)?;
+        let caption = format!(
+            "{}   GED {:.3}   HM-IoU {:.3}   ({which} of {} by GED, {n} samples)",
+            store.manifest.keys[item], geds[position], hm_ious[position], options.split
+        );
         let row = FigureRow {
+            caption,
             image: image.get(0),
             masks: store.masks.get(item as i64),
             probs: probs.get(0),
@@ -503,7 +508,7 @@ fn write_figures(
         let path = out.dir.join(format!("{name}-{which}.png"));
         write_atomic(&path, &picture.to_png()?)?;
         out.events
-            .add_image(&format!("{name}/{which}"), out.step, &picture)?;
+            .add_image(&format!("eval/{name}/{which}"), out.step, &picture)?;
         figures.push(path);
         let example = report::Example {
             item,
@@ -540,7 +545,10 @@ fn write_count(
         .collect();
     let summaries = report::summarise(scores, options.bootstrap, options.seed);
     let geds: Vec<f64> = scores.iter().map(|s| s.phiseg.ged).collect();
-    let (figures, examples) = write_figures(loaded, options, &name, n, &scored.items, &geds, out)?;
+    let hm_ious: Vec<f64> = scores.iter().map(|s| s.phiseg.hm_iou).collect();
+    let scores_of = (geds.as_slice(), hm_ious.as_slice());
+    let (figures, examples) =
+        write_figures(loaded, options, &name, n, &scored.items, scores_of, out)?;
     let json = out.dir.join(format!("{name}.json"));
     let report = EvalReport::new(context, n, &summaries, examples);
     crate::run::write_json(&json, &report)?;
@@ -550,8 +558,9 @@ fn write_count(
         why: e.to_string(),
     })?;
     write_atomic(&csv, &bytes)?;
+    let table = report::markdown(&name, &summaries, context.ideal_reference.as_ref());
     out.events
-        .add_scalars(out.step, &report::scalars(&name, &summaries))?;
+        .add_text(&format!("eval/{name}/summary"), out.step, &table)?;
     Ok(SampleReport {
         samples: n,
         summaries,

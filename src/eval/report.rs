@@ -1,6 +1,6 @@
 //! What an evaluation writes at each sample count: one CSV row per image, the
 //! aggregate summaries with their intervals, the JSON report that says what produced
-//! them, and the TensorBoard scalars.
+//! them, and the table TensorBoard shows.
 use crate::metrics::{EmptyConvention, ImageMetrics, ImageScores, Summary};
 use crate::model::ModelConfig;
 use serde::Serialize;
@@ -121,22 +121,36 @@ pub fn find_summary<'a>(
         .map(|(_, summary)| summary)
 }
 
-/// TensorBoard scalars of one sample count: `<name>/<metric>` (PHiSeg) and
-/// `<name>/<metric>_kohl_nan`; a NaN mean (no image defines the metric) is left out.
-pub fn scalars(name: &str, summaries: &Summaries) -> Vec<(String, f64)> {
-    summaries
-        .iter()
-        .flat_map(|(convention, per_metric)| {
-            let suffix = match convention {
-                EmptyConvention::PhiSeg => String::new(),
-                other => format!("_{}", other.as_str().replace('-', "_")),
-            };
-            per_metric
-                .iter()
-                .filter(|(_, summary)| !summary.mean.is_nan())
-                .map(move |(metric, summary)| (format!("{name}/{metric}{suffix}"), summary.mean))
-        })
-        .collect()
+/// The summaries of one sample count as a markdown table for TensorBoard's Text
+/// dashboard: a row per metric, a column per convention, mean and 95% interval.
+pub fn markdown(title: &str, summaries: &Summaries, ideal: Option<&IdealRecord>) -> String {
+    let cell = |s: Option<&Summary>| match s {
+        Some(s) if !s.mean.is_nan() => {
+            format!("{:.4} [{:.4}, {:.4}]", s.mean, s.ci_low, s.ci_high)
+        }
+        _ => "-".into(),
+    };
+    let mut text = format!("**{title}**: mean and 95% bootstrap interval over images\n\n");
+    text.push_str("| metric |");
+    for convention in CONVENTIONS {
+        text.push_str(&format!(" {} |", convention.as_str()));
+    }
+    text.push_str("\n|---|");
+    text.push_str(&"---|".repeat(CONVENTIONS.len()));
+    for metric in ImageMetrics::NAMES {
+        text.push_str(&format!("\n| {metric} |"));
+        for convention in CONVENTIONS {
+            let summary = find_summary(summaries, convention, metric);
+            text.push_str(&format!(" {} |", cell(summary)));
+        }
+    }
+    if let Some(ideal) = ideal {
+        let (ged, n) = (ideal.ged, ideal.samples);
+        text.push_str(&format!(
+            "\n\nThe ideal model's GED on this split: {ged:.4} ({n} samples)."
+        ));
+    }
+    text
 }
 
 /// The checkpoint an evaluation read.

@@ -4,6 +4,7 @@
 //! it. Every file it holds is named here, and written atomically (temporary name, then
 //! rename) unless it is appended to.
 mod checkpoint;
+mod curves;
 mod lock;
 mod metrics;
 pub mod safetensors;
@@ -12,6 +13,7 @@ pub use checkpoint::{
     check_finite, first_non_finite, shape_mismatch, Checkpoint, Checkpoints, OpenInterval,
     TrainState, MODEL_FILE,
 };
+pub use curves::{write_curves, CURVES_FILE};
 pub use lock::RunLock;
 pub use metrics::{read_rows, read_rows_but_torn_tail, MetricsCsv, MetricsRow, Phase, StepStats};
 

@@ -32,6 +32,8 @@ pub enum ScoreError {
     Tensorboard(#[from] TensorboardError),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Figure(#[from] crate::figure::FigureError),
     #[error("{0}")]
     Shapes(String),
 }
@@ -187,11 +189,12 @@ pub fn validate(
 }
 
 /// A picture of the given store items: per row the input, every annotation, `samples`
-/// samples and the mean foreground probability.
+/// samples and the mean foreground probability, under the row's caption.
 pub fn sample_grid(
     model: &ProbUNet,
     store: &Store,
     items: &[usize],
+    captions: &[String],
     samples: usize,
     seed: u64,
     device: Device,
@@ -202,6 +205,7 @@ pub fn sample_grid(
     let probs = sample_items(model, &images, items, samples, seed)?;
     let rows: Vec<FigureRow> = (0..images.size()[0])
         .map(|r| FigureRow {
+            caption: captions.get(r as usize).cloned().unwrap_or_default(),
             image: images.get(r),
             masks: masks.get(r),
             probs: probs.get(r),

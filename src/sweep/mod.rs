@@ -42,6 +42,8 @@ pub enum SweepError {
     #[error(transparent)]
     Tensorboard(#[from] TensorboardError),
     #[error(transparent)]
+    Figure(#[from] crate::figure::FigureError),
+    #[error(transparent)]
     Run(#[from] RunError),
     #[error(
         "trial {index} interrupted at step {step}; its checkpoint is in {}. Resume it with: \
@@ -225,6 +227,8 @@ pub fn plan_text(target: &Target) -> Result<String, SweepError> {
 pub fn summarise(folder: &Path, plan: &Plan) -> Result<(String, Vec<summary::Row>), SweepError> {
     let rows = summary::collect(folder, plan);
     summary::write_csv(folder, plan, &rows)?;
+    let figure = summary::figure(folder, plan, &rows)?;
+    crate::run::write_atomic(&folder.join(plan::SUMMARY_FIGURE), &figure.to_png()?)?;
     let text = format!(
         "{}\n{}\nsummary: {}",
         summary::table(plan, &rows),
@@ -232,6 +236,22 @@ pub fn summarise(folder: &Path, plan: &Plan) -> Result<(String, Vec<summary::Row
         folder.join(plan::SUMMARY_FILE).display()
     );
     Ok((text, rows))
+}
+
+/// The summary figure in the sweep folder's TensorBoard, at the step of the number of
+/// finished trials, so that a sweep resumed later shows how the picture grew.
+fn board_summary(folder: &Path, plan: &Plan, rows: &[summary::Row]) -> Result<(), SweepError> {
+    let finished = rows
+        .iter()
+        .filter(|r| r.state == TrialState::Finished)
+        .count();
+    let mut writer = crate::tensorboard::EventWriter::create(folder)?;
+    writer.add_image(
+        "sweep/best_val_ged",
+        finished as i64,
+        &summary::figure(folder, plan, rows)?,
+    )?;
+    Ok(writer.close()?)
 }
 
 /// What a local sweep did: its report, the summary to show, and how it ended (an
@@ -253,6 +273,7 @@ pub fn run_local(
     let plan = target.create()?;
     let report = local::run_pending(&target.folder, &plan, options, stop, observe)?;
     let (summary, rows) = summarise(&target.folder, &plan)?;
+    board_summary(&target.folder, &plan, &rows)?;
     let end = incomplete(target, &rows, stop.requested());
     Ok(LocalRun {
         report,

@@ -7,6 +7,7 @@ use super::SweepError;
 use crate::config::{self, ConfigError, Flag, Resolved};
 use crate::run::write_atomic;
 use crate::tensorboard::{EventWriter, HParamDomain, HParamSpec, HParamValue};
+use crate::train::tags;
 use chrono::{DateTime, Utc};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
@@ -16,8 +17,17 @@ use std::path::{Path, PathBuf};
 pub const PLAN_FILE: &str = "sweep.json";
 pub const BASE_FILE: &str = "base.toml";
 pub const SUMMARY_FILE: &str = "summary.csv";
+/// Best val GED against each swept value.
+pub const SUMMARY_FIGURE: &str = "summary.png";
 /// The validation metrics the HParams dashboard compares trials by.
-pub const METRIC_TAGS: [&str; 4] = ["val_ged", "val_hm_iou", "val_elbo", "val_kl"];
+pub const METRIC_TAGS: [&str; 6] = [
+    tags::BEST_VAL_GED,
+    tags::BEST_VAL_HM_IOU,
+    tags::FINAL_VAL_GED,
+    tags::FINAL_VAL_HM_IOU,
+    tags::VAL_ELBO,
+    tags::VAL_KL,
+];
 const FORMAT: u32 = 1;
 
 /// The whole trial table of a sweep and what it was made from.
@@ -517,7 +527,7 @@ impl Plan {
 
     /// The HParams dashboard's description of the sweep, in the sweep folder itself.
     fn write_hparams_experiment(&self, folder: &Path) -> Result<(), SweepError> {
-        let specs: Vec<HParamSpec> = self
+        let mut specs: Vec<HParamSpec> = self
             .axes
             .iter()
             .map(|axis| HParamSpec {
@@ -542,6 +552,12 @@ impl Plan {
                 },
             })
             .collect();
+        let standard = crate::train::board::standard_hparam_specs();
+        specs.extend(
+            standard
+                .into_iter()
+                .filter(|s| !self.axes.iter().any(|a| a.key == s.name)),
+        );
         let mut writer = EventWriter::create(folder)?;
         writer.add_hparams_experiment(&specs, &METRIC_TAGS)?;
         writer.close()?;

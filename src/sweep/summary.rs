@@ -3,8 +3,10 @@
 use super::plan::{value_display, Plan, SUMMARY_FILE};
 use super::trial::{checkpoint_step, State, Status, STATUS_FILE};
 use super::SweepError;
-use crate::run::RunLock;
+use crate::figure::{sweep_figure, FigureError, SweepPanel};
 use crate::run::{read_rows_but_torn_tail, write_atomic, Phase, METRICS_FILE};
+use crate::run::{RunDir, RunLock};
+use crate::tensorboard::Image;
 use chrono::{DateTime, Utc};
 use std::path::Path;
 
@@ -100,9 +102,10 @@ pub fn collect(folder: &Path, plan: &Plan) -> Vec<Row> {
                     kl: r.kl,
                 })
                 .collect();
+            // Step 0 scores the untrained model: a baseline, never the best.
             let best = vals
                 .iter()
-                .filter(|v| v.ged.is_some_and(f64::is_finite))
+                .filter(|v| v.step > 0 && v.ged.is_some_and(f64::is_finite))
                 .min_by(|a, b| {
                     a.ged
                         .unwrap_or(f64::NAN)
@@ -346,6 +349,60 @@ pub(crate) fn aligned(lines: &[Vec<String>]) -> String {
     out
 }
 
+/// `summary.png`'s figure: per axis, each trial's best val GED at its value, with the
+/// ideal model's GED where the data has one.
+pub fn figure(folder: &Path, plan: &Plan, rows: &[Row]) -> Result<Image, FigureError> {
+    let panels: Vec<SweepPanel> = plan
+        .axes
+        .iter()
+        .enumerate()
+        .map(|(a, axis)| {
+            let values = categories(rows.iter().map(|r| r.values[a].as_str()));
+            let trials = rows
+                .iter()
+                .filter_map(|r| {
+                    let ged = r.best.and_then(|v| v.ged)?;
+                    let at = values.iter().position(|v| *v == r.values[a])?;
+                    Some((at, ged))
+                })
+                .collect();
+            SweepPanel {
+                axis: axis.key.clone(),
+                values,
+                trials,
+            }
+        })
+        .collect();
+    let ideal = rows
+        .iter()
+        .find_map(|r| ideal_val_ged(&plan.trial_dir(folder, r.index)));
+    sweep_figure(&panels, ideal)
+}
+
+/// The distinct values in order of appearance, sorted as numbers when they all are.
+fn categories<'a>(values: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut distinct: Vec<String> = Vec::new();
+    for v in values {
+        if !distinct.iter().any(|d| d == v) {
+            distinct.push(v.to_string());
+        }
+    }
+    let numbers: Option<Vec<f64>> = distinct.iter().map(|v| v.parse().ok()).collect();
+    if let Some(numbers) = numbers {
+        let mut pairs: Vec<(f64, String)> = numbers.into_iter().zip(distinct).collect();
+        pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        distinct = pairs.into_iter().map(|p| p.1).collect();
+    }
+    distinct
+}
+
+/// The ideal model's val GED of the store a run read (synthetic data only).
+fn ideal_val_ged(run: &Path) -> Option<f64> {
+    let store = RunDir::open(run).ok()?.read_meta().ok()?.store?;
+    let manifest = crate::data::store::read_manifest(&store).ok()?;
+    Some(manifest.ideal?.ged_val)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,5 +446,13 @@ mod tests {
         ];
         let order: Vec<usize> = ranked(&rows).iter().map(|r| r.index).collect();
         assert_eq!(order, [3, 0, 1, 2]);
+    }
+
+    #[test]
+    fn categories_are_distinct_and_numeric_ones_sorted() {
+        let values = ["10", "0.1", "1", "0.1"];
+        assert_eq!(categories(values.into_iter()), ["0.1", "1", "10"]);
+        let names = ["sum", "batch_mean", "sum"];
+        assert_eq!(categories(names.into_iter()), ["sum", "batch_mean"]);
     }
 }

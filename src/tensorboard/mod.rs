@@ -24,6 +24,10 @@ const HPARAMS_PLUGIN_DATA_VERSION: i32 = 0;
 const EXPERIMENT_TAG: &str = "_hparams_/experiment";
 const SESSION_START_INFO_TAG: &str = "_hparams_/session_start_info";
 const SESSION_END_INFO_TAG: &str = "_hparams_/session_end_info";
+const TEXT_PLUGIN_NAME: &str = "text";
+const CUSTOM_SCALARS_PLUGIN_NAME: &str = "custom_scalars";
+/// The tag the custom-scalars plugin reads its layout from.
+const CUSTOM_SCALARS_TAG: &str = "custom_scalars__config__";
 /// Bounds the search for a free file name so a misbehaving file system that
 /// reports every name as taken cannot hang the caller.
 const MAX_NAME_ATTEMPTS: u32 = 1000;
@@ -157,6 +161,52 @@ impl EventWriter {
             })),
         };
         self.write_summary(step, vec![value])
+    }
+
+    /// Logs markdown text (tables included) for the Text dashboard.
+    pub fn add_text(
+        &mut self,
+        tag: &str,
+        step: i64,
+        markdown: &str,
+    ) -> Result<(), TensorboardError> {
+        let value = plugin_value(
+            tag,
+            TEXT_PLUGIN_NAME,
+            string_tensor(markdown.as_bytes().to_vec()),
+        );
+        self.write_summary(step, vec![value])
+    }
+
+    /// Lays out the custom-scalars dashboard: categories of charts, each combining
+    /// several tags. TensorBoard merges the layouts of all runs by category title, so
+    /// every run can write the same one.
+    pub fn add_custom_scalars_layout(
+        &mut self,
+        categories: &[(&str, Vec<LayoutChart>)],
+    ) -> Result<(), TensorboardError> {
+        let layout = proto::Layout {
+            version: 0,
+            category: categories
+                .iter()
+                .map(|(title, charts)| proto::Category {
+                    title: (*title).to_owned(),
+                    chart: charts
+                        .iter()
+                        .map(|c| proto::Chart {
+                            title: c.title.clone(),
+                            multiline: Some(proto::MultilineChartContent {
+                                tag: c.tags.clone(),
+                            }),
+                        })
+                        .collect(),
+                    closed: false,
+                })
+                .collect(),
+        };
+        let tensor = string_tensor(layout.encode_to_vec());
+        let value = plugin_value(CUSTOM_SCALARS_TAG, CUSTOM_SCALARS_PLUGIN_NAME, tensor);
+        self.write_summary(0, vec![value])
     }
 
     /// Declares the sweep's hyperparameters and metrics for the HParams
@@ -340,13 +390,45 @@ fn unix_secs_f64(time: SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// A tensor value that `plugin` reads.
+fn plugin_value(tag: &str, plugin: &str, tensor: proto::TensorProto) -> proto::SummaryValue {
+    proto::SummaryValue {
+        tag: tag.to_owned(),
+        metadata: Some(proto::SummaryMetadata {
+            plugin_data: Some(proto::PluginData {
+                plugin_name: plugin.to_owned(),
+                content: Vec::new(),
+            }),
+        }),
+        value: Some(ValueKind::Tensor(tensor)),
+    }
+}
+
 fn null_tensor() -> proto::TensorProto {
     proto::TensorProto {
         dtype: proto::DT_FLOAT,
         tensor_shape: Some(proto::TensorShapeProto {
             dim: vec![proto::TensorShapeDim { size: 0 }],
         }),
+        string_val: Vec::new(),
     }
+}
+
+/// A scalar string tensor: how the text and custom-scalars plugins store their data.
+fn string_tensor(bytes: Vec<u8>) -> proto::TensorProto {
+    proto::TensorProto {
+        dtype: proto::DT_STRING,
+        tensor_shape: Some(proto::TensorShapeProto { dim: Vec::new() }),
+        string_val: vec![bytes],
+    }
+}
+
+/// A chart of TensorBoard's custom-scalars dashboard: the lines of every tag matching one
+/// of `tags` (regular expressions), of every run, in one chart.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayoutChart {
+    pub title: String,
+    pub tags: Vec<String>,
 }
 
 /// A hyperparameter value as the HParams dashboard stores it
@@ -553,8 +635,8 @@ impl Image {
         &self.pixels
     }
 
-    /// Encodes as PNG with fast compression: masks and predictions compress
-    /// well even so, and logging must not slow training.
+    /// Encodes as PNG with balanced compression: figures are mostly flat colour, a few
+    /// tens of KB each, and encoding one takes milliseconds.
     pub fn to_png(&self) -> Result<Vec<u8>, TensorboardError> {
         let mut png_bytes = Vec::new();
         let mut encoder = png::Encoder::new(&mut png_bytes, self.width, self.height);
@@ -564,7 +646,7 @@ impl Image {
             png::ColorType::Grayscale
         });
         encoder.set_depth(png::BitDepth::Eight);
-        encoder.set_compression(png::Compression::Fast);
+        encoder.set_compression(png::Compression::Balanced);
         let mut writer = encoder.write_header()?;
         writer.write_image_data(&self.pixels)?;
         writer.finish()?;

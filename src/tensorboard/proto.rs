@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 /// `tensorflow.DataType.DT_FLOAT`.
 pub const DT_FLOAT: i32 = 1;
+/// `tensorflow.DataType.DT_STRING`: text summaries and the custom-scalars layout.
+pub const DT_STRING: i32 = 7;
 /// `tensorboard.hparams.DataType` values.
 pub const DATA_TYPE_STRING: i32 = 1;
 pub const DATA_TYPE_BOOL: i32 = 2;
@@ -114,6 +116,8 @@ pub struct TensorProto {
     pub dtype: i32,
     #[prost(message, optional, tag = "2")]
     pub tensor_shape: Option<TensorShapeProto>,
+    #[prost(bytes = "vec", repeated, tag = "8")]
+    pub string_val: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -246,4 +250,38 @@ pub mod value {
 pub struct ListValue {
     #[prost(message, repeated, tag = "1")]
     pub values: Vec<Value>,
+}
+
+/// `tensorboard.Layout` (plugins/custom_scalar/layout.proto): charts that combine tags.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Layout {
+    #[prost(int32, tag = "1")]
+    pub version: i32,
+    #[prost(message, repeated, tag = "2")]
+    pub category: Vec<Category>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Category {
+    #[prost(string, tag = "1")]
+    pub title: String,
+    #[prost(message, repeated, tag = "2")]
+    pub chart: Vec<Chart>,
+    #[prost(bool, tag = "3")]
+    pub closed: bool,
+}
+
+/// A chart with one line per (run, tag) whose tag matches one of `tag`'s regexes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Chart {
+    #[prost(string, tag = "1")]
+    pub title: String,
+    #[prost(message, optional, tag = "2")]
+    pub multiline: Option<MultilineChartContent>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MultilineChartContent {
+    #[prost(string, repeated, tag = "1")]
+    pub tag: Vec<String>,
 }

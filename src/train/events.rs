@@ -60,6 +60,8 @@ pub enum TrainEvent {
         resumed: bool,
         /// The ideal-model GED of the validation split, for a synthetic store.
         ideal_ged: Option<f64>,
+        /// The lowest val GED before a resume.
+        best_val_ged: Option<f64>,
     },
     /// A synthetic store was generated for the run (what prepare reports).
     StorePrepared {

@@ -6,13 +6,15 @@
 //! unless something is not finite. Randomness is reseeded from (seed, step) at every step,
 //! so a run resumed from a checkpoint continues exactly as the uninterrupted run would.
 mod adam;
+pub mod board;
 pub mod events;
 pub mod sinks;
 mod step;
 
 pub use adam::Adam;
+pub use board::{tags, HParamsSession};
 pub use events::{EventSink, FnSink, Outcome, SinkError, StepStats, TrainEvent};
-pub use sinks::{HParamsSession, JsonLinesSink};
+pub use sinks::JsonLinesSink;
 pub use step::{forward_backward, named_variables};
 
 use crate::config::{Experiment, NanPolicy, Resolved};
@@ -31,8 +33,9 @@ use crate::run::{
 use crate::score::{ScoreError, ValidationPlan};
 use crate::seed::{step_seed, STREAM_TRAIN, STREAM_VALIDATION};
 use crate::tensorboard::{EventWriter, TensorboardError};
+use board::TensorboardSink;
 use events::Interval;
-use sinks::{MetricsSink, TensorboardSink};
+use sinks::{CurvesSink, MetricsSink};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -97,8 +100,28 @@ pub struct TrainOptions {
     pub interrupt: Option<Arc<AtomicBool>>,
     /// Where events go besides the run's own metrics.csv and TensorBoard file.
     pub sinks: Vec<Box<dyn EventSink + Send>>,
-    /// A sweep trial's HParams session, recorded in the run's event file.
+    /// A sweep trial's values and group, recorded in HParams beside the standard
+    /// hyperparameters every run records.
     pub hparams: Option<HParamsSession>,
+}
+
+/// The run's HParams session: the standard hyperparameters, plus a sweep trial's values.
+fn hparams_session(
+    experiment: &Experiment,
+    run: &RunDir,
+    trial: Option<HParamsSession>,
+) -> HParamsSession {
+    let name = run.path.file_name().map_or_else(
+        || run.path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let (extra, group, started) = match trial {
+        Some(t) => (t.hparams, t.group, Some(t.started)),
+        None => (Vec::new(), String::new(), None),
+    };
+    let mut session = HParamsSession::of(experiment, &name, extra, group);
+    session.started = started.unwrap_or(session.started);
+    session
 }
 
 /// The optimiser steps a run of `experiment` takes when its training split holds
@@ -320,9 +343,11 @@ impl Trainer {
         let total_steps = planned_steps(&experiment, store.split(SplitName::Train).len())
             .ok_or_else(|| TrainError::Spec("train: set train.steps or train.epochs".into()))?;
         let checkpoints = run.checkpoints(train.keep_last);
+        let session = hparams_session(&experiment, &run, options.hparams);
         let mut sinks: Vec<Box<dyn EventSink + Send>> = vec![Box::new(TensorboardSink::new(
             EventWriter::create(&run.path)?,
-            options.hparams,
+            session,
+            &experiment,
         ))];
         sinks.extend(options.sinks);
         Ok(Trainer {
@@ -407,6 +432,9 @@ impl Trainer {
             false => MetricsCsv::create(&csv_path)?,
         };
         self.sinks.insert(0, Box::new(MetricsSink::new(csv)));
+        // After metrics.csv, which it reads once that sink has flushed.
+        self.sinks
+            .insert(1, Box::new(CurvesSink::new(self.run.path.clone())));
         let result = self.run_steps();
         if let Err(e) = &result {
             let failed = TrainEvent::Failed {
@@ -434,9 +462,14 @@ impl Trainer {
             total_steps: self.total_steps,
             resumed: self.resumed,
             ideal_ged,
+            best_val_ged: self.best_val_ged,
         })?;
         if !self.resumed {
             self.interval = IntervalSums::new();
+            // The untrained model's scores: where every curve starts from.
+            if self.experiment.train.val_every > 0 {
+                self.validate()?;
+            }
         }
         while self.step < self.total_steps {
             if self.interrupted() {
@@ -575,11 +608,24 @@ impl Trainer {
         crate::memory::empty_cache();
         let val = val?;
         let shown = &val.items[..val.items.len().min(4)];
+        let captions: Vec<String> = shown
+            .iter()
+            .zip(&val.per_image)
+            .map(|(&item, m)| {
+                let key = &self.store.manifest.keys[item];
+                let n = train.val_samples;
+                format!(
+                    "{key}   GED {:.3}   HM-IoU {:.3}   ({n} samples)",
+                    m.ged, m.hm_iou
+                )
+            })
+            .collect();
         let grid = match self.experiment.log.images && !shown.is_empty() {
             true => Some(crate::score::sample_grid(
                 &self.model,
                 &self.store,
                 shown,
+                &captions,
                 6,
                 train.seed,
                 self.device,

@@ -1,11 +1,9 @@
-//! The sinks that write a run's own logs: metrics.csv and the run's one TensorBoard
-//! event file, plus JSON lines for whoever follows the run from outside (a sweep's
-//! parent process).
+//! The sinks that write a run's own logs: metrics.csv (TensorBoard's is in `board`),
+//! plus JSON lines for whoever follows the run from outside (a sweep's parent process).
 use super::events::{EventSink, Interval, SinkError, TrainEvent, Validation};
 use crate::run::{MetricsCsv, MetricsRow, Phase};
-use crate::tensorboard::{EventWriter, HParamValue, SessionStatus};
 use std::io::Write;
-use std::time::SystemTime;
+use std::path::PathBuf;
 
 /// metrics.csv: a row per log interval and per validation.
 pub struct MetricsSink {
@@ -61,115 +59,33 @@ impl EventSink for MetricsSink {
     }
 }
 
-/// The HParams session a sweep trial records in its run's event file.
-#[derive(Debug, Clone)]
-pub struct HParamsSession {
-    pub hparams: Vec<(String, HParamValue)>,
-    pub group: String,
-    pub started: SystemTime,
+/// `curves.png` in the run folder, drawn from metrics.csv when training ends, however
+/// it ends, so that an interrupted run has its picture too.
+pub struct CurvesSink {
+    run: PathBuf,
+    ideal_ged: Option<f64>,
 }
 
-/// The run's one TensorBoard event file.
-pub struct TensorboardSink {
-    writer: EventWriter,
-    session: Option<HParamsSession>,
-}
-
-impl TensorboardSink {
-    pub fn new(writer: EventWriter, session: Option<HParamsSession>) -> Self {
-        TensorboardSink { writer, session }
+impl CurvesSink {
+    pub fn new(run: PathBuf) -> Self {
+        CurvesSink {
+            run,
+            ideal_ged: None,
+        }
     }
+}
 
-    fn write(&mut self, event: &TrainEvent) -> Result<(), crate::tensorboard::TensorboardError> {
+impl EventSink for CurvesSink {
+    fn event(&mut self, event: &TrainEvent) -> Result<(), SinkError> {
         match event {
-            TrainEvent::Started {
-                step,
-                resumed,
-                ideal_ged,
-                run,
-                ..
-            } => {
-                if *resumed {
-                    let checkpoint = run.join(crate::run::CHECKPOINTS_DIR);
-                    self.writer
-                        .add_restart(*step as i64, &checkpoint.display().to_string())?;
-                } else {
-                    if let Some(s) = &self.session {
-                        self.writer
-                            .add_hparams_session_start(&s.hparams, &s.group, s.started)?;
-                    }
-                    if let Some(ideal) = ideal_ged {
-                        self.writer.add_scalar("val_ged_ideal", *ideal, 0)?;
-                    }
-                }
+            TrainEvent::Started { ideal_ged, .. } => self.ideal_ged = *ideal_ged,
+            TrainEvent::Finished(_) | TrainEvent::Failed { .. } => {
+                crate::run::write_curves(&self.run, self.ideal_ged)
+                    .map_err(|e| SinkError::new(crate::run::CURVES_FILE, e))?;
             }
-            TrainEvent::Interval(i) => self.interval(i)?,
-            TrainEvent::Validation(v) => self.validation(v)?,
-            TrainEvent::Finished(_) => self.end_session(SessionStatus::Success)?,
-            TrainEvent::Failed { .. } => self.end_session(SessionStatus::Failure)?,
             _ => {}
         }
         Ok(())
-    }
-
-    fn interval(&mut self, i: &Interval) -> Result<(), crate::tensorboard::TensorboardError> {
-        let m = &i.means;
-        self.writer.add_scalars(
-            i.step as i64,
-            &[
-                ("train_loss", m.loss),
-                ("train_elbo", m.elbo),
-                ("train_kl", m.kl),
-                ("rec_loss", m.reconstruction),
-                ("train_reg_loss", m.reg),
-                ("grad_norm", m.grad_norm),
-                ("learning_rate", i.lr),
-                ("beta", i.beta),
-                ("images_per_sec", i.images_per_s),
-            ],
-        )
-    }
-
-    fn validation(&mut self, v: &Validation) -> Result<(), crate::tensorboard::TensorboardError> {
-        let step = v.step as i64;
-        self.writer.add_scalars(
-            step,
-            &[
-                ("val_elbo", v.elbo),
-                ("val_kl", v.kl),
-                ("val_ged", v.ged),
-                ("val_hm_iou", v.hm_iou),
-            ],
-        )?;
-        if let Some(grid) = &v.grid {
-            self.writer.add_image("val_samples", step, grid)?;
-        }
-        Ok(())
-    }
-
-    /// A sweep trial's session ends with the run; a plain run has no session.
-    fn end_session(
-        &mut self,
-        status: SessionStatus,
-    ) -> Result<(), crate::tensorboard::TensorboardError> {
-        if self.session.is_some() {
-            self.writer
-                .add_hparams_session_end(status, SystemTime::now())?;
-        }
-        self.writer.flush()
-    }
-}
-
-impl EventSink for TensorboardSink {
-    fn event(&mut self, event: &TrainEvent) -> Result<(), SinkError> {
-        self.write(event)
-            .map_err(|e| SinkError::new("TensorBoard events", e))
-    }
-
-    fn flush(&mut self) -> Result<(), SinkError> {
-        self.writer
-            .flush()
-            .map_err(|e| SinkError::new("TensorBoard events", e))
     }
 }
 
