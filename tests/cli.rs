@@ -2,6 +2,7 @@
 mod common;
 
 use common::{run_err, run_ok, stderr, stdout};
+use std::path::Path;
 
 #[test]
 fn help_lists_every_subcommand_with_a_description() {
@@ -11,6 +12,7 @@ fn help_lists_every_subcommand_with_a_description() {
         ("prepare", "LIDC pickle"),
         ("train", "experiment spec"),
         ("eval", "GED"),
+        ("predict", "new images"),
         ("sweep", "sweep"),
         ("doctor", "installation"),
     ] {
@@ -19,6 +21,24 @@ fn help_lists_every_subcommand_with_a_description() {
             .find(|l| l.trim_start().starts_with(command))
             .unwrap_or_else(|| panic!("no line for {command} in:\n{help}"));
         assert!(line.contains(words), "{command}: {line}");
+    }
+}
+
+/// Every picture the README shows is in the repository (docs/img), so none is a broken link.
+#[test]
+fn every_image_the_readme_shows_is_committed() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let images: Vec<&str> = readme
+        .split("](")
+        .skip(1)
+        .filter_map(|rest| rest.split(')').next())
+        .filter(|target| target.ends_with(".png"))
+        .collect();
+    assert!(images.len() >= 8, "{images:?}");
+    for image in images {
+        let bytes = std::fs::read(root.join(image)).unwrap_or_else(|e| panic!("{image}: {e}"));
+        assert!(bytes.starts_with(b"\x89PNG"), "{image} is not a PNG");
     }
 }
 
