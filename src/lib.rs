@@ -2,7 +2,7 @@
 //! medical segmentation.
 //!
 //! Data flows one way: [`data`] (readers, stores, the loader) -> [`train`] (over
-//! [`model`]) -> the run folder ([`run`]) -> [`eval`], [`sweep`], which read it.
+//! [`model`]) -> the run folder ([`run`]) -> [`eval`], [`sweep`], [`predict`], which read it.
 //! [`score`] is the one sampling and scoring path of validation and eval; [`figure`] and
 //! [`tensorboard`] are leaves that draw labelled PNGs and write event files. The library
 //! never prints: it returns values and emits typed events; the binary's `cli` module
@@ -18,6 +18,7 @@ pub mod figure;
 pub mod memory;
 pub mod metrics;
 pub mod model;
+pub mod predict;
 pub mod run;
 pub mod runs;
 pub mod score;

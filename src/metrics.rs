@@ -143,7 +143,7 @@ impl BitMask {
         self.words[pixel / 64] >> (pixel % 64) & 1 == 1
     }
 
-    fn intersection(&self, other: &Self) -> u64 {
+    pub fn intersection(&self, other: &Self) -> u64 {
         self.words
             .iter()
             .zip(&other.words)

@@ -4,6 +4,7 @@ mod bench;
 mod bench_eval;
 mod doctor;
 mod eval;
+mod predict;
 mod prepare;
 mod progress;
 mod runs;
@@ -40,6 +41,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Evaluate a trained run: GED, HM-IoU and friends, and sample pictures.
     Eval(eval::EvalArgs),
+    /// Samples of a trained run for new images: masks, mean and uncertainty maps, .npy arrays.
+    Predict(predict::PredictArgs),
     /// Benchmark evaluation (images/s at 100 samples) against the PyTorch implementation.
     BenchEval(bench_eval::BenchEvalArgs),
     /// Run a hyperparameter sweep over beta, latent_dim, ...
@@ -60,6 +63,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Prepare(args) => prepare::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Predict(args) => predict::run(args),
         Command::BenchEval(args) => bench_eval::run(&args),
         Command::Sweep(args) => sweep::run(args),
         Command::Runs(args) => runs::run(args),

@@ -255,15 +255,36 @@ pub struct EvalProgress {
     pub seconds: f64,
 }
 
-/// What is evaluated: the run, its spec, the checkpoint's model and the store.
-struct Loaded {
-    run: RunDir,
-    experiment: Experiment,
+/// A run's model with a checkpoint's weights: what eval scores and predict samples.
+pub struct Trained {
+    pub run: RunDir,
+    pub experiment: Experiment,
     chosen: Chosen,
-    device: Device,
-    model: ProbUNet,
+    pub device: Device,
+    pub model: ProbUNet,
     /// Owns the model's variables.
     _vs: nn::VarStore,
+}
+
+impl Trained {
+    /// The checkpoint folder, or the model file given.
+    pub fn checkpoint(&self) -> &Path {
+        &self.chosen.label
+    }
+
+    pub fn step(&self) -> Option<u64> {
+        self.chosen.step
+    }
+
+    /// Why another checkpoint than the one asked for was loaded, if one was.
+    pub fn note(&self) -> Option<&str> {
+        self.chosen.note.as_deref()
+    }
+}
+
+/// What is evaluated: the trained model and the store.
+struct Loaded {
+    trained: Trained,
     store: Store,
 }
 
@@ -297,7 +318,7 @@ fn check_room(loaded: &Loaded, options: &EvalOptions, samples: &[usize]) -> Resu
     let shape = loaded.store.manifest.shape;
     let what = format!("eval --samples {most} with --batch {}", options.batch);
     let (h, w) = (shape.height as u64, shape.width as u64);
-    (loaded.experiment.model)
+    (loaded.trained.experiment.model)
         .check_sampling(what, options.batch as u64, most as u64, h, w)
         .map_err(ModelError::from)?;
     Ok(())
@@ -316,13 +337,17 @@ fn point_at_store_flag(error: crate::run::RunError) -> EvalError {
     }
 }
 
-/// The run's model with the chosen checkpoint's weights, and the store to score.
-fn load(options: &EvalOptions) -> Result<Loaded, EvalError> {
-    let run = RunDir::open(&options.run)?;
+/// The model of the run folder `run` with the weights of `checkpoint`, on `device`.
+pub fn load_trained(
+    run: &Path,
+    checkpoint: &CheckpointChoice,
+    device: &crate::device::DeviceSpec,
+) -> Result<Trained, EvalError> {
+    let run = RunDir::open(run)?;
     let spec = run.spec_path();
     let experiment = config::load(&spec, &[], &[])?.experiment;
-    let chosen = choose_checkpoint(&run, &options.checkpoint)?;
-    let device = options.device.resolve()?;
+    let chosen = choose_checkpoint(&run, checkpoint)?;
+    let device = device.resolve()?;
     let mut vs = nn::VarStore::new(device);
     let model = ProbUNet::new(&vs.root(), experiment.model.clone())?;
     if let Some(why) = shape_mismatch(&vs, &chosen.model)? {
@@ -341,23 +366,35 @@ fn load(options: &EvalOptions) -> Result<Loaded, EvalError> {
     })?;
     check_finite(&vs, &chosen.model)?;
     vs.freeze();
-    let store = match &options.store {
-        Some(dir) => Store::open(dir)?,
-        None => run.open_store(&experiment).map_err(point_at_store_flag)?.0,
-    };
-    let shape = store.manifest.shape;
-    model
-        .check_input(&[1, 1, shape.height as i64, shape.width as i64])
-        .map_err(|e| EvalError::Options(format!("{}: {e}", store.dir.display())))?;
-    Ok(Loaded {
+    Ok(Trained {
         run,
         experiment,
         chosen,
         device,
         model,
         _vs: vs,
-        store,
     })
+}
+
+/// The run's model with the chosen checkpoint's weights, and the store to score.
+fn load(options: &EvalOptions) -> Result<Loaded, EvalError> {
+    let trained = load_trained(&options.run, &options.checkpoint, &options.device)?;
+    let store = match &options.store {
+        Some(dir) => Store::open(dir)?,
+        None => {
+            trained
+                .run
+                .open_store(&trained.experiment)
+                .map_err(point_at_store_flag)?
+                .0
+        }
+    };
+    let shape = store.manifest.shape;
+    trained
+        .model
+        .check_input(&[1, 1, shape.height as i64, shape.width as i64])
+        .map_err(|e| EvalError::Options(format!("{}: {e}", store.dir.display())))?;
+    Ok(Loaded { trained, store })
 }
 
 /// The scores of every image of the split at every count.
@@ -389,8 +426,8 @@ fn score_split(
     let mut scores: Vec<Vec<ImageScores>> = vec![Vec::with_capacity(items.len()); samples.len()];
     let mut empty_annotations: Vec<u32> = Vec::with_capacity(items.len());
     let (mut done, mut next_report) = (0, 0);
-    for (idx, images, masks) in in_order(store, split, options.batch, loaded.device) {
-        let probs = sample_items(&loaded.model, &images, &idx, big_n, options.seed)?;
+    for (idx, images, masks) in in_order(store, split, options.batch, loaded.trained.device) {
+        let probs = sample_items(&loaded.trained.model, &images, &idx, big_n, options.seed)?;
         let counts = BatchCounts::compute(&masks, &probs, samples)?;
         for (all, batch) in scores.iter_mut().zip(counts.scores()?) {
             all.extend(batch);
@@ -434,14 +471,14 @@ fn report_context<'a>(
 ) -> ReportContext<'a> {
     let (store, shape) = (&loaded.store, loaded.store.manifest.shape);
     ReportContext {
-        run: loaded.run.path.clone(),
+        run: loaded.trained.run.path.clone(),
         split: options.split.to_string(),
         items,
         checkpoint: report::CheckpointRecord {
             choice: options.checkpoint.to_string(),
-            path: loaded.chosen.label.clone(),
-            model: loaded.chosen.model.clone(),
-            step: loaded.chosen.step,
+            path: loaded.trained.chosen.label.clone(),
+            model: loaded.trained.chosen.model.clone(),
+            step: loaded.trained.chosen.step,
         },
         seed: options.seed,
         bootstrap: options.bootstrap,
@@ -459,8 +496,8 @@ fn report_context<'a>(
                 convention: store.manifest.ideal.as_ref().map(|i| i.convention.clone()),
             }
         }),
-        model: &loaded.experiment.model,
-        device: describe(loaded.device),
+        model: &loaded.trained.experiment.model,
+        device: describe(loaded.trained.device),
         notes,
     }
 }
@@ -492,8 +529,8 @@ fn write_figures(
         let image = store
             .images
             .f_index_select(0, &index)?
-            .to_device(loaded.device);
-        let probs = sample_items(&loaded.model, &image, &[item], n, options.seed)?;
+            .to_device(loaded.trained.device);
+        let probs = sample_items(&loaded.trained.model, &image, &[item], n, options.seed)?;
         let caption = format!(
             "{}   GED {:.3}   HM-IoU {:.3}   ({which} of {} by GED, {n} samples)",
             store.manifest.keys[item], geds[position], hm_ious[position], options.split
@@ -581,7 +618,7 @@ pub fn evaluate(
     let loaded = load(options)?;
     check_room(&loaded, options, &samples)?;
     let scored = score_split(&loaded, options, &samples, progress)?;
-    let dir = loaded.run.eval_dir();
+    let dir = loaded.trained.run.eval_dir();
     std::fs::create_dir_all(&dir).map_err(|e| EvalError::Io {
         path: dir.clone(),
         why: e.to_string(),
@@ -589,9 +626,9 @@ pub fn evaluate(
     let mut out = Output {
         events: EventWriter::create(&dir)?,
         dir,
-        step: loaded.chosen.step.unwrap_or(0) as i64,
+        step: loaded.trained.chosen.step.unwrap_or(0) as i64,
     };
-    let mut notes: Vec<String> = loaded.chosen.note.iter().cloned().collect();
+    let mut notes: Vec<String> = loaded.trained.chosen.note.iter().cloned().collect();
     if let Some(dir) = &options.store {
         notes.push(format!("store {} instead of the run's own", dir.display()));
     }
@@ -604,12 +641,12 @@ pub fn evaluate(
     }
     out.events.flush()?;
     Ok(EvalOutcome {
-        run: loaded.run.path.clone(),
-        checkpoint: loaded.chosen.label.clone(),
-        step: loaded.chosen.step,
+        run: loaded.trained.run.path.clone(),
+        checkpoint: loaded.trained.chosen.label.clone(),
+        step: loaded.trained.chosen.step,
         split: options.split,
         items: scored.items.len(),
-        device: describe(loaded.device),
+        device: describe(loaded.trained.device),
         seconds: started.elapsed().as_secs_f64(),
         reports,
         events: out.events.path().to_path_buf(),

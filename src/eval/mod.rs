@@ -9,7 +9,9 @@ pub mod bench;
 pub mod command;
 pub mod report;
 
-pub use command::{evaluate, CheckpointChoice, EvalOptions, EvalOutcome, DEFAULT_SAMPLES};
+pub use command::{
+    evaluate, load_trained, CheckpointChoice, EvalOptions, EvalOutcome, Trained, DEFAULT_SAMPLES,
+};
 
 use crate::data::split::SplitName;
 use std::path::PathBuf;
