@@ -1,5 +1,7 @@
-//! `probunet prepare`: a pickle (or the synthetic generator) into a dataset store.
+//! `probunet prepare`: a pickle, your own PNGs (a folder layout or a CSV), or the
+//! synthetic generator into a dataset store.
 use anyhow::Result;
+use probunet::data::images::Missing;
 use probunet::data::prepare::{self as prep, Outcome, PrepareOptions};
 use probunet::data::split::SplitFractions;
 use probunet::data::synthetic::SyntheticConfig;
@@ -7,7 +9,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct PrepareArgs {
-    /// The pickle file, or a folder whose *.pickle files are merged.
+    /// The pickle file, or a folder whose *.pickle files are merged; or your own data: a
+    /// folder with images/<id>.png and masks/<annotator>/<id>.png, or a CSV
+    /// (image,mask_0,...,mask_k[,patient], paths relative to it).
     #[arg(required_unless_present = "synthetic")]
     input: Option<PathBuf>,
     /// Generate the built-in synthetic ambiguous dataset instead of reading a pickle.
@@ -19,6 +23,14 @@ pub struct PrepareArgs {
     /// Rebuild even if the store already exists.
     #[arg(long)]
     force: bool,
+    /// Your own data: the patient of each image from its id (file stem), the regex's first
+    /// group or its whole match; without it (and a CSV patient column) each image is its own
+    /// patient.
+    #[arg(long)]
+    patient_regex: Option<String>,
+    /// Your own data: a missing mask is an error (`error`) or an all-background mask (`empty`).
+    #[arg(long, value_enum, default_value = "error")]
+    missing: MissingArg,
     /// Masks per item that the pickle must hold.
     #[arg(long, default_value_t = 4)]
     annotators: usize,
@@ -37,6 +49,12 @@ pub struct PrepareArgs {
     /// Synthetic: generator seed.
     #[arg(long, default_value_t = 0, requires = "synthetic")]
     seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MissingArg {
+    Error,
+    Empty,
 }
 
 /// The store folder: `--out`, else `data/<input stem>`, or `data/synthetic`.
@@ -67,6 +85,17 @@ pub fn run(args: PrepareArgs) -> Result<()> {
         split_seed: args.split_seed,
     };
     let outcome = match &args.input {
+        Some(input) if prep::is_images_input(input) => {
+            let images = prep::ImagesInput {
+                path: input.clone(),
+                patient_regex: args.patient_regex.clone(),
+                missing: match args.missing {
+                    MissingArg::Error => Missing::Error,
+                    MissingArg::Empty => Missing::Empty,
+                },
+            };
+            prep::prepare_images(&images, &options)?
+        }
         Some(input) => prep::prepare_pickle(input, args.annotators, &options)?,
         None => {
             let config = SyntheticConfig {

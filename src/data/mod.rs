@@ -1,5 +1,6 @@
 //! Data: the LIDC pickle reader, the prepared store, the synthetic dataset, the split and
 //! training loader, and where an experiment's data comes from ([`source`]).
+pub mod images;
 pub mod lidc;
 pub mod loader;
 pub mod pickle;

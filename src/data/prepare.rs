@@ -1,4 +1,5 @@
 //! `probunet prepare`: an LIDC pickle (or the synthetic generator) into a store.
+use super::images::{self, ItemFiles, Missing};
 use super::lidc::{parse_lidc_with_progress, LidcError, LidcItem};
 use super::pickle::{binary_u8, finite_f32_le, ArrayView, Dtype};
 use super::split::{Split, SplitFractions, SplitName};
@@ -676,4 +677,172 @@ fn plan_pickle(parsed: &[Parsed], source: Source, annotators: usize) -> Result<P
         masks: names(mask_dtypes),
     };
     Ok(plan)
+}
+
+/// Your own data for [`prepare_images`]: a folder with `images/` and `masks/<annotator>/`,
+/// or a CSV manifest.
+#[derive(Debug, Clone)]
+pub struct ImagesInput {
+    pub path: PathBuf,
+    /// The patient of each image from its id: the first capture group, or the whole match.
+    pub patient_regex: Option<String>,
+    pub missing: Missing,
+}
+
+/// Whether `path` is your own data rather than a pickle: a CSV, or a folder with `images/`.
+pub fn is_images_input(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+        || path.join("images").is_dir()
+}
+
+/// Builds a store from PNG images and masks, with the same split, manifest and atomic
+/// build as a pickle's.
+pub fn prepare_images(input: &ImagesInput, options: &PrepareOptions) -> Result<Outcome, DataError> {
+    let at = |why: String| DataError::Store {
+        path: input.path.clone(),
+        why,
+    };
+    let regex = match &input.patient_regex {
+        Some(r) => Some(regex::Regex::new(r).map_err(|e| at(format!("--patient-regex {r}: {e}")))?),
+        None => None,
+    };
+    let (items, annotators) = match input.path.is_file() {
+        true => images::from_csv(&input.path, regex.as_ref(), input.missing),
+        false => images::from_folder(&input.path, regex.as_ref(), input.missing),
+    }
+    .map_err(at)?;
+    check_unique_ids(&items).map_err(at)?;
+    let (source, bytes) = images_source(&input.path, &items, annotators)?;
+    if already_prepared(&options.out, &source, options)? {
+        return Ok(Outcome::AlreadyPrepared(options.out.clone()));
+    }
+    let start = Instant::now();
+    let (height, width) = common_size(&items)?;
+    let shape = StoreShape {
+        items: items.len(),
+        annotators: items[0].masks.len(),
+        height,
+        width,
+    };
+    shape.check_room(&options.out)?;
+    let plan = Plan {
+        source,
+        shape,
+        dtypes_seen: DtypesSeen {
+            image: vec!["png".into()],
+            masks: vec!["png".into()],
+        },
+        keys: items.iter().map(|i| i.id.clone()).collect(),
+        patients: items.iter().map(|i| i.patient.clone()).collect(),
+        series_uids: vec![None; items.len()],
+    };
+    let split = Split::by_patient(&plan.patients, options.split, options.split_seed);
+    let builder = StoreBuilder::new(&options.out)?;
+    let stats = write_arrays(
+        &builder.arrays_path(),
+        shape,
+        |i, out| write_png_image(&items[i], out),
+        |i, out| write_png_masks(&items[i], shape, out),
+    )?;
+    let manifest = manifest(options, plan, split, stats);
+    let dir = builder.commit(&manifest)?;
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(Outcome::Prepared(summarise(dir, &manifest, seconds, bytes)))
+}
+
+fn check_unique_ids(items: &[ItemFiles]) -> Result<(), String> {
+    let mut seen = HashMap::new();
+    for item in items {
+        if let Some(first) = seen.insert(item.id.as_str(), &item.image) {
+            return Err(format!(
+                "image id {} is both {} and {}; ids (file stems) must be unique",
+                item.id,
+                first.display(),
+                item.image.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The record of the input: every file's contents in order, hashed.
+fn images_source(
+    path: &Path,
+    items: &[ItemFiles],
+    annotators: Vec<String>,
+) -> Result<(Source, u64), DataError> {
+    let (mut crc, mut bytes, mut files) = (0u32, 0u64, 0usize);
+    for item in items {
+        for file in std::iter::once(&item.image).chain(item.masks.iter().flatten()) {
+            let data = fs::read(file).map_err(|e| DataError::io(file, e))?;
+            crc = crc32c::crc32c_append(crc, &data);
+            bytes += data.len() as u64;
+            files += 1;
+        }
+    }
+    let source = Source::Images {
+        path: path.display().to_string(),
+        annotators,
+        files,
+        bytes,
+        crc32c: format!("{crc:08x}"),
+    };
+    Ok((source, bytes))
+}
+
+fn png_error(path: &Path, why: String) -> DataError {
+    DataError::Store {
+        path: path.to_path_buf(),
+        why,
+    }
+}
+
+/// The one size every image and mask has; the first that differs is named.
+fn common_size(items: &[ItemFiles]) -> Result<(usize, usize), DataError> {
+    let size_of = |path: &Path| {
+        let bytes = fs::read(path).map_err(|e| DataError::io(path, e))?;
+        images::png_size(&bytes).map_err(|why| png_error(path, why))
+    };
+    let first = size_of(&items[0].image)?;
+    for item in items {
+        for file in std::iter::once(&item.image).chain(item.masks.iter().flatten()) {
+            let size = size_of(file)?;
+            if size != first {
+                return Err(png_error(
+                    file,
+                    format!(
+                        "is {}x{} (height x width) but {} is {}x{}: every image and mask of a store has one size",
+                        size.0, size.1, items[0].image.display(), first.0, first.1
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(first)
+}
+
+fn write_png_image(item: &ItemFiles, out: &mut [u8]) -> Result<(), DataError> {
+    let bytes = fs::read(&item.image).map_err(|e| DataError::io(&item.image, e))?;
+    let (_, _, pixels) = images::decode_grey(&bytes).map_err(|why| png_error(&item.image, why))?;
+    for (b, v) in out.chunks_exact_mut(4).zip(&pixels) {
+        b.copy_from_slice(&v.to_le_bytes());
+    }
+    Ok(())
+}
+
+fn write_png_masks(item: &ItemFiles, shape: StoreShape, out: &mut [u8]) -> Result<(), DataError> {
+    let pixels = shape.height * shape.width;
+    for (mask, slot) in item.masks.iter().zip(out.chunks_exact_mut(pixels)) {
+        match mask {
+            Some(path) => {
+                let bytes = fs::read(path).map_err(|e| DataError::io(path, e))?;
+                let (_, _, values) =
+                    images::decode_mask(&bytes).map_err(|why| png_error(path, why))?;
+                slot.copy_from_slice(&values);
+            }
+            None => slot.fill(0),
+        }
+    }
+    Ok(())
 }

@@ -91,8 +91,21 @@ pub struct SourceFile {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Source {
-    Pickle { files: Vec<SourceFile> },
-    Synthetic { config: SyntheticConfig },
+    Pickle {
+        files: Vec<SourceFile>,
+    },
+    Synthetic {
+        config: SyntheticConfig,
+    },
+    /// PNG images and masks, from a folder layout or a CSV manifest.
+    Images {
+        path: String,
+        annotators: Vec<String>,
+        files: usize,
+        bytes: u64,
+        /// CRC-32C of every file's contents in order, hex.
+        crc32c: String,
+    },
 }
 
 /// Element types met in the input, for the record.

@@ -103,7 +103,7 @@ pub fn decode(
                 .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
             let (height, width, pixels) = match is_npy {
                 true => from_npy(&bytes)?,
-                false => from_png(&bytes)?,
+                false => crate::data::images::decode_grey(&bytes)?,
             };
             let name = path.file_stem().map_or_else(
                 || format!("image-{position}"),
@@ -158,88 +158,4 @@ fn from_npy(bytes: &[u8]) -> Result<(usize, usize, Vec<f32>), String> {
         return Err(format!("holds {v}; images must be finite"));
     }
     Ok((h, w, array.values))
-}
-
-fn from_png(bytes: &[u8]) -> Result<(usize, usize, Vec<f32>), String> {
-    let limits = png::Limits {
-        bytes: npy::MAX_ELEMENTS * 2,
-    };
-    let mut decoder = png::Decoder::new_with_limits(std::io::Cursor::new(bytes), limits);
-    decoder.set_transformations(png::Transformations::EXPAND);
-    let mut reader = decoder
-        .read_info()
-        .map_err(|e| format!("not a readable PNG: {e}"))?;
-    let (color, depth) = (reader.info().color_type, reader.info().bit_depth);
-    if color != png::ColorType::Grayscale {
-        return Err(format!(
-            "is {color:?}, not greyscale: convert it to one grey channel first"
-        ));
-    }
-    let size = reader.output_buffer_size().ok_or("is too large")?;
-    let mut buf = vec![0; size];
-    let frame = reader
-        .next_frame(&mut buf)
-        .map_err(|e| format!("not a readable PNG: {e}"))?;
-    let (h, w) = (frame.height as usize, frame.width as usize);
-    let pixels = match depth {
-        png::BitDepth::Sixteen => buf[..h * w * 2]
-            .chunks_exact(2)
-            .map(|c| f32::from(u16::from_be_bytes([c[0], c[1]])) / 65535.0)
-            .collect(),
-        _ => buf[..h * w].iter().map(|&v| f32::from(v) / 255.0).collect(),
-    };
-    Ok((h, w, pixels))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn png(
-        width: u32,
-        height: u32,
-        color: png::ColorType,
-        depth: png::BitDepth,
-        data: &[u8],
-    ) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut encoder = png::Encoder::new(&mut out, width, height);
-        encoder.set_color(color);
-        encoder.set_depth(depth);
-        let mut writer = encoder.write_header().unwrap();
-        writer.write_image_data(data).unwrap();
-        writer.finish().unwrap();
-        out
-    }
-
-    #[test]
-    fn grey_pngs_scale_by_their_depth_and_rgb_is_refused() {
-        let eight = png(
-            2,
-            1,
-            png::ColorType::Grayscale,
-            png::BitDepth::Eight,
-            &[0, 255],
-        );
-        assert_eq!(from_png(&eight).unwrap(), (1, 2, vec![0.0, 1.0]));
-        let sixteen = png(
-            1,
-            1,
-            png::ColorType::Grayscale,
-            png::BitDepth::Sixteen,
-            &[0x80, 0x00],
-        );
-        let (_, _, v) = from_png(&sixteen).unwrap();
-        assert!(
-            (v[0] - 32768.0 / 65535.0).abs() < 1e-7,
-            "16-bit kept exact: {v:?}"
-        );
-        let rgb = png(1, 1, png::ColorType::Rgb, png::BitDepth::Eight, &[1, 2, 3]);
-        assert!(from_png(&rgb).unwrap_err().contains("not greyscale"));
-        let mut truncated = eight.clone();
-        truncated.truncate(eight.len() / 2);
-        assert!(from_png(&truncated)
-            .unwrap_err()
-            .contains("not a readable PNG"));
-    }
 }
