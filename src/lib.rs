@@ -14,6 +14,7 @@ pub mod data;
 pub mod device;
 pub mod doctor;
 pub mod eval;
+pub mod export;
 pub mod figure;
 pub mod memory;
 pub mod metrics;

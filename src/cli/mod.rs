@@ -4,6 +4,7 @@ mod bench;
 mod bench_eval;
 mod doctor;
 mod eval;
+mod export;
 mod predict;
 mod prepare;
 mod progress;
@@ -43,6 +44,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Samples of a trained run for new images: masks, mean and uncertainty maps, .npy arrays.
     Predict(predict::PredictArgs),
+    /// Export a run's weights for the PyTorch port (its variable names) or as safetensors.
+    Export(export::ExportArgs),
     /// Benchmark evaluation (images/s at 100 samples) against the PyTorch implementation.
     BenchEval(bench_eval::BenchEvalArgs),
     /// Run a hyperparameter sweep over beta, latent_dim, ...
@@ -64,6 +67,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Predict(args) => predict::run(args),
+        Command::Export(args) => export::run(args),
         Command::BenchEval(args) => bench_eval::run(&args),
         Command::Sweep(args) => sweep::run(args),
         Command::Runs(args) => runs::run(args),

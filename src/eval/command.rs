@@ -263,7 +263,7 @@ pub struct Trained {
     pub device: Device,
     pub model: ProbUNet,
     /// Owns the model's variables.
-    _vs: nn::VarStore,
+    vs: nn::VarStore,
 }
 
 impl Trained {
@@ -279,6 +279,13 @@ impl Trained {
     /// Why another checkpoint than the one asked for was loaded, if one was.
     pub fn note(&self) -> Option<&str> {
         self.chosen.note.as_deref()
+    }
+
+    /// The model's variables by name, sorted.
+    pub fn variables(&self) -> Vec<(String, Tensor)> {
+        let mut variables: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        variables
     }
 }
 
@@ -372,7 +379,7 @@ pub fn load_trained(
         chosen,
         device,
         model,
-        _vs: vs,
+        vs,
     })
 }
 

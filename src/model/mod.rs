@@ -11,6 +11,8 @@ mod layers;
 mod probunet;
 mod unet;
 
+pub use unet::CONVS_PER_BLOCK;
+
 pub use fcomb::Fcomb;
 pub use gaussian::{AxisAlignedConvGaussian, DiagonalGaussian};
 pub use layers::{truncated_normal_, Conv2d, ConvInit};

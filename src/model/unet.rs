@@ -11,7 +11,7 @@ struct DownBlock {
 }
 
 /// Convolutions per block, as in the seed.
-pub(super) const CONVS_PER_BLOCK: i64 = 3;
+pub const CONVS_PER_BLOCK: i64 = 3;
 
 impl DownBlock {
     fn new(p: nn::Path, c_in: i64, c_out: i64, pool: bool) -> Self {
