@@ -100,6 +100,13 @@ fn own_pngs_prepare_train_and_predict() {
     );
     let manifest = common::read_json(&dir.path().join("data/mydata/manifest.json"));
     assert_eq!(manifest["shape"]["annotators"], 2);
+    assert!(
+        manifest["image_scaling"]
+            .as_str()
+            .unwrap()
+            .contains("16-bit / 65535"),
+        "{manifest}"
+    );
     assert_eq!(manifest["shape"]["height"], SIDE);
     assert_eq!(manifest["keys"].as_array().unwrap().len(), ids.len());
     assert_eq!(

@@ -172,6 +172,7 @@ fn summarise(dir: PathBuf, manifest: &Manifest, seconds: f64, input_bytes: u64) 
 }
 
 fn manifest(options: &PrepareOptions, plan: Plan, split: Split, stats: Stats) -> Manifest {
+    let scaling = plan.source.image_scaling().to_string();
     Manifest {
         format: FORMAT.to_string(),
         name: options
@@ -190,6 +191,7 @@ fn manifest(options: &PrepareOptions, plan: Plan, split: Split, stats: Stats) ->
         split,
         stats,
         ideal: None,
+        image_scaling: Some(scaling),
     }
 }
 

@@ -108,6 +108,17 @@ pub enum Source {
     },
 }
 
+impl Source {
+    /// How this source's image values are brought to the store's scale, in words.
+    pub fn image_scaling(&self) -> &'static str {
+        match self {
+            Source::Pickle { .. } => "the pickle's float values as they are (LIDC: [0, 1])",
+            Source::Synthetic { .. } => "generated in [0, 1]",
+            Source::Images { .. } => "PNG value / (2^bit depth - 1): 8-bit / 255, 16-bit / 65535",
+        }
+    }
+}
+
 /// Element types met in the input, for the record.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,6 +173,10 @@ pub struct Manifest {
     pub stats: Stats,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ideal: Option<IdealReference>,
+    /// How image values came to the store's scale; `probunet predict` scales new PNGs the
+    /// same way. Stores made before it was recorded lack it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_scaling: Option<String>,
 }
 
 /// Where the array data starts: the safetensors header is padded with spaces to a block
