@@ -1,9 +1,13 @@
-"""The PyTorch side of `probunet bench`: the same model (scripts/torch_probunet.py), the
-same synthetic 128x128 data and the same protocol, for one setting, printed as one JSON
-line.
+"""The PyTorch side of `probunet bench`: the same model, the same synthetic 128x128 data
+and the same protocol, for one setting, printed as one JSON line.
 
     bench_torch.py --batch B --precision fp32|bf16 --device cpu|cuda[:N] --steps S
-                   --warmup W --samples N [--compile] [--threads T]
+                   --warmup W --samples N [--compile] [--threads T] [--port DIR]
+
+Without --port the model is scripts/torch_probunet.py (written from spec/model.md); with
+--port DIR it is the widely used PyTorch port itself (DIR/probabilistic_unet.py, its own
+classes, the seed's config) with its train_model.py loss:
+-elbo + 1e-5 * (l2(posterior) + l2(prior) + l2(fcomb.layers)).
 
 Training: forward, ELBO, backward and an Adam step per batch (the seed's loop as written,
 with the loss read back every step as the seed's logging does). Sampling: prior and U-Net
@@ -19,6 +23,35 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from torch_probunet import ProbUNet  # noqa: E402
+from check_export import import_port  # noqa: E402
+
+
+class Port:
+    """The port's ProbabilisticUnet behind the interface the benchmark calls."""
+
+    def __init__(self, port_dir, device):
+        ProbabilisticUnet = import_port(port_dir)
+        from utils import l2_regularisation
+
+        self.l2 = l2_regularisation
+        self.net = ProbabilisticUnet(input_channels=1, num_classes=1,
+                                     num_filters=[32, 64, 128, 192], latent_dim=2,
+                                     no_convs_fcomb=4, beta=10.0).to(device)
+
+    def parameters(self):
+        return self.net.parameters()
+
+    def elbo(self, image, mask):
+        net = self.net
+        net.forward(image, mask, training=True)
+        elbo = net.elbo(mask)
+        reg = self.l2(net.posterior) + self.l2(net.prior) + self.l2(net.fcomb.layers)
+        return {"loss": -elbo + 1e-5 * reg}
+
+    def sample(self, image, n):
+        net = self.net
+        net.forward(image, None, training=False)
+        return torch.stack([net.sample(testing=True) for _ in range(n)], 1)
 
 
 def sync(device):
@@ -37,15 +70,16 @@ def main():
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--port", help="the PyTorch port's folder: race it instead")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = ProbUNet().to(device)
+    model = Port(args.port, device) if args.port else ProbUNet().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     bf16 = args.precision == "bf16"
-    if bf16 and device.type == "cuda":
+    if bf16 and device.type == "cuda" and not args.port:
         model = model.to(memory_format=torch.channels_last)
     image = torch.rand(args.batch, 1, args.size, args.size, device=device)
     mask = (torch.rand_like(image) > 0.5).float()
@@ -86,12 +120,13 @@ def main():
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({
-        "impl": "pytorch" + ("+compile" if args.compile else ""),
+        "impl": ("seed-port" if args.port else "pytorch") + ("+compile" if args.compile else ""),
         "batch": args.batch, "precision": args.precision, "device": str(device),
         "train_images_per_s": args.batch / train_s, "ms_per_step": 1e3 * train_s,
         "samples_per_s": args.batch * args.samples / sample_s,
         "peak_mib": peak, "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
         "threads": torch.get_num_threads(),
+        "cpu": torch.backends.cpu.get_cpu_capability(),
     }))
 
 

@@ -47,6 +47,9 @@ pub struct Measurement {
     pub peak_mib: Option<f64>,
     pub peak_kind: String,
     pub threads: i64,
+    /// The CPU's vector ISA as the implementation uses it (AVX2, AVX512, ...).
+    #[serde(default)]
+    pub cpu: Option<String>,
 }
 
 fn sync(device: Device) {
@@ -135,6 +138,7 @@ pub fn measure(
         peak_mib,
         peak_kind: peak_kind.into(),
         threads: tch::get_num_threads() as i64,
+        cpu: Some(crate::sys::cpu_capability()),
     })
 }
 
@@ -284,5 +288,28 @@ fn setting(
         }
         rows.push(last_json_line(cmd.output()?, "scripts/bench_torch.py")?);
     }
+    if let Some(port) = seed_port() {
+        let mut cmd = Command::new(python());
+        cmd.arg(repo().join("scripts/bench_torch.py"))
+            .args(["--batch", &batch.to_string()])
+            .args(["--precision", &precision.to_string()])
+            .args(["--device", &torch_device])
+            .args(&common)
+            .arg("--port")
+            .arg(&port);
+        rows.push(last_json_line(
+            cmd.output()?,
+            "scripts/bench_torch.py --port",
+        )?);
+    }
     Ok(rows)
+}
+
+/// The widely used PyTorch port's folder: `$PROBUNET_SEED_PORT`, else `../shared/seed-port`
+/// beside the checkout, where it holds `probabilistic_unet.py`.
+pub fn seed_port() -> Option<PathBuf> {
+    let dir = std::env::var_os("PROBUNET_SEED_PORT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/seed-port"));
+    dir.join("probabilistic_unet.py").is_file().then_some(dir)
 }

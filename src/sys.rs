@@ -48,6 +48,31 @@ fn python_version(text: &str) -> Option<String> {
     Some(value.trim_matches(|c| c == '\'' || c == '"').to_string())
 }
 
+/// The widest x86 vector ISA this CPU offers, as oneDNN would use it: "AVX512" when
+/// /proc/cpuinfo lists avx512f (with bw, vl and dq, oneDNN's AVX-512 core), else "AVX2",
+/// else "other".
+pub fn cpu_capability() -> String {
+    let flags = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("flags"))
+                .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+        })
+        .unwrap_or_default();
+    let has = |flag: &str| flags.iter().any(|f| f == flag);
+    if ["avx512f", "avx512bw", "avx512vl", "avx512dq"]
+        .iter()
+        .all(|f| has(f))
+    {
+        "AVX512".into()
+    } else if has("avx2") {
+        "AVX2".into()
+    } else {
+        "other".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +96,10 @@ mod tests {
             .lib_dir
             .is_some_and(|d| d.join("libtorch_cpu.so").is_file()));
         assert!(found.version.is_some_and(|v| v.starts_with("2.11.0")));
+    }
+
+    #[test]
+    fn this_cpu_has_a_named_vector_isa() {
+        assert!(["AVX512", "AVX2", "other"].contains(&cpu_capability().as_str()));
     }
 }

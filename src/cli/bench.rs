@@ -62,7 +62,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     // The header waits for the first result, so that a device or file error comes alone.
     let mut header = true;
-    bench::race(&options, |progress| {
+    let rows = bench::race(&options, |progress| {
         if std::mem::take(&mut header) {
             print_header();
         }
@@ -74,6 +74,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             Progress::Measured(rows) => rows.iter().for_each(|row| print_row(&rows[0], row)),
         }
     })?;
+    let mut isas: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{} {}", r.implementation, r.cpu.as_deref().unwrap_or("?")))
+        .collect();
+    isas.sort();
+    isas.dedup();
+    if !isas.is_empty() {
+        println!("CPU vector ISA in use: {}", isas.join(", "));
+    }
     println!("ratios are probunet / that row (x > 1: probunet faster; mem x < 1: probunet smaller); JSON lines in {}", args.out.display());
     Ok(())
 }
