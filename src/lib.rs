@@ -2,7 +2,8 @@
 //! medical segmentation.
 //!
 //! Data flows one way: [`data`] (readers, stores, the loader) -> [`train`] (over
-//! [`model`]) -> the run folder ([`run`]) -> [`eval`], [`sweep`], [`predict`], which read it.
+//! [`model`]) -> the run folder ([`run`]) -> [`eval`], [`sweep`], [`predict`], [`export`],
+//! which read it.
 //! [`score`] is the one sampling and scoring path of validation and eval; [`figure`] and
 //! [`tensorboard`] are leaves that draw labelled PNGs and write event files. The library
 //! never prints: it returns values and emits typed events; the binary's `cli` module
