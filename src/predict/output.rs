@@ -5,14 +5,13 @@
 use super::npy;
 use crate::figure::Colormap;
 use crate::metrics::{BitMask, EmptyConvention};
+use crate::score::MAX_VARIANCE;
 use crate::tensorboard::Image;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 pub const RECORD_FILE: &str = "prediction.json";
-/// The largest variance of probabilities in [0, 1]: the variance map's colour scale.
-const MAX_VARIANCE: f32 = 0.25;
 
 /// Which files to write besides the overview and the record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

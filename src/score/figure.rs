@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 /// The largest per-pixel variance of probabilities in [0, 1]: half the samples at 0 and
 /// half at 1. The variance colour bar spans [0, this].
-const MAX_VARIANCE: f32 = 0.25;
+pub const MAX_VARIANCE: f32 = 0.25;
 
 /// One image of a figure, its tensors on any device: `image` `[C, H, W]` (the first channel
 /// is shown), `masks` `[m, H, W]`, `probs` the `[n, H, W]` sample probabilities.

@@ -12,7 +12,7 @@ pub mod batch;
 pub mod figure;
 
 pub use batch::{batch_noise, BatchCounts};
-pub use figure::{figure, FigureRow};
+pub use figure::{figure, FigureRow, MAX_VARIANCE};
 
 use crate::data::loader::in_order;
 use crate::data::split::SplitName;

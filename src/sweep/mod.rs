@@ -21,7 +21,7 @@ pub use spec::{SlurmOptions, SweepSpec};
 
 use crate::config::ConfigError;
 use crate::run::RunError;
-use crate::tensorboard::TensorboardError;
+use crate::tensorboard::{Image, TensorboardError};
 use crate::train::TrainError;
 use std::path::{Path, PathBuf};
 use summary::TrialState;
@@ -222,9 +222,18 @@ pub fn plan_text(target: &Target) -> Result<String, SweepError> {
     Ok(out)
 }
 
-/// Collects the summary of the sweep in `folder`: writes `summary.csv` and returns the
-/// table and verdict to print, and the rows.
+/// Collects the summary of the sweep in `folder`: writes `summary.csv` and `summary.png`
+/// and returns the table and verdict to print, and the rows.
 pub fn summarise(folder: &Path, plan: &Plan) -> Result<(String, Vec<summary::Row>), SweepError> {
+    let (text, rows, _) = write_summary(folder, plan)?;
+    Ok((text, rows))
+}
+
+/// [`summarise`], keeping the figure for the sweep's TensorBoard too.
+fn write_summary(
+    folder: &Path,
+    plan: &Plan,
+) -> Result<(String, Vec<summary::Row>, Image), SweepError> {
     let rows = summary::collect(folder, plan);
     summary::write_csv(folder, plan, &rows)?;
     let figure = summary::figure(folder, plan, &rows)?;
@@ -235,22 +244,18 @@ pub fn summarise(folder: &Path, plan: &Plan) -> Result<(String, Vec<summary::Row
         summary::verdict(plan, &rows),
         folder.join(plan::SUMMARY_FILE).display()
     );
-    Ok((text, rows))
+    Ok((text, rows, figure))
 }
 
 /// The summary figure in the sweep folder's TensorBoard, at the step of the number of
 /// finished trials, so that a sweep resumed later shows how the picture grew.
-fn board_summary(folder: &Path, plan: &Plan, rows: &[summary::Row]) -> Result<(), SweepError> {
+fn board_summary(folder: &Path, rows: &[summary::Row], figure: &Image) -> Result<(), SweepError> {
     let finished = rows
         .iter()
         .filter(|r| r.state == TrialState::Finished)
         .count();
     let mut writer = crate::tensorboard::EventWriter::create(folder)?;
-    writer.add_image(
-        "sweep/best_val_ged",
-        finished as i64,
-        &summary::figure(folder, plan, rows)?,
-    )?;
+    writer.add_image("sweep/best_val_ged", finished as i64, figure)?;
     Ok(writer.close()?)
 }
 
@@ -272,8 +277,8 @@ pub fn run_local(
 ) -> Result<LocalRun, SweepError> {
     let plan = target.create()?;
     let report = local::run_pending(&target.folder, &plan, options, stop, observe)?;
-    let (summary, rows) = summarise(&target.folder, &plan)?;
-    board_summary(&target.folder, &plan, &rows)?;
+    let (summary, rows, figure) = write_summary(&target.folder, &plan)?;
+    board_summary(&target.folder, &rows, &figure)?;
     let end = incomplete(target, &rows, stop.requested());
     Ok(LocalRun {
         report,
