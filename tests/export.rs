@@ -1,29 +1,14 @@
 //! `probunet export`: a run's weights in the real PyTorch port's own classes
-//! (scripts/check_export.py, from ../shared/seed-port or $PROBUNET_SEED_PORT) and, with
-//! probunet's names, in scripts/torch_probunet.py: the same image, mask and z give the
-//! same prior, posterior and logits as probunet to 1e-4.
+//! (scripts/check_export.py, from `probunet::bench::seed_port`: ../shared/seed-port or
+//! $PROBUNET_SEED_PORT) and, with probunet's names, in scripts/torch_probunet.py: the same
+//! image, mask and z give the same prior, posterior and logits as probunet to 1e-4.
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 mod common;
 use common::{run_err, run_ok, stderr};
 use probunet::eval::{load_trained, CheckpointChoice};
-
-fn relative_error(ours: &Tensor, reference: &Tensor) -> f64 {
-    let ours = ours.to_kind(Kind::Double).reshape([-1]);
-    let reference = reference.reshape([-1]);
-    let scale = reference.abs().max().double_value(&[]).max(1e-12);
-    (ours - &reference).abs().max().double_value(&[]) / scale
-}
-
-/// The PyTorch port's folder, where this checkout has one.
-fn port_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("PROBUNET_SEED_PORT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/seed-port"));
-    dir.join("probabilistic_unet.py").is_file().then_some(dir)
-}
 
 fn read(path: &Path) -> HashMap<String, Tensor> {
     Tensor::read_safetensors(path)
@@ -103,7 +88,7 @@ fn exports_load_into_the_port_and_the_reimplementation_and_agree() {
             ("posterior_sigma", terms.posterior.sigma()),
             ("logits", terms.logits.shallow_clone()),
         ] {
-            let err = relative_error(&tensor, &reference[name]);
+            let err = common::relative_error(&tensor, &reference[name]);
             assert!(
                 err < 1e-4,
                 "{name}: relative error {err:e} against {against}"
@@ -126,7 +111,7 @@ fn exports_load_into_the_port_and_the_reimplementation_and_agree() {
     checks(&read(&out), "scripts/torch_probunet.py");
 
     // The port's names in the port's own classes.
-    let Some(port_dir) = port_dir() else {
+    let Some(port_dir) = probunet::bench::seed_port() else {
         common::loud("export test: no ../shared/seed-port (or $PROBUNET_SEED_PORT): the real port's part is skipped");
         return;
     };

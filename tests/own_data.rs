@@ -9,15 +9,9 @@ use common::{run_err, run_ok, stderr, stdout};
 
 const SIDE: u32 = 32;
 
+/// A square 8-bit PNG of `side` pixels.
 fn write_png(path: &Path, color: png::ColorType, data: &[u8], side: u32) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let file = std::fs::File::create(path).unwrap();
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), side, side);
-    encoder.set_color(color);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder.write_header().unwrap();
-    writer.write_image_data(data).unwrap();
-    writer.finish().unwrap();
+    common::write_png(path, side, side, color, png::BitDepth::Eight, data);
 }
 
 /// A blob of radius `r` at `(cx, cy)` as 0/255 pixels.

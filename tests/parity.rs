@@ -6,14 +6,6 @@ mod common;
 use probunet::model::{ModelConfig, ProbUNet, Reduction};
 use tch::{nn, Device, Kind, Tensor};
 
-/// Largest absolute difference, relative to the reference's largest magnitude.
-fn relative_error(ours: &Tensor, reference: &Tensor) -> f64 {
-    let ours = ours.to_kind(Kind::Double).reshape([-1]);
-    let reference = reference.reshape([-1]);
-    let scale = reference.abs().max().double_value(&[]).max(1e-12);
-    (ours - &reference).abs().max().double_value(&[]) / scale
-}
-
 fn check_parity(config: ModelConfig, batch: i64, size: i64) {
     tch::manual_seed(20261127);
     let dir = tempfile::tempdir().unwrap();
@@ -62,7 +54,7 @@ fn check_parity(config: ModelConfig, batch: i64, size: i64) {
     for (name, tensor) in checks {
         let expected = &reference[name];
         assert_eq!(tensor.numel(), expected.numel(), "{name}: element count");
-        let err = relative_error(&tensor, expected);
+        let err = common::relative_error(&tensor, expected);
         assert!(err < 1e-4, "{name}: relative error {err:e} against PyTorch");
     }
 }

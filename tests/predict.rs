@@ -4,24 +4,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{only_run, run_err, run_ok, stderr, stdout};
-
-fn write_png(
-    path: &Path,
-    width: u32,
-    height: u32,
-    color: png::ColorType,
-    depth: png::BitDepth,
-    data: &[u8],
-) {
-    let file = std::fs::File::create(path).unwrap();
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
-    encoder.set_color(color);
-    encoder.set_depth(depth);
-    let mut writer = encoder.write_header().unwrap();
-    writer.write_image_data(data).unwrap();
-    writer.finish().unwrap();
-}
+use common::{only_run, run_err, run_ok, stderr, stdout, write_png};
 
 /// A disc of brightness on a dark background, 8-bit, `side` pixels.
 fn disc(side: u32, radius: f32) -> Vec<u8> {

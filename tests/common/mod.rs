@@ -614,3 +614,33 @@ pub fn ensure_packages(packages: &[&str], binaries: &[&str]) -> Result<(), Strin
         None => Ok(()),
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Inputs a test writes, and comparisons with references
+
+/// Writes a PNG (its folder made first) of `width x height` pixels of `color` at `depth`.
+pub fn write_png(
+    path: &Path,
+    width: u32,
+    height: u32,
+    color: png::ColorType,
+    depth: png::BitDepth,
+    data: &[u8],
+) {
+    std::fs::create_dir_all(path.parent().expect("a file in a folder")).unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
+    encoder.set_color(color);
+    encoder.set_depth(depth);
+    let mut writer = encoder.write_header().unwrap();
+    writer.write_image_data(data).unwrap();
+    writer.finish().unwrap();
+}
+
+/// Largest absolute difference, relative to the reference's largest magnitude.
+pub fn relative_error(ours: &tch::Tensor, reference: &tch::Tensor) -> f64 {
+    let ours = ours.to_kind(tch::Kind::Double).reshape([-1]);
+    let reference = reference.reshape([-1]);
+    let scale = reference.abs().max().double_value(&[]).max(1e-12);
+    (ours - &reference).abs().max().double_value(&[]) / scale
+}
