@@ -207,6 +207,27 @@ fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
         }
         // PHiSeg GED is never NaN for finite samples: every image is scored.
         assert_eq!(report["metrics"]["phiseg"]["ged"]["n_nan"], 0);
+        // The ideal model is scored beside it; at 16 samples its GED is the reference
+        // prepare recorded, and its samples are not the model's.
+        let ideal_ged = report["ideal"]["metrics"]["phiseg"]["ged"]["mean"]
+            .as_f64()
+            .unwrap();
+        if n == 16 {
+            let reference = manifest["ideal"]["ged_test"].as_f64().unwrap();
+            assert!(close(ideal_ged, reference), "{ideal_ged} vs {reference}");
+        }
+        assert_ne!(ideal_ged, report["metrics"]["phiseg"]["ged"]["mean"]);
+        assert!(report["ideal"]["metrics"]["phiseg"]["hm_iou"]["ci_low"].is_f64());
+        // Empty masks: the annotations' fraction from the CSV's empty_annotations column.
+        let empty = column(&rows, "empty_annotations");
+        let annotators = manifest["shape"]["annotators"].as_f64().unwrap();
+        let mean = empty.iter().sum::<f64>() / empty.len() as f64 / annotators;
+        let got = report["empty_masks"]["annotations"]["mean"]
+            .as_f64()
+            .unwrap();
+        assert!(close(got, mean), "{got} vs {mean}");
+        let samples = report["empty_masks"]["samples"]["mean"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&samples), "{samples}");
         let geds = column(&rows, "ged_phiseg");
         let sorted = {
             let mut g = geds.clone();

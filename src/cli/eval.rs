@@ -2,6 +2,7 @@
 use anyhow::{Context, Result};
 use probunet::data::split::SplitName;
 use probunet::device::DeviceSpec;
+use probunet::eval::report::{find_summary, Summaries};
 use probunet::eval::{self as evaluation, CheckpointChoice, EvalOptions, EvalOutcome};
 use probunet::metrics::EmptyConvention;
 use std::path::PathBuf;
@@ -107,7 +108,9 @@ fn print_outcome(outcome: &EvalOutcome) {
         outcome.seconds
     );
     print_table(outcome);
-    if let Some((ged, samples)) = outcome.ideal_ged {
+    if outcome.reports.iter().any(|r| r.ideal.is_some()) {
+        println!("ideal: the true readers' fresh draws as samples, scored the same way");
+    } else if let Some((ged, samples)) = outcome.ideal_ged {
         println!("ideal-model GED of this synthetic split: {ged:.4} (at {samples} samples)");
     }
     if let Some(first) = outcome.reports.first() {
@@ -122,10 +125,11 @@ fn print_outcome(outcome: &EvalOutcome) {
 }
 
 /// A row per sample count: GED under both empty-mask conventions with its interval, then
-/// the other metrics' means (PHiSeg convention).
+/// the other metrics' means (PHiSeg convention); on a synthetic store, the ideal model's
+/// row follows each.
 fn print_table(outcome: &EvalOutcome) {
     println!(
-        "{:>7}  {:<26} {:<26} {:>8} {:>9} {:>8} {:>10}",
+        "{:>9}  {:<26} {:<26} {:>8} {:>9} {:>8} {:>10}",
         "samples",
         "GED (phiseg) [95% CI]",
         "GED (kohl-nan) [95% CI]",
@@ -135,26 +139,30 @@ fn print_table(outcome: &EvalOutcome) {
         "mean-pred"
     );
     for report in &outcome.reports {
-        let cell = |convention, metric| {
-            report
-                .summary(convention, metric)
-                .map(|s| format!("{:.4} [{:.4}, {:.4}]", s.mean, s.ci_low, s.ci_high))
-                .unwrap_or_default()
-        };
-        let mean = |metric| {
-            report
-                .summary(EmptyConvention::PhiSeg, metric)
-                .map_or(f64::NAN, |s| s.mean)
-        };
-        println!(
-            "{:>7}  {:<26} {:<26} {:>8.4} {:>9.4} {:>8.4} {:>10.4}",
-            report.samples,
-            cell(EmptyConvention::PhiSeg, "ged"),
-            cell(EmptyConvention::KohlNan, "ged"),
-            mean("hm_iou"),
-            mean("diversity"),
-            mean("ncc"),
-            mean("mean_pred_iou"),
-        );
+        print_row(&report.samples.to_string(), &report.summaries);
+        if let Some(ideal) = &report.ideal {
+            print_row(&format!("{} ideal", report.samples), ideal);
+        }
     }
+}
+
+fn print_row(label: &str, summaries: &Summaries) {
+    let cell = |convention, metric| {
+        find_summary(summaries, convention, metric)
+            .map(|s| format!("{:.4} [{:.4}, {:.4}]", s.mean, s.ci_low, s.ci_high))
+            .unwrap_or_default()
+    };
+    let mean = |metric| {
+        find_summary(summaries, EmptyConvention::PhiSeg, metric).map_or(f64::NAN, |s| s.mean)
+    };
+    println!(
+        "{:>9}  {:<26} {:<26} {:>8.4} {:>9.4} {:>8.4} {:>10.4}",
+        label,
+        cell(EmptyConvention::PhiSeg, "ged"),
+        cell(EmptyConvention::KohlNan, "ged"),
+        mean("hm_iou"),
+        mean("diversity"),
+        mean("ncc"),
+        mean("mean_pred_iou"),
+    );
 }

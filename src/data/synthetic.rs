@@ -195,15 +195,24 @@ impl Synthetic {
 
     /// `samples` fresh draws from the true reader distribution of item `index`.
     pub fn fresh_reads(&self, index: usize, samples: usize) -> Vec<BitMask> {
+        let pixels = self.config.size * self.config.size;
+        self.fresh_read_pixels(index, samples)
+            .chunks_exact(pixels)
+            .map(BitMask::from_pixels)
+            .collect()
+    }
+
+    /// The same draws as [`Synthetic::fresh_reads`], as 0/1 pixels one mask after
+    /// another: the samples of the ideal model. The first `n` of more draws are the draws
+    /// at `n`, as a model's first `n` samples are.
+    pub fn fresh_read_pixels(&self, index: usize, samples: usize) -> Vec<u8> {
         let l = self.lesion(index);
         let mut r = rng(self.config.seed, STREAM_IDEAL, index as u64);
-        let mut mask = vec![0u8; self.config.size * self.config.size];
-        (0..samples)
-            .map(|_| {
-                self.read(&l, &mut r, &mut mask);
-                BitMask::from_pixels(&mask)
-            })
-            .collect()
+        let mut masks = vec![0u8; samples * self.config.size * self.config.size];
+        for mask in masks.chunks_exact_mut(self.config.size * self.config.size) {
+            self.read(&l, &mut r, mask);
+        }
+        masks
     }
 
     /// Mean GED of `samples` fresh reader draws against the given annotations, over `items`:

@@ -9,6 +9,7 @@
 //! `<split>-<n>.csv` (one row per image), `<split>-<n>-{best,median,worst}.png` (figures
 //! of the images with the lowest, median and highest GED), and the same summaries and
 //! figures as TensorBoard events.
+use super::ideal::IdealModel;
 use super::report::{self, CsvRow, EvalReport, ReportContext, Summaries};
 use super::EvalError;
 use crate::config::{self, Experiment};
@@ -121,6 +122,8 @@ impl EvalOptions {
 pub struct SampleReport {
     pub samples: usize,
     pub summaries: Summaries,
+    /// The ideal model's, scored the same way (on a synthetic store).
+    pub ideal: Option<Summaries>,
     pub json: PathBuf,
     pub csv: PathBuf,
     pub figures: Vec<PathBuf>,
@@ -129,6 +132,11 @@ pub struct SampleReport {
 impl SampleReport {
     pub fn summary(&self, convention: EmptyConvention, metric: &str) -> Option<&Summary> {
         report::find_summary(&self.summaries, convention, metric)
+    }
+
+    /// The ideal model's summary of `metric`, on a synthetic store.
+    pub fn ideal_summary(&self, convention: EmptyConvention, metric: &str) -> Option<&Summary> {
+        report::find_summary(self.ideal.as_ref()?, convention, metric)
     }
 }
 
@@ -404,11 +412,39 @@ fn load(options: &EvalOptions) -> Result<Loaded, EvalError> {
     Ok(Loaded { trained, store })
 }
 
+/// One model's scores of every image of the split at every count.
+struct Counted {
+    /// Per count, per image.
+    scores: Vec<Vec<ImageScores>>,
+    /// Per count, per image: the fraction of samples that are empty.
+    empty_samples: Vec<Vec<f64>>,
+}
+
+impl Counted {
+    fn new(counts: usize, items: usize) -> Self {
+        Counted {
+            scores: vec![Vec::with_capacity(items); counts],
+            empty_samples: vec![Vec::with_capacity(items); counts],
+        }
+    }
+
+    fn extend(&mut self, counts: &BatchCounts) -> Result<(), EvalError> {
+        for (all, batch) in self.scores.iter_mut().zip(counts.scores()?) {
+            all.extend(batch);
+        }
+        for (all, batch) in self.empty_samples.iter_mut().zip(counts.empty_samples()) {
+            all.extend(batch);
+        }
+        Ok(())
+    }
+}
+
 /// The scores of every image of the split at every count.
 struct Scored {
     items: Vec<usize>,
-    /// Per count, per image.
-    scores: Vec<Vec<ImageScores>>,
+    model: Counted,
+    /// The ideal model's, on a synthetic store.
+    ideal: Option<Counted>,
     empty_annotations: Vec<u32>,
 }
 
@@ -430,16 +466,21 @@ fn score_split(
     }
     let started = Instant::now();
     let big_n = samples[samples.len() - 1];
-    let mut scores: Vec<Vec<ImageScores>> = vec![Vec::with_capacity(items.len()); samples.len()];
+    let device = loaded.trained.device;
+    let ideal_model = IdealModel::of(store);
+    let mut model = Counted::new(samples.len(), items.len());
+    let mut ideal = (ideal_model.as_ref()).map(|_| Counted::new(samples.len(), items.len()));
     let mut empty_annotations: Vec<u32> = Vec::with_capacity(items.len());
     let (mut done, mut next_report) = (0, 0);
-    for (idx, images, masks) in in_order(store, split, options.batch, loaded.trained.device) {
+    for (idx, images, masks) in in_order(store, split, options.batch, device) {
         let probs = sample_items(&loaded.trained.model, &images, &idx, big_n, options.seed)?;
         let counts = BatchCounts::compute(&masks, &probs, samples)?;
-        for (all, batch) in scores.iter_mut().zip(counts.scores()?) {
-            all.extend(batch);
-        }
+        model.extend(&counts)?;
         empty_annotations.extend(counts.empty_annotations());
+        if let (Some(ideal_model), Some(ideal)) = (&ideal_model, &mut ideal) {
+            let probs = ideal_model.samples(&idx, big_n, device)?;
+            ideal.extend(&BatchCounts::compute(&masks, &probs, samples)?)?;
+        }
         done += idx.len();
         if done >= next_report || done == items.len() {
             progress(EvalProgress {
@@ -454,7 +495,8 @@ fn score_split(
     }
     Ok(Scored {
         items,
-        scores,
+        model,
+        ideal,
         empty_annotations,
     })
 }
@@ -570,12 +612,12 @@ fn write_count(
     loaded: &Loaded,
     options: &EvalOptions,
     context: &ReportContext,
-    n: usize,
-    scores: &[ImageScores],
+    (position, n): (usize, usize),
     scored: &Scored,
     out: &mut Output,
 ) -> Result<SampleReport, EvalError> {
     let name = format!("{}-{n}", options.split);
+    let scores = &scored.model.scores[position];
     let manifest = &loaded.store.manifest;
     let rows: Vec<CsvRow> = scored
         .items
@@ -587,14 +629,30 @@ fn write_count(
             CsvRow::new(item, key.clone(), patient.clone(), empty, s)
         })
         .collect();
-    let summaries = report::summarise(scores, options.bootstrap, options.seed);
+    let (resamples, seed) = (options.bootstrap, options.seed);
+    let summaries = report::summarise(scores, resamples, seed);
+    let annotators = manifest.shape.annotators.max(1) as f64;
+    let empty = report::EmptyMasks {
+        samples: Summary::from_values(&scored.model.empty_samples[position], resamples, seed),
+        annotations: Summary::from_values(
+            &(scored.empty_annotations.iter())
+                .map(|&e| f64::from(e) / annotators)
+                .collect::<Vec<_>>(),
+            resamples,
+            seed,
+        ),
+    };
+    let ideal = scored.ideal.as_ref().map(|ideal| report::IdealScores {
+        summaries: report::summarise(&ideal.scores[position], resamples, seed),
+        empty_samples: Summary::from_values(&ideal.empty_samples[position], resamples, seed),
+    });
     let geds: Vec<f64> = scores.iter().map(|s| s.phiseg.ged).collect();
     let hm_ious: Vec<f64> = scores.iter().map(|s| s.phiseg.hm_iou).collect();
     let scores_of = (geds.as_slice(), hm_ious.as_slice());
     let (figures, examples) =
         write_figures(loaded, options, &name, n, &scored.items, scores_of, out)?;
     let json = out.dir.join(format!("{name}.json"));
-    let report = EvalReport::new(context, n, &summaries, examples);
+    let report = EvalReport::new(context, n, &summaries, examples, empty, ideal.as_ref());
     crate::run::write_json(&json, &report)?;
     let csv = out.dir.join(format!("{name}.csv"));
     let bytes = report::csv_bytes(&rows).map_err(|e| EvalError::Io {
@@ -602,12 +660,14 @@ fn write_count(
         why: e.to_string(),
     })?;
     write_atomic(&csv, &bytes)?;
-    let table = report::markdown(&name, &summaries, context.ideal_reference.as_ref());
+    let ideal_summaries = ideal.as_ref().map(|i| &i.summaries);
+    let table = report::markdown(&name, &summaries, ideal_summaries);
     out.events
         .add_text(&format!("eval/{name}/summary"), out.step, &table)?;
     Ok(SampleReport {
         samples: n,
         summaries,
+        ideal: ideal.map(|i| i.summaries),
         json,
         csv,
         figures,
@@ -641,9 +701,14 @@ pub fn evaluate(
     }
     let context = report_context(&loaded, options, scored.items.len(), &notes);
     let mut reports = Vec::with_capacity(samples.len());
-    for (&n, scores) in samples.iter().zip(&scored.scores) {
+    for (position, &n) in samples.iter().enumerate() {
         reports.push(write_count(
-            &loaded, options, &context, n, scores, &scored, &mut out,
+            &loaded,
+            options,
+            &context,
+            (position, n),
+            &scored,
+            &mut out,
         )?);
     }
     out.events.flush()?;

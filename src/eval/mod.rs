@@ -1,12 +1,14 @@
 //! `probunet eval RUN`: a run's checkpoint scored on a split of its store.
 //!
 //! - [`command`]: what is evaluated (the checkpoint, the store) and the sampling pass;
+//! - [`ideal`]: the ideal model of a synthetic store, scored beside the trained one;
 //! - [`report`]: what it writes (JSON, CSV, PNG figures, TensorBoard);
 //! - [`bench`]: the eval throughput benchmark.
 //!
 //! The scoring itself is [`crate::score`], shared with training's validation.
 pub mod bench;
 pub mod command;
+pub mod ideal;
 pub mod report;
 
 pub use command::{

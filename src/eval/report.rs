@@ -122,8 +122,9 @@ pub fn find_summary<'a>(
 }
 
 /// The summaries of one sample count as a markdown table for TensorBoard's Text
-/// dashboard: a row per metric, a column per convention, mean and 95% interval.
-pub fn markdown(title: &str, summaries: &Summaries, ideal: Option<&IdealRecord>) -> String {
+/// dashboard: a row per metric, a column per convention, mean and 95% interval, and on a
+/// synthetic store the ideal model's (PHiSeg convention) beside them.
+pub fn markdown(title: &str, summaries: &Summaries, ideal: Option<&Summaries>) -> String {
     let cell = |s: Option<&Summary>| match s {
         Some(s) if !s.mean.is_nan() => {
             format!("{:.4} [{:.4}, {:.4}]", s.mean, s.ci_low, s.ci_high)
@@ -135,20 +136,28 @@ pub fn markdown(title: &str, summaries: &Summaries, ideal: Option<&IdealRecord>)
     for convention in CONVENTIONS {
         text.push_str(&format!(" {} |", convention.as_str()));
     }
+    let columns = CONVENTIONS.len() + usize::from(ideal.is_some());
+    if ideal.is_some() {
+        text.push_str(" ideal model (phiseg) |");
+    }
     text.push_str("\n|---|");
-    text.push_str(&"---|".repeat(CONVENTIONS.len()));
+    text.push_str(&"---|".repeat(columns));
     for metric in ImageMetrics::NAMES {
         text.push_str(&format!("\n| {metric} |"));
         for convention in CONVENTIONS {
             let summary = find_summary(summaries, convention, metric);
             text.push_str(&format!(" {} |", cell(summary)));
         }
+        if let Some(ideal) = ideal {
+            let summary = find_summary(ideal, EmptyConvention::PhiSeg, metric);
+            text.push_str(&format!(" {} |", cell(summary)));
+        }
     }
-    if let Some(ideal) = ideal {
-        let (ged, n) = (ideal.ged, ideal.samples);
-        text.push_str(&format!(
-            "\n\nThe ideal model's GED on this split: {ged:.4} ({n} samples)."
-        ));
+    if ideal.is_some() {
+        text.push_str(
+            "\n\nThe ideal model's samples are fresh draws of the true readers, scored \
+             the same way at the same sample count.",
+        );
     }
     text
 }
@@ -189,6 +198,41 @@ pub struct IdealRecord {
     pub convention: Option<String>,
 }
 
+/// How often masks are empty, as the mean over images of each image's fraction: a model
+/// that collapses to empty masks (or never leaves one empty) shows here first.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmptyMasks {
+    pub samples: Summary,
+    pub annotations: Summary,
+}
+
+/// The ideal model of a synthetic store (fresh draws of the true readers), scored like
+/// the trained model at the same sample count.
+#[derive(Debug, Clone)]
+pub struct IdealScores {
+    pub summaries: Summaries,
+    pub empty_samples: Summary,
+}
+
+/// [`IdealScores`] as written in the JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdealMetrics {
+    /// Convention, then metric, then its summary.
+    pub metrics: BTreeMap<&'static str, BTreeMap<&'static str, Summary>>,
+    pub empty_samples: Summary,
+}
+
+/// Summaries keyed by convention name, then metric, as the JSON holds them.
+fn metric_map(summaries: &Summaries) -> BTreeMap<&'static str, BTreeMap<&'static str, Summary>> {
+    summaries
+        .iter()
+        .map(|(convention, per_metric)| {
+            let values = per_metric.iter().map(|(m, s)| (*m, *s)).collect();
+            (convention.as_str(), values)
+        })
+        .collect()
+}
+
 /// `eval/<split>-<n>.json`: the aggregates under both conventions and everything that
 /// produced them.
 #[derive(Debug, Clone, Serialize)]
@@ -205,8 +249,12 @@ pub struct EvalReport {
     /// Convention, then metric, then its summary.
     pub metrics: BTreeMap<&'static str, BTreeMap<&'static str, Summary>>,
     pub examples: BTreeMap<&'static str, Example>,
+    /// The fraction of empty samples and of empty annotations.
+    pub empty_masks: EmptyMasks,
     pub store: StoreRecord,
     pub ideal_reference: Option<IdealRecord>,
+    /// The ideal model at this sample count, on a synthetic store.
+    pub ideal: Option<IdealMetrics>,
     pub model: ModelConfig,
     pub device: String,
     pub probunet_version: &'static str,
@@ -235,14 +283,9 @@ impl EvalReport {
         samples: usize,
         summaries: &Summaries,
         examples: BTreeMap<&'static str, Example>,
+        empty_masks: EmptyMasks,
+        ideal: Option<&IdealScores>,
     ) -> EvalReport {
-        let metrics = summaries
-            .iter()
-            .map(|(convention, per_metric)| {
-                let values = per_metric.iter().map(|(m, s)| (*m, *s)).collect();
-                (convention.as_str(), values)
-            })
-            .collect();
         EvalReport {
             run: context.run.clone(),
             split: context.split.clone(),
@@ -264,10 +307,15 @@ impl EvalReport {
                 "interval": 0.95,
                 "method": "percentile bootstrap of the mean over images (NaN skipped)",
             }),
-            metrics,
+            metrics: metric_map(summaries),
             examples,
+            empty_masks,
             store: context.store.clone(),
             ideal_reference: context.ideal_reference.clone(),
+            ideal: ideal.map(|i| IdealMetrics {
+                metrics: metric_map(&i.summaries),
+                empty_samples: i.empty_samples,
+            }),
             model: context.model.clone(),
             device: context.device.clone(),
             probunet_version: env!("CARGO_PKG_VERSION"),

@@ -101,6 +101,25 @@ impl BatchCounts {
             .collect()
     }
 
+    /// Per sample count (in the order of `prefixes`), per image: the fraction of its
+    /// first `n` samples that are empty (from the Gram diagonal), to compare with how
+    /// often its readers leave the mask empty.
+    pub fn empty_samples(&self) -> Vec<Vec<f64>> {
+        let k = self.m + self.big_n;
+        self.prefixes
+            .iter()
+            .map(|&n| {
+                (0..self.images())
+                    .map(|i| {
+                        let gram = &self.gram[i * k * k..(i + 1) * k * k];
+                        let empty = (self.m..self.m + n).filter(|&s| gram[s * k + s] == 0);
+                        empty.count() as f64 / n as f64
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     /// The metrics of every image under both conventions, one vector per sample count (in
     /// the order of `prefixes`), each in image order. Images run in parallel (the
     /// assignment of HM-IoU is the host's main cost at 100 samples).
@@ -339,8 +358,14 @@ mod tests {
         let prefixes = [1, 4, 10];
         let counts = BatchCounts::compute(&masks, &probs_t, &prefixes).unwrap();
         let scores = counts.scores().unwrap();
+        let empty = counts.empty_samples();
         for (p, &n) in prefixes.iter().enumerate() {
             for i in 0..b {
+                let blank = probs[i][..n]
+                    .iter()
+                    .filter(|s| s.iter().all(|&v| v <= 0.5))
+                    .count();
+                assert_eq!(empty[p][i], blank as f64 / n as f64, "n {n}, image {i}");
                 for convention in [EmptyConvention::PhiSeg, EmptyConvention::KohlNan] {
                     let reference = host(&annotations[i], &probs[i][..n], convention);
                     assert_metrics(
