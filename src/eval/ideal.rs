@@ -27,7 +27,7 @@ impl IdealModel {
         let fits = data.len() == store.manifest.keys.len()
             && shape.height == config.size
             && shape.width == config.size;
-        fits.then(|| IdealModel {
+        fits.then_some(IdealModel {
             size: config.size as i64,
             data,
         })
