@@ -1,0 +1,597 @@
+#!/usr/bin/env python3
+"""Writes docs/results.md from the synthetic study's own outputs.
+
+Reads runs/synthetic-sweep and runs/synthetic-baseline: each sweep's summary.csv and
+sweep.json, each trial's metrics.csv, eval/test-{16,100}.json and .csv (from
+`probunet eval`), and copies the figures it shows into docs/img/results/. Every number on
+the page is computed here from those files; scripts/results.sh runs the whole study and
+then this script. Standard library only (Python 3.11 or newer, for tomllib).
+
+    python3 scripts/results.py [--root .] [--out docs/results.md]
+"""
+import argparse
+import csv
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tomllib
+from itertools import combinations
+
+COUNTS = (16, 100)
+METRICS = ("ged", "hm_iou", "ncc", "diversity")
+LABELS = {"ged": "GED", "hm_iou": "HM-IoU", "ncc": "NCC", "diversity": "diversity"}
+# Lower is better for GED only.
+RESAMPLES = 5000
+WITHIN = 0.15
+
+
+def fail(why):
+    sys.exit(f"results.py: {why}")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"{path}: {e}")
+
+
+def read_csv(path):
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError as e:
+        fail(f"{path}: {e}")
+
+
+def number(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+class Trial:
+    """One finished trial: its settings, validation curve and test evaluations."""
+
+    def __init__(self, sweep_dir, row, axes):
+        self.id = row["id"]
+        self.dir = os.path.join(sweep_dir, self.id)
+        self.settings = {name: row[key] for name, key in axes}
+        self.seed = int(row.get("train.seed") or 0)
+        self.kl = number(row["final_val_kl"])
+        self.curve = [
+            (int(r["step"]), number(r["ged"]))
+            for r in read_csv(os.path.join(self.dir, "metrics.csv"))
+            if r["phase"] == "val"
+        ]
+        self.report = {}
+        self.rows = {}
+        for n in COUNTS:
+            base = os.path.join(self.dir, "eval", f"test-{n}")
+            if not os.path.exists(base + ".json"):
+                fail(f"{base}.json is missing: run `probunet eval {self.dir}` (scripts/results.sh does)")
+            self.report[n] = read_json(base + ".json")
+            self.rows[n] = read_csv(base + ".csv")
+
+    def per_image(self, n, metric):
+        column = "ncc" if metric == "ncc" else f"{metric}_phiseg"
+        return [number(r[column]) for r in self.rows[n]]
+
+    def mean(self, n, metric):
+        return self.report[n]["metrics"]["phiseg"][metric]["mean"]
+
+
+def load_sweep(root, name):
+    folder = os.path.join(root, "runs", name)
+    summary = os.path.join(folder, "summary.csv")
+    if not os.path.exists(summary):
+        fail(f"{summary} is missing: run `probunet sweep experiments/{name}.toml` first")
+    plan = read_json(os.path.join(folder, "sweep.json"))
+    axes = [(a["name"], a["key"]) for a in plan["axes"] if a["key"] != "train.seed"]
+    rows = read_csv(summary)
+    unfinished = [r["id"] for r in rows if r["status"] != "finished"]
+    if unfinished:
+        fail(f"{folder}: trials not finished: {', '.join(unfinished)}")
+    return folder, plan, axes, [Trial(folder, r, axes) for r in rows]
+
+
+def bootstrap(values, seed=0):
+    """Mean and percentile 95% interval of the mean over images (NaN left out)."""
+    values = [v for v in values if v == v]
+    if not values:
+        return float("nan"), float("nan"), float("nan")
+    rng = random.Random(seed)
+    k = len(values)
+    means = sorted(sum(rng.choices(values, k=k)) / k for _ in range(RESAMPLES))
+    return sum(values) / k, means[int(0.025 * RESAMPLES)], means[int(0.975 * RESAMPLES) - 1]
+
+
+def pooled(trials, n, metric):
+    """Per image, the mean over the trials (seeds); then the bootstrap over images."""
+    columns = [t.per_image(n, metric) for t in trials]
+    per_image = []
+    for values in zip(*columns):
+        kept = [v for v in values if v == v]
+        per_image.append(sum(kept) / len(kept) if kept else float("nan"))
+    return bootstrap(per_image)
+
+
+def cell(stats, digits=3):
+    mean, low, high = stats
+    if mean != mean:
+        return "-"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def ideal_stats(report, metric):
+    s = report["ideal"]["metrics"]["phiseg"][metric]
+    return s["mean"], s["ci_low"], s["ci_high"]
+
+
+def group(trials, axes):
+    groups = {}
+    for t in trials:
+        groups.setdefault(tuple(t.settings[a] for a, _ in axes), []).append(t)
+    return groups
+
+
+def seed_spread(trials, n=100):
+    geds = [t.mean(n, "ged") for t in trials]
+    return min(geds), max(geds), statistics.pstdev(geds)
+
+
+def rankings(groups, seeds, n=100):
+    """How many pairs of configurations every seed orders the same way."""
+    by_seed = {}
+    for key, trials in groups.items():
+        for t in trials:
+            by_seed.setdefault(t.seed, {})[key] = t.mean(n, "ged")
+    keys = sorted(groups)
+    same = 0
+    pairs = list(combinations(keys, 2))
+    for a, b in pairs:
+        signs = {by_seed[s][a] < by_seed[s][b] for s in seeds}
+        same += len(signs) == 1
+    winners = {s: min(keys, key=lambda k: by_seed[s][k]) for s in seeds}
+    return same, len(pairs), winners
+
+
+def copy_figure(source, target_dir, name):
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, name)
+    shutil.copyfile(source, target + ".tmp")
+    os.replace(target + ".tmp", target)
+    return name
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def label(key, axes):
+    return ", ".join(f"{name} {value}" for (name, _), value in zip(axes, key))
+
+
+def machine_line(root):
+    path = os.path.join(root, "runs", "synthetic-machine.json")
+    if not os.path.exists(path):
+        return "the machine was not recorded (scripts/results.sh records it)"
+    m = read_json(path)
+    return f"{m['cpu']} ({m['isa']}, {m['cores']} cores, {m['memory_gib']} GiB), {m['gpu']}"
+
+
+def study_span(trials):
+    """First start and last end of the trials, and their summed wall time in hours."""
+    starts, ends, wall = [], [], 0.0
+    for t in trials:
+        status = read_json(os.path.join(t.dir, "status.json"))
+        starts.append(status["started_at"])
+        ends.append(status["ended_at"])
+        wall += status["wall_s"]
+    return min(starts), max(ends), wall / 3600
+
+
+def hours_between(start, end):
+    from datetime import datetime
+
+    parse = lambda s: datetime.fromisoformat(s[:19])  # noqa: E731
+    return (parse(end) - parse(start)).total_seconds() / 3600
+
+
+class Page:
+    def __init__(self, root, img_dir):
+        self.lines = []
+        self.root = root
+        self.img_dir = img_dir
+
+    def add(self, text=""):
+        self.lines.append(text)
+
+    def table(self, header, rows):
+        self.add("| " + " | ".join(header) + " |")
+        self.add("|" + "---|" * len(header))
+        for row in rows:
+            self.add("| " + " | ".join(row) + " |")
+        self.add()
+
+    def figure(self, source, name, alt):
+        copy_figure(source, os.path.join(self.root, self.img_dir), name)
+        self.add(f"![{alt}](img/results/{name})")
+        self.add()
+
+
+def section_header(page, ctx):
+    best, ratio = ctx["best"], ctx["ratio"]
+    page.add("# Results: how close the Probabilistic U-Net gets to the ideal model")
+    page.add()
+    page.add(
+        "Written by `scripts/results.py` from the outputs of `scripts/results.sh` "
+        f"(runs/synthetic-sweep and runs/synthetic-baseline): nothing here is typed by hand. "
+        f"The study ran from {ctx['start'][:16].replace('T', ' ')} to "
+        f"{ctx['end'][:16].replace('T', ' ')} UTC ({ctx['elapsed']:.1f} h of wall time, "
+        f"{ctx['trial_hours']:.1f} h of trial time, 2 trials at once) on {ctx['machine']}."
+    )
+    page.add()
+    page.add(
+        f"**Headline.** The best configuration, {label(best, ctx['axes'])}, scores a test GED "
+        f"of {ctx['best_ged'][0]:.3f} (95% interval {ctx['best_ged'][1]:.3f}-{ctx['best_ged'][2]:.3f}) "
+        f"at 100 samples against the ideal model's {ctx['ideal_ged'][0]:.3f}: "
+        f"{ratio:.2f}x the ideal, {'within' if ratio <= 1 + WITHIN else 'not within'} "
+        f"{WITHIN:.0%} of it. The deterministic baseline scores {ctx['baseline_ged'][0]:.3f} "
+        f"({ctx['baseline_ged'][0] / ctx['ideal_ged'][0]:.2f}x)."
+    )
+    page.add()
+
+
+def section_setup(page, ctx):
+    store = ctx["store"]
+    page.add("## What was run")
+    page.add()
+    page.add(
+        f"- **Data**: the built-in synthetic dataset ({store['items']} images of "
+        f"{store['height']}x{store['width']}, {store['annotators']} simulated readers who disagree "
+        "on the boundary and on whether a faint lesion is there at all). "
+        f"Every number below is on its test split: {ctx['test_items']} images of patients "
+        "that training never saw."
+    )
+    page.add(
+        "- **Model and training**: `experiments/synthetic.toml`, the quickstart's network "
+        f"(filters {ctx['model']['filters']}, {ctx['model']['fcomb_convs']} fcomb convs), "
+        f"{ctx['train']['steps']} steps of batch {ctx['train']['batch']}, Adam at lr "
+        f"{ctx['train']['lr']} decayed along a half cosine, the reconstruction summed per image "
+        "and averaged over the batch. The checkpoint evaluated is each run's best validation GED."
+    )
+    page.add(
+        f"- **Sweep**: `experiments/synthetic-sweep.toml`, {ctx['grid']}, "
+        f"{len(ctx['seeds'])} seeds each ({ctx['n_trials']} trials). beta 0.625 is the seed "
+        "port's beta 10 with its reconstruction summed over the batch (10 / batch 16: the same "
+        "objective up to a constant factor, which Adam does not see); beta 10 is that number "
+        "read per image, a 16 times stronger KL weight."
+    )
+    page.add(
+        "- **Ideal model**: the synthetic generator knows every image's true reader "
+        "distribution, so `probunet eval` also scores fresh draws of the readers as if they were "
+        "a model's samples, with the same metrics, sample counts and bootstrap."
+    )
+    page.add(
+        "- **Deterministic baseline**: `experiments/synthetic-baseline.toml`, the same spec "
+        "with beta 1000, so the posterior must equal the prior and z carries nothing about the "
+        "annotation: a U-Net trained on a random reader's mask, whose thresholded samples are "
+        "all one mask. The same network, data, length and optimiser make it the honest baseline "
+        "(probunet has no latent-free model to switch to)."
+    )
+    page.add(
+        "- **Intervals**: 95% percentile bootstrap over the test images of each image's metric "
+        f"averaged over the seeds ({RESAMPLES} resamples); the spread between seeds is given "
+        "separately. Metrics use the PHiSeg convention for empty masks (docs/spec-reference.md)."
+    )
+    page.add()
+
+
+def empty_rate(trials, n, which="samples"):
+    return statistics.mean(t.report[n]["empty_masks"][which]["mean"] for t in trials)
+
+
+def section_table(page, ctx):
+    groups, ideal = ctx["groups"], ctx["ideal"]
+    page.add("## Test results")
+    page.add()
+    page.add(
+        "Sorted by GED at 100 samples. *x ideal* divides by the ideal model's GED at the "
+        "same count; *seeds* gives the lowest and highest of the three seeds' own GED."
+    )
+    page.add()
+    header = ["model", "GED @16", "GED @100", "x ideal", "HM-IoU @100", "NCC @100",
+              "diversity @100", "empty samples", "seeds (GED @100)"]
+    rows = [[
+        "ideal model",
+        cell(ideal_stats(ideal[16], "ged")),
+        cell(ideal_stats(ideal[100], "ged")),
+        "1.00",
+        cell(ideal_stats(ideal[100], "hm_iou")),
+        cell(ideal_stats(ideal[100], "ncc")),
+        cell(ideal_stats(ideal[100], "diversity")),
+        f"{ideal[100]['ideal']['empty_samples']['mean']:.2f}",
+        "-",
+    ]]
+    named = [(label(k, ctx["axes"]), v) for k, v in sorted(
+        groups.items(), key=lambda kv: ctx["ged100"][kv[0]][0])]
+    named.append(("deterministic baseline (beta 1000)", ctx["baseline"]))
+    for name, trials in named:
+        low, high, _ = seed_spread(trials)
+        ged100 = pooled(trials, 100, "ged")
+        rows.append([
+            name,
+            cell(pooled(trials, 16, "ged")),
+            cell(ged100),
+            f"{ged100[0] / ctx['ideal_ged'][0]:.2f}",
+            cell(pooled(trials, 100, "hm_iou")),
+            cell(pooled(trials, 100, "ncc")),
+            cell(pooled(trials, 100, "diversity")),
+            f"{empty_rate(trials, 100):.2f}",
+            f"{low:.3f}-{high:.3f}",
+        ])
+    page.table(header, rows)
+    annotations = empty_rate(ctx["all"], 100, "annotations")
+    page.add(
+        f"*empty samples* is the fraction of samples with no foreground. The ideal model's row "
+        f"is the readers' own rate; the four given annotations of the test images are empty "
+        f"{annotations:.0%} of the time."
+    )
+    page.add()
+
+
+def marginal_rows(ctx, axis_index):
+    values = sorted({k[axis_index] for k in ctx["groups"]}, key=float)
+    rows = []
+    for v in values:
+        trials = [t for k, ts in ctx["groups"].items() if k[axis_index] == v for t in ts]
+        ged = pooled(trials, 100, "ged")
+        rows.append([v, cell(ged), f"{ged[0] / ctx['ideal_ged'][0]:.2f}",
+                     cell(pooled(trials, 100, "diversity")), f"{empty_rate(trials, 100):.2f}",
+                     str(len(trials))])
+    return rows
+
+
+def section_axes(page, ctx, sweep_folder):
+    page.add("## GED against beta and latent_dim")
+    page.add()
+    for index, (name, _) in enumerate(ctx["axes"]):
+        page.add(f"Test GED at 100 samples per {name}, over every other setting and seed:")
+        page.add()
+        page.table([name, "GED @100", "x ideal", "diversity @100", "empty samples", "trials"],
+                   marginal_rows(ctx, index))
+    page.add(
+        "The sweep's own figure (`probunet sweep` draws it): the best validation GED of every "
+        "trial (points), the mean per value (line) and the ideal model (dashed), one panel per "
+        "axis."
+    )
+    page.add()
+    page.figure(os.path.join(sweep_folder, "summary.png"), "sweep-summary.png",
+                "best validation GED per beta and per latent_dim")
+
+
+def section_seeds(page, ctx):
+    same, pairs, winners = rankings(ctx["groups"], ctx["seeds"])
+    page.add("## Seed-to-seed spread")
+    page.add()
+    spreads = [seed_spread(ts)[2] for ts in ctx["groups"].values()]
+    page.add(
+        f"The standard deviation of test GED between the three seeds of one configuration is "
+        f"{min(spreads):.3f} to {max(spreads):.3f} (median {statistics.median(spreads):.3f}). "
+        f"Of the {pairs} pairs of configurations, {same} are ordered the same way by every seed."
+    )
+    page.add()
+    page.table(["seed", "best configuration (test GED @100)"],
+               [[str(s), label(k, ctx["axes"])] for s, k in sorted(winners.items())])
+    distinct = len(set(winners.values()))
+    verdict = ("The best configuration is the same for every seed: the ranking at the top "
+               "survives the seed." if distinct == 1 else
+               f"The seeds pick {distinct} different best configurations: the ranking at the top "
+               "does not survive the seed, and only differences larger than the spread above "
+               "mean anything.")
+    page.add(verdict)
+    page.add()
+
+
+def mean_curve(trials):
+    steps = sorted({s for t in trials for s, _ in t.curve})
+    by_step = {s: [g for t in trials for st, g in t.curve if st == s and g == g] for s in steps}
+    return [(s, statistics.mean(v)) for s, v in by_step.items() if v]
+
+
+def section_curves(page, ctx):
+    page.add("## Training curves")
+    page.add()
+    page.add(
+        "Validation GED (16 samples, the whole validation split) at every validation, the mean "
+        "of the three seeds. Step 0 is the untrained model. The last column is the change "
+        "between the last two validations: near zero at a plateau."
+    )
+    page.add()
+    named = [(label(k, ctx["axes"]), ts) for k, ts in sorted(ctx["groups"].items())]
+    named.append(("baseline (beta 1000)", ctx["baseline"]))
+    steps = [s for s, _ in mean_curve(named[0][1])]
+    rows = []
+    for name, trials in named:
+        curve = dict(mean_curve(trials))
+        values = [curve.get(s, float("nan")) for s in steps]
+        rows.append([name] + [f"{v:.3f}" for v in values] + [f"{values[-1] - values[-2]:+.3f}"])
+    last = f"last {steps[-1] - steps[-2]} steps"
+    page.table(["model"] + [f"step {s}" for s in steps] + [last], rows)
+    best = ctx["groups"][ctx["best"]][0]
+    page.add(f"The curves of the best configuration's seed {best.seed} (`probunet` draws "
+             "`curves.png` in every run):")
+    page.add()
+    page.figure(os.path.join(best.dir, "curves.png"), "curves-best.png",
+                "training and validation curves of the best configuration")
+    page.add("and of the deterministic baseline's seed 0:")
+    page.add()
+    page.figure(os.path.join(ctx["baseline"][0].dir, "curves.png"), "curves-baseline.png",
+                "training and validation curves of the deterministic baseline")
+
+
+def section_gap(page, ctx):
+    best = ctx["groups"][ctx["best"]]
+    ideal = ctx["ideal"][100]
+    diversity = pooled(best, 100, "diversity")[0]
+    ideal_diversity = ideal["ideal"]["metrics"]["phiseg"]["diversity"]["mean"]
+    empty, ideal_empty = empty_rate(best, 100), ideal["ideal"]["empty_samples"]["mean"]
+    kl = statistics.mean(t.kl for t in best)
+    page.add("## Where the gap comes from")
+    page.add()
+    page.add(
+        "GED is twice the mean distance of samples to annotations minus the mean distance "
+        "between samples and the mean distance between annotations, so a model can lose to the "
+        "ideal by being too far from the readers or by being less (or more) diverse than they "
+        "are. Per configuration, at 100 test samples:"
+    )
+    page.add()
+    rows = []
+    for key, trials in sorted(ctx["groups"].items()):
+        rows.append([label(key, ctx["axes"]),
+                     f"{pooled(trials, 100, 'diversity')[0]:.3f}",
+                     f"{empty_rate(trials, 100):.2f}",
+                     f"{statistics.mean(t.kl for t in trials):.2f}",
+                     f"{pooled(trials, 100, 'hm_iou')[0]:.3f}"])
+    rows.append(["ideal model", f"{ideal_diversity:.3f}", f"{ideal_empty:.2f}", "-",
+                 f"{ideal['ideal']['metrics']['phiseg']['hm_iou']['mean']:.3f}"])
+    page.table(["model", "diversity", "empty samples", "final val KL", "HM-IoU"], rows)
+    ratio = ctx["ratio"]
+    findings = []
+    if diversity < 0.8 * ideal_diversity:
+        findings.append(
+            f"the best configuration's samples are less diverse than the readers "
+            f"({diversity:.3f} against {ideal_diversity:.3f}): the prior does not spread its "
+            "samples over the readers' disagreement")
+    elif diversity > 1.2 * ideal_diversity:
+        findings.append(
+            f"the best configuration's samples are more diverse than the readers "
+            f"({diversity:.3f} against {ideal_diversity:.3f})")
+    if abs(empty - ideal_empty) > 0.1:
+        findings.append(
+            f"its samples are empty {empty:.0%} of the time where the readers' are "
+            f"{ideal_empty:.0%}: the decision whether a faint lesion is there is what it gets "
+            "wrong most")
+    if kl < 0.5:
+        findings.append(f"its final KL is {kl:.2f} nats: the posterior has collapsed onto the "
+                        "prior and z carries almost nothing")
+    if ratio <= 1 + WITHIN:
+        text = f"The best configuration is within {WITHIN:.0%} of the ideal ({ratio:.2f}x)."
+    else:
+        text = f"The best configuration stays {ratio:.2f}x the ideal, more than {WITHIN:.0%} away."
+    if findings:
+        text += " What the table shows: " + "; ".join(findings) + "."
+    page.add(text)
+    page.add()
+
+
+def section_pictures(page, ctx):
+    trials = ctx["groups"][ctx["best"]]
+    best = min(trials, key=lambda t: t.mean(100, "ged"))
+    page.add("## Sample pictures")
+    page.add()
+    page.add(
+        f"The best configuration's best seed ({best.id}) on the test images it scores best, "
+        "median and worst on (GED at 16 samples): the image, the four readers, eight samples, "
+        "the mean foreground probability and its variance. These are `probunet eval`'s own "
+        "figures."
+    )
+    page.add()
+    for which in ("best", "median", "worst"):
+        source = os.path.join(best.dir, "eval", f"test-16-{which}.png")
+        page.figure(source, f"test-{which}.png", f"{which} test image")
+
+
+def section_regenerate(page):
+    page.add("## Regenerate this page")
+    page.add()
+    page.add("```sh")
+    page.add("scripts/setup.sh && source scripts/env.sh && cargo build --release")
+    page.add("scripts/results.sh   # both sweeps (resumed if interrupted), every eval, this page")
+    page.add("```")
+    page.add()
+    page.add(
+        "`scripts/results.sh` runs `probunet sweep experiments/synthetic-baseline.toml` and "
+        "`probunet sweep experiments/synthetic-sweep.toml` (2 trials at once; `JOBS=` "
+        "changes it), `probunet eval` on every trial that has no test evaluation newer than "
+        "its best checkpoint, then `python3 scripts/results.py`, which only reads. On a GPU the "
+        "same commands run unchanged."
+    )
+
+
+def context(root):
+    sweep_folder, plan, axes, trials = load_sweep(root, "synthetic-sweep")
+    _, _, _, baseline = load_sweep(root, "synthetic-baseline")
+    groups = group(trials, axes)
+    ged100 = {k: pooled(ts, 100, "ged") for k, ts in groups.items()}
+    best = min(groups, key=lambda k: ged100[k][0])
+    ideal = {n: trials[0].report[n] for n in COUNTS}
+    if any(ideal[n].get("ideal") is None for n in COUNTS):
+        fail("the evaluations have no ideal model: re-run `probunet eval` with this probunet")
+    base = read_json(os.path.join(sweep_folder, "sweep.json"))
+    spec = trials[0].report[100]
+    start, end, trial_hours = study_span(trials + baseline)
+    grid = " x ".join(
+        f"{a['name']} {{{', '.join(str(v) for v in a['kind']['grid'])}}}"
+        for a in base["axes"] if "grid" in a["kind"])
+    store = dict(spec["store"], items=store_items(spec))
+    ideal_ged = ideal_stats(ideal[100], "ged")
+    return {
+        "axes": axes, "groups": groups, "ged100": ged100, "best": best, "ideal": ideal,
+        "ideal_ged": ideal_ged, "best_ged": ged100[best],
+        "ratio": ged100[best][0] / ideal_ged[0],
+        "baseline": baseline, "baseline_ged": pooled(baseline, 100, "ged"),
+        "all": trials, "seeds": sorted({t.seed for t in trials}), "n_trials": len(trials),
+        "store": store,
+        "test_items": spec["items"], "model": spec["model"], "train": train_spec(trials[0]),
+        "grid": grid, "start": start, "end": end, "elapsed": hours_between(start, end),
+        "trial_hours": trial_hours, "machine": machine_line(root),
+    }
+
+
+def store_items(report):
+    manifest = read_json(os.path.join(report["store"]["path"], "manifest.json"))
+    return len(manifest["keys"])
+
+
+def train_spec(trial):
+    """The [train] table of the trial's resolved spec."""
+    path = os.path.join(trial.dir, "spec.toml")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)["train"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as e:
+        fail(f"{path}: {e}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=".", help="the repository root")
+    parser.add_argument("--out", default="docs/results.md")
+    args = parser.parse_args()
+    ctx = context(args.root)
+    page = Page(args.root, os.path.join("docs", "img", "results"))
+    section_header(page, ctx)
+    section_setup(page, ctx)
+    section_table(page, ctx)
+    section_axes(page, ctx, os.path.join(args.root, "runs", "synthetic-sweep"))
+    section_seeds(page, ctx)
+    section_curves(page, ctx)
+    section_gap(page, ctx)
+    section_pictures(page, ctx)
+    section_regenerate(page)
+    write_atomic(os.path.join(args.root, args.out), "\n".join(page.lines).rstrip() + "\n")
+    print(f"wrote {args.out}: best {label(ctx['best'], ctx['axes'])}, "
+          f"GED @100 {ctx['best_ged'][0]:.4f}, {ctx['ratio']:.2f}x the ideal")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The synthetic study behind docs/results.md, start to finish; safe to re-run: the sweeps
+# resume where they stopped, a trial is evaluated again only when its best checkpoint is
+# newer than its evaluation, and the page is rewritten from whatever is on disk.
+#   scripts/results.sh            # from the repository root, after cargo build --release
+# JOBS (default 2) trials run at once; PROBUNET names another binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+probunet=${PROBUNET:-target/release/probunet}
+jobs=${JOBS:-2}
+[ -x "$probunet" ] || { echo "results.sh: $probunet is missing: run cargo build --release" >&2; exit 2; }
+
+# The machine, for the page (kept from the first run, which is the one that trained).
+machine=runs/synthetic-machine.json
+if [ ! -f "$machine" ]; then
+    mkdir -p runs
+    cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
+    isa=$(grep -q avx512f /proc/cpuinfo && echo "AVX-512" || echo "AVX2, no AVX-512")
+    memory=$(awk '/MemTotal/ {printf "%d", $2 / 1048576}' /proc/meminfo)
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
+    printf '{"cpu": "%s", "isa": "%s", "cores": %s, "memory_gib": %s, "gpu": "%s"}\n' \
+        "$cpu" "$isa" "$(nproc)" "$memory" "${gpu:-no GPU}" > "$machine.tmp"
+    mv "$machine.tmp" "$machine"
+fi
+
+"$probunet" sweep experiments/synthetic-baseline.toml --jobs "$jobs" --plain
+"$probunet" sweep experiments/synthetic-sweep.toml --jobs "$jobs" --plain
+
+for run in runs/synthetic-baseline/*/ runs/synthetic-sweep/*/; do
+    run=${run%/}
+    [ -f "$run/meta.json" ] || continue
+    if [ "$run/eval/test-100.json" -nt "$run/checkpoints/best" ]; then
+        continue
+    fi
+    "$probunet" eval "$run" --split test --samples 16,100
+done
+
+python3 scripts/results.py
