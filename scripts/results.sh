@@ -3,7 +3,8 @@
 # resume where they stopped, a trial is evaluated again only when its best checkpoint is
 # newer than its evaluation, and the page is rewritten from whatever is on disk.
 #   scripts/results.sh            # from the repository root, after cargo build --release
-# JOBS (default 2) trials run at once; PROBUNET names another binary.
+# JOBS (default 2) trials run at once; PROBUNET names another binary, PROBUNET_PYTHON
+# another Python (3.11 or newer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 probunet=${PROBUNET:-target/release/probunet}
@@ -35,4 +36,4 @@ for run in runs/synthetic-baseline/*/ runs/synthetic-sweep/*/; do
     "$probunet" eval "$run" --split test --samples 16,100
 done
 
-python3 scripts/results.py
+"${PROBUNET_PYTHON:-python3}" scripts/results.py
