@@ -226,8 +226,16 @@ fn eval_writes_aggregates_rows_figures_and_tensorboard_for_each_sample_count() {
             .as_f64()
             .unwrap();
         assert!(close(got, mean), "{got} vs {mean}");
+        // The per-image columns average to the report's means.
+        let mean_of = |name: &str| {
+            let values = column(&rows, name);
+            values.iter().sum::<f64>() / values.len() as f64
+        };
         let samples = report["empty_masks"]["samples"]["mean"].as_f64().unwrap();
-        assert!((0.0..=1.0).contains(&samples), "{samples}");
+        assert!(close(samples, mean_of("empty_samples")), "{samples}");
+        assert!(close(ideal_ged, mean_of("ideal_ged_phiseg")), "{ideal_ged}");
+        let ideal_empty = report["ideal"]["empty_samples"]["mean"].as_f64().unwrap();
+        assert!(close(ideal_empty, mean_of("ideal_empty_samples")));
         let geds = column(&rows, "ged_phiseg");
         let sorted = {
             let mut g = geds.clone();

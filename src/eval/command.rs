@@ -607,6 +607,26 @@ fn write_figures(
     Ok((figures, examples))
 }
 
+/// One CSV row per image at the count in `position`, with the ideal model's beside it.
+fn csv_rows(store: &Store, scored: &Scored, position: usize) -> Vec<CsvRow> {
+    let manifest = &store.manifest;
+    fn row(counted: &Counted, position: usize, i: usize) -> report::ImageRow<'_> {
+        report::ImageRow {
+            scores: &counted.scores[position][i],
+            empty_samples: counted.empty_samples[position][i],
+        }
+    }
+    (scored.items.iter().enumerate())
+        .map(|(i, &item)| {
+            let (key, patient) = (manifest.keys[item].clone(), manifest.patients[item].clone());
+            let ideal = scored.ideal.as_ref().map(|ideal| row(ideal, position, i));
+            let empty = scored.empty_annotations[i];
+            let model = row(&scored.model, position, i);
+            CsvRow::new((item, key, patient), empty, model, ideal)
+        })
+        .collect()
+}
+
 /// Everything written for one sample count: JSON, CSV, figures, TensorBoard scalars.
 fn write_count(
     loaded: &Loaded,
@@ -618,20 +638,10 @@ fn write_count(
 ) -> Result<SampleReport, EvalError> {
     let name = format!("{}-{n}", options.split);
     let scores = &scored.model.scores[position];
-    let manifest = &loaded.store.manifest;
-    let rows: Vec<CsvRow> = scored
-        .items
-        .iter()
-        .zip(scores)
-        .zip(&scored.empty_annotations)
-        .map(|((&item, s), &empty)| {
-            let (key, patient) = (&manifest.keys[item], &manifest.patients[item]);
-            CsvRow::new(item, key.clone(), patient.clone(), empty, s)
-        })
-        .collect();
+    let rows = csv_rows(&loaded.store, scored, position);
     let (resamples, seed) = (options.bootstrap, options.seed);
     let summaries = report::summarise(scores, resamples, seed);
-    let annotators = manifest.shape.annotators.max(1) as f64;
+    let annotators = loaded.store.manifest.shape.annotators.max(1) as f64;
     let empty = report::EmptyMasks {
         samples: Summary::from_values(&scored.model.empty_samples[position], resamples, seed),
         annotations: Summary::from_values(

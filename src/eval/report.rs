@@ -29,17 +29,30 @@ pub struct CsvRow {
     pub ncc: f64,
     pub mean_pred_iou_phiseg: f64,
     pub mean_pred_iou_kohl_nan: f64,
+    /// The fraction of this image's samples that mark nothing.
+    pub empty_samples: f64,
+    /// The ideal model's GED, diversity and empty-sample fraction on this image (PHiSeg
+    /// convention), to set the model's beside per image; empty off synthetic stores.
+    pub ideal_ged_phiseg: Option<f64>,
+    pub ideal_diversity_phiseg: Option<f64>,
+    pub ideal_empty_samples: Option<f64>,
+}
+
+/// One image's scores and fraction of empty samples.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageRow<'a> {
+    pub scores: &'a ImageScores,
+    pub empty_samples: f64,
 }
 
 impl CsvRow {
     pub fn new(
-        item: usize,
-        key: String,
-        patient: String,
+        (item, key, patient): (usize, String, String),
         empty_annotations: u32,
-        scores: &ImageScores,
+        model: ImageRow,
+        ideal: Option<ImageRow>,
     ) -> Self {
-        let (p, k) = (&scores.phiseg, &scores.kohl_nan);
+        let (p, k) = (&model.scores.phiseg, &model.scores.kohl_nan);
         Self {
             item,
             key,
@@ -54,6 +67,10 @@ impl CsvRow {
             ncc: p.ncc,
             mean_pred_iou_phiseg: p.mean_pred_iou,
             mean_pred_iou_kohl_nan: k.mean_pred_iou,
+            empty_samples: model.empty_samples,
+            ideal_ged_phiseg: ideal.map(|i| i.scores.phiseg.ged),
+            ideal_diversity_phiseg: ideal.map(|i| i.scores.phiseg.diversity),
+            ideal_empty_samples: ideal.map(|i| i.empty_samples),
         }
     }
 }
@@ -346,18 +363,34 @@ mod tests {
     #[test]
     fn csv_rows_have_both_conventions_and_nan() {
         let scores = ImageScores::not_finite();
-        let bytes = csv_bytes(&[CsvRow::new(3, "k".into(), "p".into(), 1, &scores)]).unwrap();
-        let text = String::from_utf8(bytes).unwrap();
+        let model = ImageRow {
+            scores: &scores,
+            empty_samples: 0.25,
+        };
+        let ideal = ImageRow {
+            scores: &scores,
+            empty_samples: 0.5,
+        };
+        let rows = [
+            CsvRow::new((3, "k".into(), "p".into()), 1, model, None),
+            CsvRow::new((4, "l".into(), "p".into()), 0, model, Some(ideal)),
+        ];
+        let text = String::from_utf8(csv_bytes(&rows).unwrap()).unwrap();
         let mut lines = text.lines();
         assert_eq!(
             lines.next().unwrap(),
             "item,key,patient,empty_annotations,ged_phiseg,ged_kohl_nan,hm_iou_phiseg,\
              hm_iou_kohl_nan,diversity_phiseg,diversity_kohl_nan,ncc,mean_pred_iou_phiseg,\
-             mean_pred_iou_kohl_nan"
+             mean_pred_iou_kohl_nan,empty_samples,ideal_ged_phiseg,ideal_diversity_phiseg,\
+             ideal_empty_samples"
         );
         assert_eq!(
             lines.next().unwrap(),
-            "3,k,p,1,NaN,NaN,NaN,NaN,NaN,NaN,NaN,NaN,NaN"
+            "3,k,p,1,NaN,NaN,NaN,NaN,NaN,NaN,NaN,NaN,NaN,0.25,,,"
+        );
+        assert_eq!(
+            lines.next().unwrap(),
+            "4,l,p,0,NaN,NaN,NaN,NaN,NaN,NaN,NaN,NaN,NaN,0.25,NaN,NaN,0.5"
         );
     }
 }

@@ -346,7 +346,11 @@ impl Names {
                 }
             })
             .collect();
-        let clean = clean.trim_start_matches('.').to_string();
+        let clean = match clean.trim_start_matches('.') {
+            // A name of dots only would be the output folder itself, or its parent.
+            "" => "image".to_string(),
+            kept => kept.to_string(),
+        };
         let mut candidate = clean.clone();
         let mut k = 2;
         while !self.0.insert(candidate.clone()) {
@@ -450,4 +454,19 @@ fn write_index(out: &Path, index: &Index) -> Result<(), PredictError> {
     let bytes = csv.into_inner().map_err(|e| io(e.into_error().into()))?;
     crate::run::write_atomic(&out.join(INDEX_CSV), &bytes)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Names;
+
+    #[test]
+    fn output_names_are_safe_folder_names_and_unique() {
+        let mut names = Names::default();
+        assert_eq!(names.unique("case 1/a.png"), "case_1_a.png");
+        assert_eq!(names.unique("case_1_a.png"), "case_1_a.png-2");
+        assert_eq!(names.unique(".hidden"), "hidden");
+        assert_eq!(names.unique(".."), "image");
+        assert_eq!(names.unique("..."), "image-2");
+    }
 }
