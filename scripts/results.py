@@ -82,6 +82,11 @@ class Trial:
         column = "ncc" if metric == "ncc" else f"{metric}_phiseg"
         return [number(r[column]) for r in self.rows[n]]
 
+    def column(self, n, name):
+        if self.rows[n] and name not in self.rows[n][0]:
+            fail(f"{self.dir}/eval/test-{n}.csv has no {name} column: re-run its eval")
+        return [number(r[name]) for r in self.rows[n]]
+
     def mean(self, n, metric):
         return self.report[n]["metrics"]["phiseg"][metric]["mean"]
 
@@ -487,6 +492,62 @@ def section_gap(page, ctx):
     page.add()
 
 
+def seed_mean(trials, n, name):
+    """Per image, the mean over the trials of a CSV column."""
+    columns = [t.column(n, name) for t in trials]
+    return [statistics.mean(values) for values in zip(*columns)]
+
+
+def pearson(xs, ys):
+    pairs = [(x, y) for x, y in zip(xs, ys) if x == x and y == y]
+    if len(pairs) < 3:
+        return float("nan")
+    mx, my = (statistics.mean(v) for v in zip(*pairs))
+    sxy = sum((x - mx) * (y - my) for x, y in pairs)
+    sxx = sum((x - mx) ** 2 for x, _ in pairs)
+    syy = sum((y - my) ** 2 for _, y in pairs)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else float("nan")
+
+
+def section_images(page, ctx, n=100):
+    """Where, image by image, the best configuration loses to the ideal."""
+    trials = ctx["groups"][ctx["best"]]
+    model = {k: seed_mean(trials, n, c) for k, c in (
+        ("ged", "ged_phiseg"), ("diversity", "diversity_phiseg"), ("empty", "empty_samples"))}
+    ideal = {k: trials[0].column(n, c) for k, c in (
+        ("ged", "ideal_ged_phiseg"), ("diversity", "ideal_diversity_phiseg"),
+        ("empty", "ideal_empty_samples"))}
+    kinds = [("readers always mark a lesion", lambda e: e < 0.05),
+             ("readers disagree whether there is one", lambda e: 0.05 <= e <= 0.95),
+             ("readers never mark one", lambda e: e > 0.95)]
+    gap = sum(m - i for m, i in zip(model["ged"], ideal["ged"]))
+    rows = []
+    for name, test in kinds:
+        index = [i for i, e in enumerate(ideal["empty"]) if test(e)]
+        if not index:
+            continue
+        share = sum(model["ged"][i] - ideal["ged"][i] for i in index) / gap if gap else float("nan")
+        mean = lambda v: statistics.mean(v[i] for i in index)  # noqa: E731
+        rows.append([name, str(len(index)), f"{mean(model['ged']):.3f}", f"{mean(ideal['ged']):.3f}",
+                     f"{share:.0%}", f"{mean(model['diversity']):.3f}",
+                     f"{mean(ideal['diversity']):.3f}", f"{mean(model['empty']):.2f}",
+                     f"{mean(ideal['empty']):.2f}"])
+    page.add(
+        f"Image by image (best configuration, {n} samples, each image's values the mean of its "
+        "seeds), split by how often the true readers leave the image empty:"
+    )
+    page.add()
+    page.table(["test images", "images", "GED", "ideal GED", "share of the gap", "diversity",
+                "ideal diversity", "empty samples", "ideal empty"], rows)
+    page.add(
+        f"Across images, the model's diversity follows the readers' with correlation "
+        f"{pearson(model['diversity'], ideal['diversity']):.2f}, and its empty-sample rate "
+        f"follows theirs with correlation {pearson(model['empty'], ideal['empty']):.2f} "
+        "(1 would be a model that knows which images are ambiguous, and how much)."
+    )
+    page.add()
+
+
 def section_pictures(page, ctx):
     trials = ctx["groups"][ctx["best"]]
     best = min(trials, key=lambda t: t.mean(100, "ged"))
@@ -580,6 +641,7 @@ def main():
     section_seeds(page, ctx)
     section_curves(page, ctx)
     section_gap(page, ctx)
+    section_images(page, ctx)
     section_pictures(page, ctx)
     section_regenerate(page)
     write_atomic(os.path.join(args.root, args.out), "\n".join(page.lines).rstrip() + "\n")
