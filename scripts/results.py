@@ -26,6 +26,8 @@ LABELS = {"ged": "GED", "hm_iou": "HM-IoU", "ncc": "NCC", "diversity": "diversit
 # Lower is better for GED only.
 RESAMPLES = 5000
 WITHIN = 0.15
+# Sweeps reported beside the main one when they are there: the same grid with something set.
+EXTRA_SWEEPS = ("synthetic-clamp",)
 
 
 def fail(why):
@@ -58,10 +60,11 @@ def number(text):
 class Trial:
     """One finished trial: its settings, validation curve and test evaluations."""
 
-    def __init__(self, sweep_dir, row, axes):
+    def __init__(self, sweep_dir, row, axes, variant):
         self.id = row["id"]
         self.dir = os.path.join(sweep_dir, self.id)
         self.settings = {name: row[key] for name, key in axes}
+        self.variant = variant
         self.seed = int(row.get("train.seed") or 0)
         self.kl = number(row["final_val_kl"])
         self.curve = [
@@ -99,10 +102,25 @@ def load_sweep(root, name):
     plan = read_json(os.path.join(folder, "sweep.json"))
     axes = [(a["name"], a["key"]) for a in plan["axes"] if a["key"] != "train.seed"]
     rows = read_csv(summary)
-    unfinished = [r["id"] for r in rows if r["status"] != "finished"]
+    unfinished = [r["id"] for r in rows if r["status"] not in ("finished", "failed")]
     if unfinished:
-        fail(f"{folder}: trials not finished: {', '.join(unfinished)}")
-    return folder, plan, axes, [Trial(folder, r, axes) for r in rows]
+        fail(f"{folder}: trials still to run: {', '.join(unfinished)}")
+    variant = ", ".join(variant_name(fixed) for fixed in plan["fixed"])
+    trials = [Trial(folder, r, axes, variant) for r in rows if r["status"] == "finished"]
+    failed = [dict(r, sweep=name) for r in rows if r["status"] == "failed"]
+    return Sweep(folder, plan, axes, trials, failed)
+
+
+class Sweep:
+    def __init__(self, folder, plan, axes, trials, failed):
+        self.folder, self.plan, self.axes = folder, plan, axes
+        self.trials, self.failed = trials, failed
+
+
+def variant_name(fixed):
+    """`model.log_sigma_clamp=20` as `log_sigma_clamp 20`: what a sweep sets beside its grid."""
+    key, _, value = fixed.partition("=")
+    return f"{key.rsplit('.', 1)[-1]} {value}"
 
 
 def bootstrap(values, seed=0):
@@ -139,9 +157,11 @@ def ideal_stats(report, metric):
 
 
 def group(trials, axes):
+    """Trials by configuration: the grid values, then what the sweep sets beside them."""
     groups = {}
     for t in trials:
-        groups.setdefault(tuple(t.settings[a] for a, _ in axes), []).append(t)
+        key = tuple(t.settings[a] for a, _ in axes) + (t.variant,)
+        groups.setdefault(key, []).append(t)
     return groups
 
 
@@ -151,7 +171,9 @@ def seed_spread(trials, n=100):
 
 
 def rankings(groups, seeds, n=100):
-    """How many pairs of configurations every seed orders the same way."""
+    """How many pairs of configurations every seed orders the same way, over the
+    configurations that every seed finished."""
+    groups = {k: ts for k, ts in groups.items() if {t.seed for t in ts} >= set(seeds)}
     by_seed = {}
     for key, trials in groups.items():
         for t in trials:
@@ -181,7 +203,8 @@ def write_atomic(path, text):
 
 
 def label(key, axes):
-    return ", ".join(f"{name} {value}" for (name, _), value in zip(axes, key))
+    parts = [f"{name} {value}" for (name, _), value in zip(axes, key)]
+    return ", ".join(parts + [key[-1]] if key[-1] else parts)
 
 
 def machine_line(root):
@@ -341,17 +364,22 @@ def count_rows(ctx, n):
     for name, trials in named:
         low, high, _ = seed_spread(trials, n)
         ged = pooled(trials, n, "ged")
+        seeds = f"{low:.3f}-{high:.3f}" if len(trials) > 1 else f"{low:.3f}"
+        if len(trials) < ctx["repeats"]:
+            seeds += f" ({len(trials)} of {ctx['repeats']} finished)"
         rows.append([name, cell(ged), f"{ged[0] / ideal_ged[0]:.2f}"]
                     + [cell(pooled(trials, n, m)) for m in ("hm_iou", "ncc", "diversity")]
-                    + [f"{empty_rate(trials, n):.2f}", f"{low:.3f}-{high:.3f}"])
+                    + [f"{empty_rate(trials, n):.2f}", seeds])
     return rows
 
 
 def marginal_rows(ctx, axis_index):
-    values = sorted({k[axis_index] for k in ctx["groups"]}, key=float)
+    """Per value of one axis, every finished trial of the main sweep with that value."""
+    main = {k: ts for k, ts in ctx["groups"].items() if not k[-1]}
+    values = sorted({k[axis_index] for k in main}, key=float)
     rows = []
     for v in values:
-        trials = [t for k, ts in ctx["groups"].items() if k[axis_index] == v for t in ts]
+        trials = [t for k, ts in main.items() if k[axis_index] == v for t in ts]
         ged = pooled(trials, 100, "ged")
         rows.append([v, cell(ged), f"{ged[0] / ctx['ideal_ged'][0]:.2f}",
                      cell(pooled(trials, 100, "diversity")), f"{empty_rate(trials, 100):.2f}",
@@ -363,7 +391,8 @@ def section_axes(page, ctx, sweep_folder):
     page.add("## GED against beta and latent_dim")
     page.add()
     for index, (name, _) in enumerate(ctx["axes"]):
-        page.add(f"Test GED at 100 samples per {name}, over every other setting and seed:")
+        page.add(f"Test GED at 100 samples per {name}, over every other setting and seed of "
+                 "the main sweep (its finished trials):")
         page.add()
         page.table([name, "GED @100", "x ideal", "diversity @100", "empty samples", "trials"],
                    marginal_rows(ctx, index))
@@ -379,13 +408,15 @@ def section_axes(page, ctx, sweep_folder):
 
 def section_seeds(page, ctx):
     same, pairs, winners = rankings(ctx["groups"], ctx["seeds"])
+    complete = [ts for ts in ctx["groups"].values() if len(ts) == len(ctx["seeds"])]
     page.add("## Seed-to-seed spread")
     page.add()
-    spreads = [seed_spread(ts)[2] for ts in ctx["groups"].values()]
+    spreads = [seed_spread(ts)[2] for ts in complete]
     page.add(
-        f"The standard deviation of test GED between the three seeds of one configuration is "
-        f"{min(spreads):.3f} to {max(spreads):.3f} (median {statistics.median(spreads):.3f}). "
-        f"Of the {pairs} pairs of configurations, {same} are ordered the same way by every seed."
+        f"Over the {len(complete)} configurations that every seed finished, the standard "
+        f"deviation of test GED between seeds is {min(spreads):.3f} to {max(spreads):.3f} "
+        f"(median {statistics.median(spreads):.3f}). Of their {pairs} pairs, {same} are "
+        "ordered the same way by every seed."
     )
     page.add()
     page.table(["seed", "best configuration (test GED @100)"],
@@ -548,6 +579,21 @@ def section_images(page, ctx, n=100):
     page.add()
 
 
+def section_failures(page, ctx):
+    if not ctx["failed"]:
+        return
+    page.add("## Trials that failed")
+    page.add()
+    page.add(
+        "They are left out of every table above (a configuration's *seeds* column says how "
+        "many of its seeds finished). Why each stopped, in its own words:"
+    )
+    page.add()
+    rows = [[f"{f['sweep']}/{f['id']}", f["steps"] or "0", f["error"].split(";")[0]]
+            for f in ctx["failed"]]
+    page.table(["trial", "steps done", "error"], rows)
+
+
 def section_pictures(page, ctx):
     trials = ctx["groups"][ctx["best"]]
     best = min(trials, key=lambda t: t.mean(100, "ged"))
@@ -583,28 +629,36 @@ def section_regenerate(page):
 
 
 def context(root):
-    sweep_folder, plan, axes, trials = load_sweep(root, "synthetic-sweep")
-    _, _, _, baseline = load_sweep(root, "synthetic-baseline")
-    groups = group(trials, axes)
+    main = load_sweep(root, "synthetic-sweep")
+    baseline = load_sweep(root, "synthetic-baseline")
+    extra = [load_sweep(root, name) for name in EXTRA_SWEEPS
+             if os.path.exists(os.path.join(root, "runs", name, "summary.csv"))]
+    trials = main.trials + [t for sweep in extra for t in sweep.trials]
+    if not trials or not baseline.trials:
+        fail("no finished trial to report on")
+    groups = group(trials, main.axes)
     ged100 = {k: pooled(ts, 100, "ged") for k, ts in groups.items()}
     best = min(groups, key=lambda k: ged100[k][0])
     ideal = {n: trials[0].report[n] for n in COUNTS}
     if any(ideal[n].get("ideal") is None for n in COUNTS):
         fail("the evaluations have no ideal model: re-run `probunet eval` with this probunet")
-    base = read_json(os.path.join(sweep_folder, "sweep.json"))
     spec = trials[0].report[100]
-    start, end, trial_hours = study_span(trials + baseline)
+    start, end, trial_hours = study_span(trials + baseline.trials)
     grid = " x ".join(
         f"{a['name']} {{{', '.join(str(v) for v in a['kind']['grid'])}}}"
-        for a in base["axes"] if "grid" in a["kind"])
+        for a in main.plan["axes"] if "grid" in a["kind"])
     store = dict(spec["store"], items=store_items(spec))
     ideal_ged = ideal_stats(ideal[100], "ged")
     return {
-        "axes": axes, "groups": groups, "ged100": ged100, "best": best, "ideal": ideal,
+        "axes": main.axes, "groups": groups, "ged100": ged100, "best": best, "ideal": ideal,
         "ideal_ged": ideal_ged, "best_ged": ged100[best],
         "ratio": ged100[best][0] / ideal_ged[0],
-        "baseline": baseline, "baseline_ged": pooled(baseline, 100, "ged"),
-        "all": trials, "seeds": sorted({t.seed for t in trials}), "n_trials": len(trials),
+        "baseline": baseline.trials, "baseline_ged": pooled(baseline.trials, 100, "ged"),
+        "all": trials, "seeds": sorted({t.seed for t in trials}),
+        "repeats": next((len(a["kind"]["repeat"]) for a in main.plan["axes"]
+                         if "repeat" in a["kind"]), 1),
+        "n_trials": len(main.plan["trials"]), "extra": extra,
+        "failed": main.failed + [f for sweep in extra for f in sweep.failed] + baseline.failed,
         "store": store,
         "test_items": spec["items"], "model": spec["model"], "train": train_spec(trials[0]),
         "grid": grid, "start": start, "end": end, "elapsed": hours_between(start, end),
@@ -642,6 +696,7 @@ def main():
     section_curves(page, ctx)
     section_gap(page, ctx)
     section_images(page, ctx)
+    section_failures(page, ctx)
     section_pictures(page, ctx)
     section_regenerate(page)
     write_atomic(os.path.join(args.root, args.out), "\n".join(page.lines).rstrip() + "\n")

@@ -44,6 +44,14 @@ fn study(root: &Path) {
          [sweep.grid]\nbeta = [0.1, 10]\nlatent_dim = [2]\n",
     )
     .unwrap();
+    // Every trial of this one diverges: the page lists failed trials instead of them.
+    std::fs::write(
+        experiments.join("synthetic-clamp.toml"),
+        "[sweep]\nbase = \"synthetic.toml\"\nrepeats = 2\n\
+         set = { \"model.log_sigma_clamp\" = 20, \"train.lr\" = 1e12 }\n\
+         [sweep.grid]\nbeta = [0.1]\nlatent_dim = [2]\n",
+    )
+    .unwrap();
     std::fs::write(
         experiments.join("synthetic-baseline.toml"),
         "[sweep]\nbase = \"synthetic.toml\"\nrepeats = 2\nset = { \"model.beta\" = 1000 }\n",
@@ -95,6 +103,20 @@ fn the_results_page_is_written_from_the_study_and_regenerates_without_retraining
         assert!(page.contains(row), "{row} in {page}");
     }
     assert!(page.contains("| deterministic baseline (beta 1000) |"));
+    let failed = page
+        .split_once("## Trials that failed")
+        .unwrap_or_else(|| panic!("{page}"))
+        .1;
+    for trial in [
+        "00-beta0.1-latent_dim2-seed0",
+        "01-beta0.1-latent_dim2-seed1",
+    ] {
+        assert!(
+            failed.contains(&format!("| synthetic-clamp/{trial} |")),
+            "{failed}"
+        );
+    }
+    assert!(failed.contains("non-finite"), "{failed}");
     assert!(page.contains("AVX"), "the machine is named: {page}");
     // Every picture the page shows is there, copied whole.
     let images: Vec<&str> = page
