@@ -311,9 +311,9 @@ def section_setup(page, ctx):
     page.add(
         "- **Deterministic baseline**: `experiments/synthetic-baseline.toml`, the same spec "
         "with beta 1000, so the posterior must equal the prior and z carries nothing about the "
-        "annotation, so the network has no reason to use it: a U-Net trained on a random "
-        "reader's mask, whose samples tend to one mask (its diversity below says how far they "
-        "got). The same network, data, length and optimiser make it the honest baseline "
+        "annotation: a U-Net trained on a random reader's mask. It is evaluated with "
+        "`probunet eval --deterministic`, which decodes the prior's mean for every sample: one "
+        "mask per image, as a deterministic U-Net predicts. The same network, data, length and optimiser make it the honest baseline "
         "(probunet has no latent-free model to switch to)."
     )
     page.add(
@@ -634,6 +634,9 @@ def context(root):
     extra = [load_sweep(root, name) for name in EXTRA_SWEEPS
              if os.path.exists(os.path.join(root, "runs", name, "summary.csv"))]
     trials = main.trials + [t for sweep in extra for t in sweep.trials]
+    for t in baseline.trials:
+        if not t.report[100]["noise"].startswith("none"):
+            fail(f"{t.dir} was not evaluated with --deterministic (scripts/results.sh does)")
     if not trials or not baseline.trials:
         fail("no finished trial to report on")
     groups = group(trials, main.axes)

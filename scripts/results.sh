@@ -32,13 +32,20 @@ for sweep in synthetic-baseline synthetic-sweep synthetic-clamp; do
         echo "results.sh: $sweep did not finish every trial; the page says which" >&2
 done
 
-for run in runs/synthetic-baseline/*/ runs/synthetic-sweep/*/ runs/synthetic-clamp/*/; do
-    run=${run%/}
-    grep -q '"state": "finished"' "$run/status.json" 2>/dev/null || continue
-    if [ "$run/eval/test-100.json" -nt "$run/checkpoints/best" ]; then
-        continue
+# Evaluates RUN (with FLAGS) unless its evaluation is newer than its best checkpoint and
+# was made with the same readout; only finished trials have a checkpoint to evaluate.
+evaluate() {
+    local run=${1%/} readout=$2
+    shift 2
+    grep -q '"state": "finished"' "$run/status.json" 2>/dev/null || return 0
+    if [ "$run/eval/test-100.json" -nt "$run/checkpoints/best" ] &&
+        grep -q "\"noise\": \"$readout" "$run/eval/test-100.json"; then
+        return 0
     fi
-    "$probunet" eval "$run" --split test --samples 16,100
-done
+    "$probunet" eval "$run" --split test --samples 16,100 "$@"
+}
+# The baseline's readout is the prior's mean, one mask per image: a deterministic U-Net's.
+for run in runs/synthetic-baseline/*/; do evaluate "$run" "none" --deterministic; done
+for run in runs/synthetic-sweep/*/ runs/synthetic-clamp/*/; do evaluate "$run" "per image"; done
 
 "${PROBUNET_PYTHON:-python3}" scripts/results.py

@@ -356,6 +356,32 @@ fn results_depend_on_the_seed_but_not_on_the_batch_size_or_other_sample_counts()
 }
 
 #[test]
+fn deterministic_decodes_the_prior_mean_so_every_sample_is_the_same_mask() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (run, _) = eval_ok(
+        scratch.path(),
+        "deterministic",
+        &["--samples", "3,6", "--deterministic"],
+    );
+    let report = read_json(&run.join("eval/test-6.json"));
+    assert!(
+        report["noise"].as_str().unwrap().starts_with("none"),
+        "{}",
+        report["noise"]
+    );
+    let csv = |n: usize| run.join(format!("eval/test-{n}.csv"));
+    for d in column(&csv(6), "diversity_phiseg") {
+        assert_eq!(d, 0.0, "identical samples are 0 apart");
+    }
+    // The same mask however many times it is drawn: one GED per image at any count,
+    // and each image's samples are all empty or none is.
+    assert_eq!(column(&csv(3), "ged_phiseg"), column(&csv(6), "ged_phiseg"));
+    for e in column(&csv(6), "empty_samples") {
+        assert!(e == 0.0 || e == 1.0, "{e}");
+    }
+}
+
+#[test]
 fn checkpoints_are_chosen_by_name_or_path_with_a_note_when_best_is_missing() {
     let scratch = tempfile::tempdir().unwrap();
     let (run, _) = eval_ok(

@@ -35,6 +35,10 @@ pub struct EvalArgs {
     /// Bootstrap resamples for the 95% intervals.
     #[arg(long, default_value_t = probunet::eval::command::DEFAULT_BOOTSTRAP)]
     bootstrap: usize,
+    /// Decode the prior's mean for every sample instead of drawing z: the one most likely
+    /// mask per image, as a deterministic U-Net predicts (a baseline's readout).
+    #[arg(long)]
+    deterministic: bool,
 }
 
 /// A sweep folder is not a run: name its trials, which are.
@@ -76,6 +80,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         seed: args.seed,
         store: args.store,
         bootstrap: args.bootstrap,
+        deterministic: args.deterministic,
     };
     let outcome = evaluation::evaluate(&options, &mut |p| {
         eprintln!(

@@ -20,7 +20,7 @@ use crate::device::{describe, DeviceSpec};
 use crate::metrics::{EmptyConvention, ImageScores, Summary};
 use crate::model::{ModelError, ProbUNet};
 use crate::run::{check_finite, shape_mismatch, write_atomic, Checkpoint, RunDir, MODEL_FILE};
-use crate::score::{sample_items, BatchCounts, FigureRow};
+use crate::score::{probabilities, sample_items, BatchCounts, FigureRow};
 use crate::tensorboard::EventWriter;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -98,6 +98,9 @@ pub struct EvalOptions {
     pub store: Option<PathBuf>,
     /// Bootstrap resamples for the intervals.
     pub bootstrap: usize,
+    /// Decode the prior's mean for every sample (z = mu) instead of drawing z: the
+    /// model's one most likely mask per image, as a deterministic U-Net gives.
+    pub deterministic: bool,
 }
 
 impl EvalOptions {
@@ -113,6 +116,7 @@ impl EvalOptions {
             seed: 0,
             store: None,
             bootstrap: DEFAULT_BOOTSTRAP,
+            deterministic: false,
         }
     }
 }
@@ -448,6 +452,25 @@ struct Scored {
     empty_annotations: Vec<u32>,
 }
 
+/// `[b, samples, H, W]` probabilities of `items`: seeded draws of z, or with
+/// `--deterministic` the prior's mean for every sample.
+fn model_samples(
+    loaded: &Loaded,
+    options: &EvalOptions,
+    images: &Tensor,
+    items: &[usize],
+    samples: usize,
+) -> Result<Tensor, EvalError> {
+    let model = &loaded.trained.model;
+    if !options.deterministic {
+        return Ok(sample_items(model, images, items, samples, options.seed)?);
+    }
+    let latent = loaded.trained.experiment.model.latent_dim;
+    let shape = [items.len() as i64, samples as i64, latent];
+    let eps = Tensor::f_zeros(shape, (tch::Kind::Float, loaded.trained.device))?;
+    Ok(probabilities(model, images, &eps)?)
+}
+
 /// One sampling pass at the largest count; every count is scored on its prefix.
 fn score_split(
     loaded: &Loaded,
@@ -473,7 +496,7 @@ fn score_split(
     let mut empty_annotations: Vec<u32> = Vec::with_capacity(items.len());
     let (mut done, mut next_report) = (0, 0);
     for (idx, images, masks) in in_order(store, split, options.batch, device) {
-        let probs = sample_items(&loaded.trained.model, &images, &idx, big_n, options.seed)?;
+        let probs = model_samples(loaded, options, &images, &idx, big_n)?;
         let counts = BatchCounts::compute(&masks, &probs, samples)?;
         model.extend(&counts)?;
         empty_annotations.extend(counts.empty_annotations());
@@ -530,6 +553,7 @@ fn report_context<'a>(
             step: loaded.trained.chosen.step,
         },
         seed: options.seed,
+        deterministic: options.deterministic,
         bootstrap: options.bootstrap,
         store: report::StoreRecord {
             path: store.dir.clone(),
@@ -579,7 +603,7 @@ fn write_figures(
             .images
             .f_index_select(0, &index)?
             .to_device(loaded.trained.device);
-        let probs = sample_items(&loaded.trained.model, &image, &[item], n, options.seed)?;
+        let probs = model_samples(loaded, options, &image, &[item], n)?;
         let caption = format!(
             "{}   GED {:.3}   HM-IoU {:.3}   ({which} of {} by GED, {n} samples)",
             store.manifest.keys[item], geds[position], hm_ious[position], options.split

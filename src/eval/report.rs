@@ -286,6 +286,8 @@ pub struct ReportContext<'a> {
     pub items: usize,
     pub checkpoint: CheckpointRecord,
     pub seed: u64,
+    /// Every sample decoded the prior's mean (`eval --deterministic`).
+    pub deterministic: bool,
     pub bootstrap: usize,
     pub store: StoreRecord,
     pub ideal_reference: Option<IdealRecord>,
@@ -310,8 +312,12 @@ impl EvalReport {
             items: context.items,
             checkpoint: context.checkpoint.clone(),
             seed: context.seed,
-            noise: "per image: PCG64 seeded from (seed, store item index), Box-Muller; \
-                    the first n samples of a larger count are the samples at n",
+            noise: if context.deterministic {
+                "none: every sample decodes the prior's mean, z = mu (--deterministic)"
+            } else {
+                "per image: PCG64 seeded from (seed, store item index), Box-Muller; \
+                 the first n samples of a larger count are the samples at n"
+            },
             conventions: serde_json::json!({
                 "default": EmptyConvention::default().as_str(),
                 "computed": CONVENTIONS.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
