@@ -249,3 +249,31 @@ fn the_binary_needs_libtorch_cuda_and_finds_it_through_its_runpath() {
     );
     assert!(stdout(&out).starts_with("probunet "), "{}", stdout(&out));
 }
+
+/// Every spec the repository ships resolves: experiment specs load with every key known,
+/// and sweep specs plan their trials, each of which resolves too.
+#[test]
+fn every_shipped_spec_resolves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut specs: Vec<_> = std::fs::read_dir(common::repo().join("experiments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    specs.sort();
+    assert!(specs.len() >= 6, "{specs:?}");
+    for spec in specs {
+        let text = std::fs::read_to_string(&spec).unwrap();
+        if text.contains("[sweep]") {
+            let out = run_ok(dir.path(), &["sweep", spec.to_str().unwrap(), "--plan"]);
+            assert!(
+                !stdout(&out).contains("will fail"),
+                "{}: {}",
+                spec.display(),
+                stdout(&out)
+            );
+        } else if let Err(e) = probunet::config::load(&spec, &[], &[]) {
+            panic!("{}: {e}", spec.display());
+        }
+    }
+}
