@@ -579,6 +579,26 @@ def section_images(page, ctx, n=100):
     page.add()
 
 
+def section_collapse(page, ctx, n=100):
+    """Trials whose samples are almost always, or almost never, empty where the readers
+    leave about half the images empty: the runs that make the seed spread."""
+    ideal_empty = ctx["ideal"][n]["ideal"]["empty_samples"]["mean"]
+    odd = [t for t in ctx["all"] + ctx["baseline"]
+           if abs(t.report[n]["empty_masks"]["samples"]["mean"] - ideal_empty) > 0.3]
+    if not odd:
+        return
+    page.add(
+        f"Trials whose samples are empty far more or far less often than the readers' "
+        f"{ideal_empty:.0%} (by more than 30 points), with the KL at their last validation:"
+    )
+    page.add()
+    rows = [[f"{os.path.basename(os.path.dirname(t.dir))}/{t.id}",
+             f"{t.report[n]['empty_masks']['samples']['mean']:.2f}",
+             f"{t.mean(n, 'diversity'):.3f}", f"{t.kl:.1f}", f"{t.mean(n, 'ged'):.3f}"]
+            for t in odd]
+    page.table(["trial", "empty samples", "diversity", "final val KL", "GED @100"], rows)
+
+
 def section_failures(page, ctx):
     if not ctx["failed"]:
         return
@@ -699,6 +719,7 @@ def main():
     section_curves(page, ctx)
     section_gap(page, ctx)
     section_images(page, ctx)
+    section_collapse(page, ctx)
     section_failures(page, ctx)
     section_pictures(page, ctx)
     section_regenerate(page)
