@@ -274,8 +274,23 @@ def section_header(page, ctx):
         f"{ratio:.2f}x the ideal, {'within' if ratio <= 1 + WITHIN else 'not within'} "
         f"{WITHIN:.0%} of it. The deterministic baseline scores {ctx['baseline_ged'][0]:.3f} "
         f"({ctx['baseline_ged'][0] / ctx['ideal_ged'][0]:.2f}x)."
+        + seeds_note(ctx)
     )
     page.add()
+
+
+def seeds_note(ctx):
+    """What the headline must say about trials that did not finish."""
+    finished = len(ctx["groups"][ctx["best"]])
+    text = ""
+    if finished < ctx["repeats"]:
+        text += (f" Only {finished} of its {ctx['repeats']} seeds finished, so it is the best "
+                 "of the runs that survived.")
+    failed = [f for f in ctx["failed"] if f["sweep"] == "synthetic-sweep"]
+    if failed:
+        text += (f" {len(failed)} of the sweep's {ctx['n_trials']} trials stopped on a "
+                 "non-finite gradient (see *Trials that failed*).")
+    return text
 
 
 def section_setup(page, ctx):
@@ -510,6 +525,13 @@ def section_gap(page, ctx):
             f"its samples are empty {empty:.0%} of the time where the readers' are "
             f"{ideal_empty:.0%}: the decision whether a faint lesion is there is what it gets "
             "wrong most")
+    hm_iou = pooled(best, 100, "hm_iou")[0]
+    ideal_hm_iou = ideal["ideal"]["metrics"]["phiseg"]["hm_iou"]["mean"]
+    if hm_iou < 0.9 * ideal_hm_iou:
+        findings.append(
+            f"its samples match the readers' masks less well than the readers' own draws do "
+            f"(HM-IoU {hm_iou:.3f} against {ideal_hm_iou:.3f}): the outlines it draws, more than "
+            "how many it draws or how varied, are what it gets wrong")
     if kl < 0.5:
         findings.append(f"its final KL is {kl:.2f} nats: the posterior has collapsed onto the "
                         "prior and z carries almost nothing")

@@ -42,6 +42,31 @@ fn every_image_the_readme_shows_is_committed() {
     }
 }
 
+/// The README's headline result is docs/results.md's, word for word (the page is written
+/// by scripts/results.py from the study's outputs), and every picture the page shows is
+/// committed.
+#[test]
+fn the_readme_headline_is_the_results_page_and_its_pictures_are_committed() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let page = std::fs::read_to_string(root.join("docs/results.md")).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let headline = page
+        .lines()
+        .find(|l| l.starts_with("**Headline.**"))
+        .unwrap_or_else(|| panic!("no headline in docs/results.md"));
+    assert!(readme.contains(headline), "README lacks: {headline}");
+    let images: Vec<&str> = page
+        .lines()
+        .filter_map(|l| l.strip_prefix("![")?.split("](").nth(1)?.strip_suffix(')'))
+        .collect();
+    assert!(images.len() >= 6, "{images:?}");
+    for image in images {
+        let path = root.join("docs").join(image);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{image}: {e}"));
+        assert!(bytes.starts_with(b"\x89PNG"), "{image} is not a PNG");
+    }
+}
+
 #[test]
 fn prepare_shows_both_ways_to_call_it() {
     let dir = tempfile::tempdir().unwrap();
