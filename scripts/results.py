@@ -82,8 +82,7 @@ class Trial:
             self.rows[n] = read_csv(base + ".csv")
 
     def per_image(self, n, metric):
-        column = "ncc" if metric == "ncc" else f"{metric}_phiseg"
-        return [number(r[column]) for r in self.rows[n]]
+        return self.column(n, "ncc" if metric == "ncc" else f"{metric}_phiseg")
 
     def column(self, n, name):
         if self.rows[n] and name not in self.rows[n][0]:

@@ -7,26 +7,6 @@ use common::{read_json, repo};
 use std::path::Path;
 use std::process::Command;
 
-const SPEC: &str = r#"name = "synthetic"
-[data.synthetic]
-items = 64
-size = 16
-seed = 0
-[model]
-filters = [8, 16]
-latent_dim = 2
-beta = 1.0
-reconstruction = "batch_mean"
-[train]
-batch = 8
-steps = 6
-lr = 1e-3
-val_every = 3
-val_samples = 4
-checkpoint_every = 3
-device = "cpu"
-"#;
-
 /// A repository-shaped folder with the two scripts and a tiny study's specs.
 fn study(root: &Path) {
     for dir in ["scripts", "experiments", "docs"] {
@@ -37,7 +17,9 @@ fn study(root: &Path) {
         std::fs::copy(repo().join("scripts").join(script), to).unwrap();
     }
     let experiments = root.join("experiments");
-    std::fs::write(experiments.join("synthetic.toml"), SPEC).unwrap();
+    // The suite's small experiment, 6 steps validated every 3, stands in for synthetic.toml.
+    let spec = common::tiny_spec(6, 3, "");
+    std::fs::write(experiments.join("synthetic.toml"), spec).unwrap();
     std::fs::write(
         experiments.join("synthetic-sweep.toml"),
         "[sweep]\nbase = \"synthetic.toml\"\nrepeats = 2\n\
