@@ -9,6 +9,7 @@ Without --port the model is scripts/torch_probunet.py (written from spec/model.m
 classes, the seed's config) with its train_model.py loss:
 -elbo + 1e-5 * (l2(posterior) + l2(prior) + l2(fcomb.layers)).
 
+Times are medians over the timed steps (and sampling passes), as probunet's side reports.
 Training: forward, ELBO, backward and an Adam step per batch (the seed's loop as written,
 with the loss read back every step as the seed's logging does). Sampling: prior and U-Net
 once per image, fcomb per sample, thresholded, `samples` per image.
@@ -16,6 +17,7 @@ once per image, fcomb per sample, thresholded, `samples` per image.
 import argparse
 import json
 import resource
+import statistics
 import sys
 import time
 
@@ -59,6 +61,17 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def median_time(fn, reps, device):
+    """The median seconds of `reps` calls of `fn`, as probunet's side times its own."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, required=True)
@@ -96,11 +109,7 @@ def main():
     for _ in range(args.warmup):
         train()
     sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        train()
-    sync(device)
-    train_s = (time.perf_counter() - start) / args.steps
+    train_s = median_time(train, max(1, args.steps), device)
 
     @torch.no_grad()
     def sample():
@@ -110,12 +119,7 @@ def main():
 
     sample()
     sync(device)
-    start = time.perf_counter()
-    reps = max(1, args.steps // 2)
-    for _ in range(reps):
-        sample()
-    sync(device)
-    sample_s = (time.perf_counter() - start) / reps
+    sample_s = median_time(sample, max(1, args.steps // 2), device)
 
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

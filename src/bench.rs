@@ -28,6 +28,8 @@ pub struct BenchOptions {
     pub compile: bool,
     /// Skip the PyTorch side.
     pub no_torch: bool,
+    /// Times each setting is raced, the sides alternating within each round.
+    pub rounds: usize,
     /// Every measured row is appended here as a JSON line.
     pub out: PathBuf,
 }
@@ -50,6 +52,9 @@ pub struct Measurement {
     /// The CPU's vector ISA as the implementation uses it (AVX2, AVX512, ...).
     #[serde(default)]
     pub cpu: Option<String>,
+    /// probunet's activation layouts (`model::layout`); PyTorch's sides run NCHW.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<String>,
 }
 
 fn sync(device: Device) {
@@ -78,7 +83,48 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Measures one setting in this process.
+/// The median of `values` (sorted in place); 0 for none. A step that another process on a
+/// shared machine slowed moves a mean, not a median.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => 0.5 * (values[n / 2 - 1] + values[n / 2]),
+    }
+}
+
+/// Each implementation's median over the rounds of each setting, in the order the rows
+/// first appear: every figure is the median of that figure across the rounds.
+pub fn medians(rows: &[Measurement]) -> Vec<Measurement> {
+    let key = |r: &Measurement| (r.implementation.clone(), r.batch, r.precision.clone());
+    let mut keys = Vec::new();
+    for k in rows.iter().map(key) {
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys.into_iter()
+        .filter_map(|k| {
+            let group: Vec<&Measurement> = rows.iter().filter(|r| key(r) == k).collect();
+            let of = |f: &dyn Fn(&Measurement) -> f64| {
+                median(&mut group.iter().map(|r| f(r)).collect::<Vec<_>>())
+            };
+            let peaks: Vec<f64> = group.iter().filter_map(|r| r.peak_mib).collect();
+            let first = *group.first()?;
+            Some(Measurement {
+                train_images_per_s: of(&|r| r.train_images_per_s),
+                ms_per_step: of(&|r| r.ms_per_step),
+                samples_per_s: of(&|r| r.samples_per_s),
+                peak_mib: (!peaks.is_empty()).then(|| median(&mut peaks.clone())),
+                ..first.clone()
+            })
+        })
+        .collect()
+}
+
+/// Measures one setting in this process: training and sampling times are the medians of
+/// the timed steps and sampling passes.
 pub fn measure(
     batch: i64,
     precision: Precision,
@@ -106,12 +152,14 @@ pub fn measure(
         train_step()?;
     }
     sync(device);
-    let start = Instant::now();
-    for _ in 0..options.steps {
+    let mut step_s = Vec::with_capacity(options.steps);
+    for _ in 0..options.steps.max(1) {
+        let start = Instant::now();
         train_step()?;
+        sync(device);
+        step_s.push(start.elapsed().as_secs_f64());
     }
-    sync(device);
-    let train_s = start.elapsed().as_secs_f64() / options.steps.max(1) as f64;
+    let train_s = median(&mut step_s);
 
     let sample = || -> Result<i64> {
         let logits = tch::no_grad(|| model.sample(&image, options.samples))?;
@@ -119,13 +167,14 @@ pub fn measure(
     };
     sample()?;
     sync(device);
-    let reps = (options.steps / 2).max(1);
-    let start = Instant::now();
-    for _ in 0..reps {
+    let mut rep_s = Vec::new();
+    for _ in 0..(options.steps / 2).max(1) {
+        let start = Instant::now();
         sample()?;
+        sync(device);
+        rep_s.push(start.elapsed().as_secs_f64());
     }
-    sync(device);
-    let sample_s = start.elapsed().as_secs_f64() / reps as f64;
+    let sample_s = median(&mut rep_s);
     let (peak_mib, peak_kind) = peak_mib(device);
     Ok(Measurement {
         implementation: "probunet".into(),
@@ -139,6 +188,7 @@ pub fn measure(
         peak_kind: peak_kind.into(),
         threads: tch::get_num_threads() as i64,
         cpu: Some(crate::sys::cpu_capability()),
+        layout: Some(model.layouts(device).to_string()),
     })
 }
 
@@ -200,8 +250,9 @@ pub enum Progress<'a> {
     Measured(&'a [Measurement]),
 }
 
-/// Measures every setting on both sides, each in a fresh child process, appending each row
-/// to `options.out` and telling `progress` after each setting; returns every row.
+/// Measures every setting on both sides `options.rounds` times, each in a fresh child
+/// process, appending each row to `options.out` and telling `progress` after each round;
+/// returns every row.
 pub fn race(
     options: &BenchOptions,
     mut progress: impl FnMut(Progress<'_>),
@@ -219,14 +270,16 @@ pub fn race(
             continue;
         }
         for &batch in &options.batches {
-            let rows = setting(options, batch, precision, device)?;
-            for row in &rows {
-                let mut line = serde_json::to_value(row)?;
-                line["date"] = serde_json::json!(chrono::Utc::now().to_rfc3339());
-                writeln!(out, "{line}")?;
+            for _ in 0..options.rounds.max(1) {
+                let rows = setting(options, batch, precision, device)?;
+                for row in &rows {
+                    let mut line = serde_json::to_value(row)?;
+                    line["date"] = serde_json::json!(chrono::Utc::now().to_rfc3339());
+                    writeln!(out, "{line}")?;
+                }
+                progress(Progress::Measured(&rows));
+                all.extend(rows);
             }
-            progress(Progress::Measured(&rows));
-            all.extend(rows);
         }
     }
     Ok(all)
@@ -312,4 +365,61 @@ pub fn seed_port() -> Option<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("../shared/seed-port"));
     dir.join("probabilistic_unet.py").is_file().then_some(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(implementation: &str, batch: i64, ms: f64, peak: Option<f64>) -> Measurement {
+        Measurement {
+            implementation: implementation.into(),
+            batch,
+            precision: "fp32".into(),
+            device: "cpu".into(),
+            train_images_per_s: batch as f64 * 1e3 / ms,
+            ms_per_step: ms,
+            samples_per_s: 1e4 / ms,
+            peak_mib: peak,
+            peak_kind: "rss".into(),
+            threads: 2,
+            cpu: Some("AVX2".into()),
+            layout: None,
+        }
+    }
+
+    #[test]
+    fn medians_are_per_side_and_setting_in_first_seen_order() {
+        let rows = [
+            row("probunet", 5, 100.0, Some(10.0)),
+            row("seed-port", 5, 300.0, Some(30.0)),
+            row("probunet", 5, 900.0, Some(12.0)),
+            row("seed-port", 5, 200.0, None),
+            row("probunet", 5, 120.0, Some(11.0)),
+            row("seed-port", 5, 250.0, Some(20.0)),
+            row("probunet", 32, 400.0, None),
+        ];
+        let m = medians(&rows);
+        let got: Vec<(&str, i64, f64, Option<f64>)> = m
+            .iter()
+            .map(|r| {
+                (
+                    r.implementation.as_str(),
+                    r.batch,
+                    r.ms_per_step,
+                    r.peak_mib,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("probunet", 5, 120.0, Some(11.0)),
+                ("seed-port", 5, 250.0, Some(25.0)),
+                ("probunet", 32, 400.0, None),
+            ]
+        );
+        assert_eq!(m[0].samples_per_s, 1e4 / 120.0);
+        assert_eq!(median(&mut []), 0.0);
+    }
 }

@@ -156,12 +156,15 @@ fn bench_races_pytorch_and_writes_json_lines() {
             "0",
             "--samples",
             "2",
+            "--rounds",
+            "2",
             "--out",
             out_file.to_str().unwrap(),
         ],
     );
     let stdout = stdout(&out);
     assert!(stdout.contains("bf16 skipped"), "{stdout}");
+    assert!(stdout.contains("median of 2 rounds:"), "{stdout}");
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
         .unwrap()
         .lines()
@@ -169,15 +172,31 @@ fn bench_races_pytorch_and_writes_json_lines() {
         .collect();
     let impls: Vec<&str> = lines.iter().map(|l| l["impl"].as_str().unwrap()).collect();
     // The real port races too where the checkout has it beside (../shared/seed-port).
+    // Each round runs every side once, alternating.
     match probunet::bench::seed_port() {
-        Some(_) => assert_eq!(impls, ["probunet", "pytorch", "seed-port"]),
+        Some(_) => assert_eq!(
+            impls,
+            [
+                "probunet",
+                "pytorch",
+                "seed-port",
+                "probunet",
+                "pytorch",
+                "seed-port"
+            ]
+        ),
         None => {
             common::loud(
                 "bench test: no ../shared/seed-port, so the real port's row is not checked",
             );
-            assert_eq!(impls, ["probunet", "pytorch"]);
+            assert_eq!(impls, ["probunet", "pytorch", "probunet", "pytorch"]);
         }
     }
+    assert!(
+        lines[0]["layout"].as_str().unwrap().starts_with("trains "),
+        "probunet records its layouts: {}",
+        lines[0]
+    );
     for line in &lines {
         assert!(line["train_images_per_s"].as_f64().unwrap() > 0.0);
         assert!(line["samples_per_s"].as_f64().unwrap() > 0.0);

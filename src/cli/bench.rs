@@ -33,6 +33,11 @@ pub struct BenchArgs {
     /// Skip the PyTorch side.
     #[arg(long)]
     no_torch: bool,
+    /// Race each setting this many times, the sides alternating within each round, and
+    /// end with each side's median over the rounds: on a shared machine one round's
+    /// ratios move with whatever else runs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
+    rounds: u16,
     /// JSON lines are appended here.
     #[arg(long, default_value = "bench.jsonl")]
     out: PathBuf,
@@ -52,6 +57,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         samples: args.samples,
         compile: args.compile,
         no_torch: args.no_torch,
+        rounds: args.rounds.into(),
         out: args.out.clone(),
     };
     if args.one {
@@ -74,6 +80,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             Progress::Measured(rows) => rows.iter().for_each(|row| print_row(&rows[0], row)),
         }
     })?;
+    if args.rounds > 1 {
+        println!("median of {} rounds:", args.rounds);
+        print_header();
+        let medians = bench::medians(&rows);
+        for row in &medians {
+            if let Some(ours) = medians.iter().find(|m| {
+                m.implementation == "probunet"
+                    && (m.batch, &m.precision) == (row.batch, &row.precision)
+            }) {
+                print_row(ours, row);
+            }
+        }
+    }
     let mut isas: Vec<String> = rows
         .iter()
         .map(|r| format!("{} {}", r.implementation, r.cpu.as_deref().unwrap_or("?")))
@@ -82,6 +101,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     isas.dedup();
     if !isas.is_empty() {
         println!("CPU vector ISA in use: {}", isas.join(", "));
+    }
+    if let Some(layout) = rows.iter().find_map(|r| r.layout.as_deref()) {
+        println!(
+            "probunet's activation layout: {layout} (PROBUNET_CPU_LAYOUT changes it on the CPU)"
+        );
     }
     println!("ratios are probunet / that row (x > 1: probunet faster; mem x < 1: probunet smaller); JSON lines in {}", args.out.display());
     Ok(())

@@ -58,10 +58,13 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-/// Runs the subcommand, after installing the CPU allocator that the environment asks for
-/// (before libtorch allocates anything).
+/// Runs the subcommand, after installing the CPU allocator and layout that the environment
+/// asks for (before libtorch allocates anything).
 pub fn run(cli: Cli) -> Result<()> {
     probunet::memory::install(probunet::memory::from_env().map_err(anyhow::Error::msg)?);
+    probunet::model::layout::install(
+        probunet::model::layout::from_env().map_err(anyhow::Error::msg)?,
+    );
     match cli.command {
         Command::Prepare(args) => prepare::run(args),
         Command::Train(args) => train::run(args),

@@ -2,6 +2,10 @@
 use super::layers::{Conv2d, ConvInit};
 use tch::{nn, Tensor};
 
+/// About how many bytes of activations fcomb's 1x1 convs take per chunk of samples: two
+/// such tensors live at once, and 2 x 8 MiB sit in a 32 MiB L3 cache.
+pub const CHUNK_BYTES: i64 = 8 << 20;
+
 #[derive(Debug)]
 pub struct Fcomb {
     /// `fcomb_convs - 1` hidden 1x1 convs with ReLU; the first takes features and z.
@@ -52,8 +56,12 @@ impl Fcomb {
     /// Logits for `n` samples per image without tiling z or repeating the features:
     /// the first conv splits as `W_f f + W_z z + b`, so `W_f f` is computed once per image
     /// and only the `[B, n, F]` latent part varies. (Training takes this path too: it
-    /// skips concatenating a tiled z, and the features keep their channels-last layout.) `z` is `[B, n, L]`; the result is
-    /// `[B, n, classes, H, W]`.
+    /// skips concatenating a tiled z, and the features keep their layout.) `z` is
+    /// `[B, n, L]`; the result is `[B, n, classes, H, W]`.
+    ///
+    /// The samples go through the 1x1 convs in chunks of about [`CHUNK_BYTES`] of
+    /// activations, so each layer reads its input from cache rather than memory, and the
+    /// peak memory of sampling does not grow with `n`.
     pub fn forward_samples(&self, features: &Tensor, z: &Tensor) -> Tensor {
         let (b, n) = (z.size()[0], z.size()[1]);
         let (h, w) = (features.size()[2], features.size()[3]);
@@ -68,15 +76,58 @@ impl Fcomb {
             .flatten(1, -1);
         let feature_part = features.conv2d(&w_f, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
         let latent_part = (z.matmul(&w_z.tr()) + &first.bias).to_kind(features.kind());
-        let mut xs = (feature_part.unsqueeze(1) + latent_part.unsqueeze(-1).unsqueeze(-1))
-            .relu()
-            .reshape([b * n, self.features, h, w]);
-        for conv in &self.hidden[1..] {
-            xs = conv.forward(&xs).relu();
-        }
-        let logits = self.last.forward(&xs);
+        let row_bytes = self.features * h * w * features.kind().elt_size_in_bytes() as i64;
+        let rows = (CHUNK_BYTES / row_bytes.max(1)).max(1);
+        let chunks: Vec<Tensor> = if n >= rows {
+            // Chunks of one image's samples.
+            (0..b)
+                .flat_map(|i| (0..n).step_by(rows as usize).map(move |s| (i, s)))
+                .map(|(i, s)| {
+                    let len = rows.min(n - s);
+                    self.decode(
+                        &feature_part.narrow(0, i, 1),
+                        &latent_part.narrow(0, i, 1).narrow(1, s, len),
+                    )
+                })
+                .collect()
+        } else {
+            // Chunks of whole images with all their samples.
+            let images = (rows / n).max(1);
+            (0..b)
+                .step_by(images as usize)
+                .map(|i| {
+                    let len = images.min(b - i);
+                    self.decode(
+                        &feature_part.narrow(0, i, len),
+                        &latent_part.narrow(0, i, len),
+                    )
+                })
+                .collect()
+        };
+        let mut chunks = chunks;
+        let logits = if chunks.len() == 1 {
+            chunks.remove(0)
+        } else {
+            Tensor::cat(&chunks, 0)
+        };
         let classes = logits.size()[1];
         logits.reshape([b, n, classes, h, w])
+    }
+
+    /// Logits `[m * n, classes, H, W]` (image-major) from the first layer's two parts:
+    /// `feature_part` `[m, F, H, W]` and `latent_part` `[m, n, F]`.
+    fn decode(&self, feature_part: &Tensor, latent_part: &Tensor) -> Tensor {
+        let (m, n) = (latent_part.size()[0], latent_part.size()[1]);
+        let (h, w) = (feature_part.size()[2], feature_part.size()[3]);
+        // In place after each layer: neither the sum's nor a convolution's backward needs
+        // its output.
+        let mut xs = (feature_part.unsqueeze(1) + latent_part.unsqueeze(-1).unsqueeze(-1))
+            .relu_()
+            .reshape([m * n, self.features, h, w]);
+        for conv in &self.hidden[1..] {
+            xs = conv.forward(&xs).relu_();
+        }
+        self.last.forward(&xs)
     }
 
     /// Parameters of the hidden layers only: the seed's l2 term skips the last layer.
@@ -86,5 +137,44 @@ impl Fcomb {
 
     pub fn parameters(&self) -> impl Iterator<Item = &Tensor> {
         self.hidden_parameters().chain(self.last.parameters())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// The seed's fcomb for one z per image: z tiled over the image and concatenated with
+    /// the features, then every conv whole.
+    fn tiled(fcomb: &Fcomb, features: &Tensor, z: &Tensor) -> Tensor {
+        let size = features.size();
+        let (b, l) = (z.size()[0], z.size()[1]);
+        let z = z.view([b, l, 1, 1]).expand([b, l, size[2], size[3]], false);
+        let mut xs = Tensor::cat(&[features.shallow_clone(), z], 1);
+        for conv in &fcomb.hidden {
+            xs = conv.forward(&xs).relu();
+        }
+        fcomb.last.forward(&xs)
+    }
+
+    #[test]
+    fn chunked_samples_decode_as_the_seed_does_one_sample_at_a_time() {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let fcomb = Fcomb::new(vs.root(), 32, 2, 4, 1);
+        // 2 MiB per sample of [32, 128, 128] float32: chunks of 4 samples, so 6 samples
+        // per image split 4 + 2, and 5 images of one sample split 4 + 1.
+        for (b, n) in [(2, 6), (5, 1)] {
+            let features = Tensor::rand([b, 32, 128, 128], (Kind::Float, Device::Cpu));
+            let z = Tensor::randn([b, n, 2], (Kind::Float, Device::Cpu));
+            let all = tch::no_grad(|| fcomb.forward_samples(&features, &z));
+            assert_eq!(all.size(), [b, n, 1, 128, 128]);
+            for j in 0..n {
+                let one = tch::no_grad(|| tiled(&fcomb, &features, &z.select(1, j)));
+                let diff = (all.select(1, j) - one).abs().max().double_value(&[]);
+                assert!(diff < 1e-5, "b {b}, sample {j}: {diff}");
+            }
+        }
     }
 }

@@ -8,6 +8,7 @@ mod fcomb;
 mod footprint;
 mod gaussian;
 mod layers;
+pub mod layout;
 mod probunet;
 mod unet;
 

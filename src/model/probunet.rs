@@ -1,6 +1,7 @@
 //! The whole model: U-Net, prior, posterior and fcomb, the ELBO and prior sampling.
 use super::fcomb::Fcomb;
 use super::gaussian::{AxisAlignedConvGaussian, DiagonalGaussian};
+use super::layout::{self, Layout, Layouts};
 use super::unet::UNet;
 use super::{ModelConfig, ModelError, Reduction};
 use crate::device::Precision;
@@ -52,10 +53,14 @@ impl ParameterCounts {
     }
 }
 
-/// `t` (`[N, C, H, W]`) with channels-last strides. oneDNN runs convolutions in a
-/// channel-blocked layout, so NCHW activations are converted into it and back around every
-/// convolution (a quarter of a CPU training step); from channels-last input libtorch picks
-/// kernels that read and write it directly, and the layout then carries through ReLU,
+/// Which of the model's passes an input is laid out for (`layout::Layouts`).
+#[derive(Debug, Clone, Copy)]
+enum Pass {
+    Elbo,
+    Sample,
+}
+
+/// `t` (`[N, C, H, W]`) with channels-last strides; the layout then carries through ReLU,
 /// pooling, upsampling and concatenation. (For C = 1, permuting makes no copy and the
 /// strides must be set by hand, or libtorch would read the tensor as NCHW.)
 fn channels_last(t: &Tensor) -> Tensor {
@@ -125,28 +130,48 @@ impl ProbUNet {
 
     /// The latent Gaussian of `net` for `input`, with float32 parameters whatever the
     /// compute precision.
-    fn latent(&self, net: &AxisAlignedConvGaussian, input: &Tensor) -> DiagonalGaussian {
-        let g = net.forward(&self.layout(input));
+    fn latent(
+        &self,
+        net: &AxisAlignedConvGaussian,
+        input: &Tensor,
+        pass: Pass,
+    ) -> DiagonalGaussian {
+        let g = net.forward(&self.layout(input, pass));
         DiagonalGaussian {
             mu: g.mu.to_kind(Kind::Float),
             log_sigma: g.log_sigma.to_kind(Kind::Float),
         }
     }
 
-    fn features(&self, image: &Tensor) -> Tensor {
-        self.unet.forward(&self.layout(image))
+    fn features(&self, image: &Tensor, pass: Pass) -> Tensor {
+        self.unet.forward(&self.layout(image, pass))
     }
 
-    /// An input in the compute precision and in the memory layout the convolutions run
-    /// fastest from: channels-last on the CPU (measured: docs/performance.md) and for
-    /// bfloat16 on CUDA (as PyTorch recommends for tensor cores); plain NCHW for float32 on
-    /// CUDA, where cuDNN's NCHW kernels are its default.
-    fn layout(&self, input: &Tensor) -> Tensor {
+    /// An input in the compute precision and in the memory layout the convolutions of
+    /// `pass` run fastest from: on the CPU as [`layout::cpu_layouts`] chooses per ISA;
+    /// channels-last for bfloat16 on CUDA (as PyTorch recommends for tensor cores); plain
+    /// NCHW for float32 on CUDA, where cuDNN's NCHW kernels are its default.
+    fn layout(&self, input: &Tensor, pass: Pass) -> Tensor {
         let input = input.to_kind(self.compute_kind);
-        if input.device() == tch::Device::Cpu || self.compute_kind == Kind::BFloat16 {
-            channels_last(&input)
+        let layouts = self.layouts(input.device());
+        let layout = match pass {
+            Pass::Elbo => layouts.elbo,
+            Pass::Sample => layouts.sample,
+        };
+        match layout {
+            Layout::ChannelsLast => channels_last(&input),
+            Layout::Nchw => input.contiguous(),
+        }
+    }
+
+    /// The layouts this model's passes run in on `device` at its precision.
+    pub fn layouts(&self, device: tch::Device) -> Layouts {
+        if device == tch::Device::Cpu {
+            layout::cpu_layouts()
+        } else if self.compute_kind == Kind::BFloat16 {
+            Layouts::both(Layout::ChannelsLast)
         } else {
-            input
+            Layouts::both(Layout::Nchw)
         }
     }
 
@@ -226,9 +251,9 @@ impl ProbUNet {
     ) -> Result<ElboTerms, ModelError> {
         self.check_image(image)?;
         self.check_mask(image, mask)?;
-        let prior = self.latent(&self.prior, image);
-        let posterior = self.latent(&self.posterior, &Tensor::cat(&[image, mask], 1));
-        let features = self.features(image);
+        let prior = self.latent(&self.prior, image, Pass::Elbo);
+        let posterior = self.latent(&self.posterior, &Tensor::cat(&[image, mask], 1), Pass::Elbo);
+        let features = self.features(image, Pass::Elbo);
         let z = match z {
             Some(z) => z.shallow_clone(),
             None => posterior.rsample(),
@@ -305,8 +330,8 @@ impl ProbUNet {
         z: impl FnOnce(&DiagonalGaussian) -> Tensor,
     ) -> Result<Tensor, ModelError> {
         self.check_image(image)?;
-        let prior = self.latent(&self.prior, image);
-        let features = self.features(image);
+        let prior = self.latent(&self.prior, image, Pass::Sample);
+        let features = self.features(image, Pass::Sample);
         Ok(self
             .fcomb
             .forward_samples(&features, &z(&prior))
