@@ -107,8 +107,7 @@ fn the_cpu_allocator_is_chosen_by_the_environment_and_bad_values_are_named() {
     };
     let out = common::expect_success(&mut doctor(&[]));
     assert!(
-        stdout(&out)
-            .contains("CPU allocator: probunet's caching allocator, keeping up to 1024 MiB"),
+        stdout(&out).contains("CPU allocator: probunet's caching allocator, keeping up to 256 MiB"),
         "{}",
         stdout(&out)
     );

@@ -36,8 +36,10 @@ pub fn reset_cuda_peak(device: usize) -> bool {
     unsafe { probunet_cuda_reset_peak(device as i32) == 0 }
 }
 
-/// Freed memory kept for reuse unless `PROBUNET_CPU_CACHE_MIB` says otherwise.
-pub const DEFAULT_CACHE_MIB: usize = 1024;
+/// Freed memory kept for reuse unless `PROBUNET_CPU_CACHE_MIB` says otherwise. 256 MiB
+/// holds what a batch-5 step reuses; at batch 32, 1024 MiB kept 480 MiB more at the peak for
+/// no speed that could be told from noise (docs/performance.md, AVX2, 2026-12-02).
+pub const DEFAULT_CACHE_MIB: usize = 256;
 
 /// Which CPU allocator libtorch uses in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
