@@ -105,9 +105,11 @@ impl ModelConfig {
 }
 
 impl ModelConfig {
-    /// What drawing `samples` samples of each of `batch` images holds at once: fcomb's
-    /// input and output for every sample, and the probabilities. `what` names the flags
-    /// or keys that asked.
+    /// What drawing `samples` samples of each of `batch` images holds at once: per sample
+    /// pixel its logits, twice (fcomb's chunks and their concatenation), and a float for
+    /// the probabilities or a reference draw; per image pixel the U-Net features and
+    /// fcomb's feature part; and two of fcomb's chunks of activations. `what` names the
+    /// flags or keys that asked.
     pub fn check_sampling(
         &self,
         what: String,
@@ -117,8 +119,11 @@ impl ModelConfig {
         width: u64,
     ) -> Result<(), TooLarge> {
         let first = self.filters.first().copied().unwrap_or(1) as u64;
-        let channels = 2 * first + self.latent_dim as u64 + 1;
-        let bytes = product(&[batch, samples, height, width, channels]).saturating_mul(FLOAT);
+        let per_sample = 2 * self.num_classes as u64 + 1;
+        let bytes = product(&[batch, samples, height, width, per_sample])
+            .saturating_add(product(&[batch, height, width, 2 * first]))
+            .saturating_mul(FLOAT)
+            .saturating_add(2 * super::fcomb::CHUNK_BYTES as u128);
         Need::new(what, bytes).fits_memory()
     }
 }
