@@ -94,6 +94,18 @@ pub fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// The median seconds of `reps` calls of `f`, each timed to the device's completion.
+fn median_seconds<T>(reps: usize, device: Device, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    let mut seconds = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        f()?;
+        sync(device);
+        seconds.push(start.elapsed().as_secs_f64());
+    }
+    Ok(median(&mut seconds))
+}
+
 /// Each implementation's median over the rounds of each setting, in the order the rows
 /// first appear: every figure is the median of that figure across the rounds.
 pub fn medians(rows: &[Measurement]) -> Vec<Measurement> {
@@ -110,13 +122,13 @@ pub fn medians(rows: &[Measurement]) -> Vec<Measurement> {
             let of = |f: &dyn Fn(&Measurement) -> f64| {
                 median(&mut group.iter().map(|r| f(r)).collect::<Vec<_>>())
             };
-            let peaks: Vec<f64> = group.iter().filter_map(|r| r.peak_mib).collect();
+            let mut peaks: Vec<f64> = group.iter().filter_map(|r| r.peak_mib).collect();
             let first = *group.first()?;
             Some(Measurement {
                 train_images_per_s: of(&|r| r.train_images_per_s),
                 ms_per_step: of(&|r| r.ms_per_step),
                 samples_per_s: of(&|r| r.samples_per_s),
-                peak_mib: (!peaks.is_empty()).then(|| median(&mut peaks.clone())),
+                peak_mib: (!peaks.is_empty()).then(|| median(&mut peaks)),
                 ..first.clone()
             })
         })
@@ -152,14 +164,7 @@ pub fn measure(
         train_step()?;
     }
     sync(device);
-    let mut step_s = Vec::with_capacity(options.steps);
-    for _ in 0..options.steps.max(1) {
-        let start = Instant::now();
-        train_step()?;
-        sync(device);
-        step_s.push(start.elapsed().as_secs_f64());
-    }
-    let train_s = median(&mut step_s);
+    let train_s = median_seconds(options.steps.max(1), device, train_step)?;
 
     let sample = || -> Result<i64> {
         let logits = tch::no_grad(|| model.sample(&image, options.samples))?;
@@ -167,14 +172,7 @@ pub fn measure(
     };
     sample()?;
     sync(device);
-    let mut rep_s = Vec::new();
-    for _ in 0..(options.steps / 2).max(1) {
-        let start = Instant::now();
-        sample()?;
-        sync(device);
-        rep_s.push(start.elapsed().as_secs_f64());
-    }
-    let sample_s = median(&mut rep_s);
+    let sample_s = median_seconds((options.steps / 2).max(1), device, sample)?;
     let (peak_mib, peak_kind) = peak_mib(device);
     Ok(Measurement {
         implementation: "probunet".into(),

@@ -6,6 +6,29 @@ use tch::{nn, Tensor};
 /// such tensors live at once, and 2 x 8 MiB sit in a 32 MiB L3 cache.
 pub const CHUNK_BYTES: i64 = 8 << 20;
 
+/// The pieces `b` images of `n` samples each are decoded in, image-major, each at most
+/// `rows` samples where one image's samples allow it, as `[first image, images, first
+/// sample, samples]`: chunks of one image's samples when `n >= rows`, else chunks of whole
+/// images with all their samples.
+fn chunk_plan(b: i64, n: i64, rows: i64) -> Vec<[i64; 4]> {
+    let rows = rows.max(1);
+    if n >= rows {
+        (0..b)
+            .flat_map(|i| {
+                (0..n)
+                    .step_by(rows as usize)
+                    .map(move |s| [i, 1, s, rows.min(n - s)])
+            })
+            .collect()
+    } else {
+        let images = rows / n.max(1);
+        (0..b)
+            .step_by(images as usize)
+            .map(|i| [i, images.min(b - i), 0, n])
+            .collect()
+    }
+}
+
 #[derive(Debug)]
 pub struct Fcomb {
     /// `fcomb_convs - 1` hidden 1x1 convs with ReLU; the first takes features and z.
@@ -77,34 +100,16 @@ impl Fcomb {
         let feature_part = features.conv2d(&w_f, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
         let latent_part = (z.matmul(&w_z.tr()) + &first.bias).to_kind(features.kind());
         let row_bytes = self.features * h * w * features.kind().elt_size_in_bytes() as i64;
-        let rows = (CHUNK_BYTES / row_bytes.max(1)).max(1);
-        let chunks: Vec<Tensor> = if n >= rows {
-            // Chunks of one image's samples.
-            (0..b)
-                .flat_map(|i| (0..n).step_by(rows as usize).map(move |s| (i, s)))
-                .map(|(i, s)| {
-                    let len = rows.min(n - s);
-                    self.decode(
-                        &feature_part.narrow(0, i, 1),
-                        &latent_part.narrow(0, i, 1).narrow(1, s, len),
-                    )
-                })
-                .collect()
-        } else {
-            // Chunks of whole images with all their samples.
-            let images = (rows / n).max(1);
-            (0..b)
-                .step_by(images as usize)
-                .map(|i| {
-                    let len = images.min(b - i);
-                    self.decode(
-                        &feature_part.narrow(0, i, len),
-                        &latent_part.narrow(0, i, len),
-                    )
-                })
-                .collect()
-        };
-        let mut chunks = chunks;
+        let rows = CHUNK_BYTES / row_bytes.max(1);
+        let mut chunks: Vec<Tensor> = chunk_plan(b, n, rows)
+            .into_iter()
+            .map(|[i, images, s, samples]| {
+                self.decode(
+                    &feature_part.narrow(0, i, images),
+                    &latent_part.narrow(0, i, images).narrow(1, s, samples),
+                )
+            })
+            .collect();
         let logits = if chunks.len() == 1 {
             chunks.remove(0)
         } else {
@@ -156,6 +161,26 @@ mod tests {
             xs = conv.forward(&xs).relu();
         }
         fcomb.last.forward(&xs)
+    }
+
+    #[test]
+    fn chunks_cover_every_sample_once_in_order() {
+        assert_eq!(
+            chunk_plan(2, 6, 4),
+            [[0, 1, 0, 4], [0, 1, 4, 2], [1, 1, 0, 4], [1, 1, 4, 2]]
+        );
+        assert_eq!(chunk_plan(5, 1, 4), [[0, 4, 0, 1], [4, 1, 0, 1]]);
+        assert_eq!(
+            chunk_plan(3, 2, 0),
+            [
+                [0, 1, 0, 1],
+                [0, 1, 1, 1],
+                [1, 1, 0, 1],
+                [1, 1, 1, 1],
+                [2, 1, 0, 1],
+                [2, 1, 1, 1]
+            ]
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! kernels that read and write that layout directly. Which is faster depends on the ISA
 //! (docs/performance.md, measured with `ONEDNN_VERBOSE`):
 //! - AVX-512: channels-last trains faster; the conversions were a quarter of an NCHW step.
-//! - AVX2: the channels-last weight-gradient kernel runs at 34-63 GFLOP/s against 75-95 for
+//! - AVX2: the channels-last weight-gradient kernel runs at 34-77 GFLOP/s against 74-95 for
 //!   the blocked one, which outweighs the conversions: NCHW trains 1.27x faster.
 //! - Sampling (forward only, with fcomb's 1x1 convolutions over every sample) is faster
 //!   channels-last on both.
