@@ -123,6 +123,13 @@ fn the_cpu_allocator_is_chosen_by_the_environment_and_bad_values_are_named() {
         "{}",
         stderr(&out)
     );
+    // The activation layout is chosen the same way, before any command runs.
+    let out = common::expect_failure(&mut doctor(&[("PROBUNET_CPU_LAYOUT", "NHWC")]));
+    assert!(
+        stderr(&out).contains("PROBUNET_CPU_LAYOUT=\"NHWC\""),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
