@@ -147,7 +147,7 @@ pub fn measure(
     let vs = nn::VarStore::new(device);
     let mut model = ProbUNet::new(&vs.root(), ModelConfig::default())?;
     model.set_precision(precision);
-    let mut adam = Adam::new(named_variables(&vs));
+    let mut adam = Adam::new(named_variables(&vs))?;
     let image = Tensor::rand([batch, 1, 128, 128], (Kind::Float, device));
     let mask = Tensor::rand([batch, 1, 128, 128], (Kind::Float, device))
         .gt(0.5)
@@ -157,7 +157,7 @@ pub fn measure(
         if !values.loss.is_finite() {
             bail!("non-finite loss while benchmarking");
         }
-        adam.step(1e-4);
+        adam.step(1e-4)?;
         Ok(())
     };
     for _ in 0..options.warmup {

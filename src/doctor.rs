@@ -102,7 +102,7 @@ fn time_steps(
         "--batch must be positive, got {}",
         options.batch
     );
-    let mut adam = Adam::new(named_variables(vs));
+    let mut adam = Adam::new(named_variables(vs))?;
     let image = Tensor::rand([options.batch, 1, 128, 128], (Kind::Float, device));
     let mask = image.gt(0.5).to_kind(Kind::Float);
     let mut times = Vec::with_capacity(options.steps);
@@ -110,7 +110,7 @@ fn time_steps(
     for _ in 0..options.steps {
         let start = Instant::now();
         let (_, values) = forward_backward(model, &mut adam, &image, &mask)?;
-        adam.step(1e-4);
+        adam.step(1e-4)?;
         loss = values.loss;
         times.push(start.elapsed().as_secs_f64());
     }

@@ -83,9 +83,9 @@ fn exports_load_into_the_port_and_the_reimplementation_and_agree() {
     let checks = |reference: &HashMap<String, Tensor>, against: &str| {
         for (name, tensor) in [
             ("prior_mu", terms.prior.mu.shallow_clone()),
-            ("prior_sigma", terms.prior.sigma()),
+            ("prior_sigma", terms.prior.sigma().unwrap()),
             ("posterior_mu", terms.posterior.mu.shallow_clone()),
-            ("posterior_sigma", terms.posterior.sigma()),
+            ("posterior_sigma", terms.posterior.sigma().unwrap()),
             ("logits", terms.logits.shallow_clone()),
         ] {
             let err = common::relative_error(&tensor, &reference[name]);

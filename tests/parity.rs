@@ -41,9 +41,9 @@ fn check_parity(config: ModelConfig, batch: i64, size: i64) {
 
     let checks = [
         ("prior_mu", ours.prior.mu.shallow_clone()),
-        ("prior_sigma", ours.prior.sigma()),
+        ("prior_sigma", ours.prior.sigma().unwrap()),
         ("posterior_mu", ours.posterior.mu.shallow_clone()),
-        ("posterior_sigma", ours.posterior.sigma()),
+        ("posterior_sigma", ours.posterior.sigma().unwrap()),
         ("logits", ours.logits.shallow_clone()),
         ("elbo", ours.elbo.shallow_clone()),
         ("kl", ours.kl.shallow_clone()),

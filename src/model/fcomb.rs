@@ -1,6 +1,6 @@
 //! Fcomb: combines a latent sample with the U-Net features into logits through 1x1 convs.
 use super::layers::{Conv2d, ConvInit};
-use tch::{nn, Tensor};
+use tch::{nn, TchError, Tensor};
 
 /// About how many bytes of activations fcomb's 1x1 convs take per chunk of samples: two
 /// such tensors live at once, and 2 x 8 MiB sit in a 32 MiB L3 cache.
@@ -71,9 +71,9 @@ impl Fcomb {
     }
 
     /// Logits for one latent sample per image: `features` `[B, F, H, W]`, `z` `[B, L]`.
-    pub fn forward(&self, features: &Tensor, z: &Tensor) -> Tensor {
-        self.forward_samples(features, &z.unsqueeze(1))
-            .squeeze_dim(1)
+    pub fn forward(&self, features: &Tensor, z: &Tensor) -> Result<Tensor, TchError> {
+        self.forward_samples(features, &z.f_unsqueeze(1)?)?
+            .f_squeeze_dim(1)
     }
 
     /// Logits for `n` samples per image without tiling z or repeating the features:
@@ -85,52 +85,59 @@ impl Fcomb {
     /// The samples go through the 1x1 convs in chunks of about [`CHUNK_BYTES`] of
     /// activations, so each layer reads its input from cache rather than memory, and the
     /// peak memory of sampling does not grow with `n`.
-    pub fn forward_samples(&self, features: &Tensor, z: &Tensor) -> Tensor {
+    pub fn forward_samples(&self, features: &Tensor, z: &Tensor) -> Result<Tensor, TchError> {
         let (b, n) = (z.size()[0], z.size()[1]);
         let (h, w) = (features.size()[2], features.size()[3]);
         let first = &self.hidden[0];
         let w_f = first
             .weight
-            .narrow(1, 0, self.features)
-            .to_kind(features.kind());
+            .f_narrow(1, 0, self.features)?
+            .f_to_kind(features.kind())?;
         let w_z = first
             .weight
-            .narrow(1, self.features, z.size()[2])
-            .flatten(1, -1);
-        let feature_part = features.conv2d(&w_f, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
-        let latent_part = (z.matmul(&w_z.tr()) + &first.bias).to_kind(features.kind());
+            .f_narrow(1, self.features, z.size()[2])?
+            .f_flatten(1, -1)?;
+        let feature_part = features.f_conv2d(&w_f, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)?;
+        let latent_part = z
+            .f_matmul(&w_z.f_tr()?)?
+            .f_add(&first.bias)?
+            .f_to_kind(features.kind())?;
         let row_bytes = self.features * h * w * features.kind().elt_size_in_bytes() as i64;
         let rows = CHUNK_BYTES / row_bytes.max(1);
-        let mut chunks: Vec<Tensor> = chunk_plan(b, n, rows)
+        let mut chunks = chunk_plan(b, n, rows)
             .into_iter()
             .map(|[i, images, s, samples]| {
                 self.decode(
-                    &feature_part.narrow(0, i, images),
-                    &latent_part.narrow(0, i, images).narrow(1, s, samples),
+                    &feature_part.f_narrow(0, i, images)?,
+                    &latent_part
+                        .f_narrow(0, i, images)?
+                        .f_narrow(1, s, samples)?,
                 )
             })
-            .collect();
+            .collect::<Result<Vec<Tensor>, TchError>>()?;
         let logits = if chunks.len() == 1 {
             chunks.remove(0)
         } else {
-            Tensor::cat(&chunks, 0)
+            Tensor::f_cat(&chunks, 0)?
         };
         let classes = logits.size()[1];
-        logits.reshape([b, n, classes, h, w])
+        logits.f_reshape([b, n, classes, h, w])
     }
 
     /// Logits `[m * n, classes, H, W]` (image-major) from the first layer's two parts:
     /// `feature_part` `[m, F, H, W]` and `latent_part` `[m, n, F]`.
-    fn decode(&self, feature_part: &Tensor, latent_part: &Tensor) -> Tensor {
+    fn decode(&self, feature_part: &Tensor, latent_part: &Tensor) -> Result<Tensor, TchError> {
         let (m, n) = (latent_part.size()[0], latent_part.size()[1]);
         let (h, w) = (feature_part.size()[2], feature_part.size()[3]);
         // In place after each layer: neither the sum's nor a convolution's backward needs
         // its output.
-        let mut xs = (feature_part.unsqueeze(1) + latent_part.unsqueeze(-1).unsqueeze(-1))
-            .relu_()
-            .reshape([m * n, self.features, h, w]);
+        let mut xs = feature_part
+            .f_unsqueeze(1)?
+            .f_add(&latent_part.f_unsqueeze(-1)?.f_unsqueeze(-1)?)?
+            .f_relu_()?
+            .f_reshape([m * n, self.features, h, w])?;
         for conv in &self.hidden[1..] {
-            xs = conv.forward(&xs).relu_();
+            xs = conv.forward(&xs)?.f_relu_()?;
         }
         self.last.forward(&xs)
     }
@@ -158,9 +165,9 @@ mod tests {
         let z = z.view([b, l, 1, 1]).expand([b, l, size[2], size[3]], false);
         let mut xs = Tensor::cat(&[features.shallow_clone(), z], 1);
         for conv in &fcomb.hidden {
-            xs = conv.forward(&xs).relu();
+            xs = conv.forward(&xs).unwrap().relu();
         }
-        fcomb.last.forward(&xs)
+        fcomb.last.forward(&xs).unwrap()
     }
 
     #[test]
@@ -193,7 +200,7 @@ mod tests {
         for (b, n) in [(2, 6), (5, 1)] {
             let features = Tensor::rand([b, 32, 128, 128], (Kind::Float, Device::Cpu));
             let z = Tensor::randn([b, n, 2], (Kind::Float, Device::Cpu));
-            let all = tch::no_grad(|| fcomb.forward_samples(&features, &z));
+            let all = tch::no_grad(|| fcomb.forward_samples(&features, &z)).unwrap();
             assert_eq!(all.size(), [b, n, 1, 128, 128]);
             for j in 0..n {
                 let one = tch::no_grad(|| tiled(&fcomb, &features, &z.select(1, j)));

@@ -1,7 +1,7 @@
 //! The prior and posterior nets and the diagonal Gaussian they parameterise.
 use super::layers::{Conv2d, ConvInit};
 use super::unet::Encoder;
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Kind, TchError, Tensor};
 
 /// A batch of axis-aligned Gaussians over the latent space: `mu` and `log_sigma` are `[B, L]`.
 #[derive(Debug)]
@@ -11,38 +11,49 @@ pub struct DiagonalGaussian {
 }
 
 impl DiagonalGaussian {
-    pub fn sigma(&self) -> Tensor {
-        self.log_sigma.exp()
+    pub fn sigma(&self) -> Result<Tensor, TchError> {
+        self.log_sigma.f_exp()
     }
 
     /// Reparameterised samples `mu + sigma * eps` for standard-normal `eps` of shape
     /// `[B, L]` or `[B, n, L]` (n samples per image).
-    pub fn reparameterise(&self, eps: &Tensor) -> Tensor {
+    pub fn reparameterise(&self, eps: &Tensor) -> Result<Tensor, TchError> {
         if eps.dim() == 3 {
-            self.mu.unsqueeze(1) + self.sigma().unsqueeze(1) * eps
+            let sigma = self.sigma()?.f_unsqueeze(1)?;
+            self.mu.f_unsqueeze(1)?.f_add(&sigma.f_mul(eps)?)
         } else {
-            &self.mu + self.sigma() * eps
+            self.mu.f_add(&self.sigma()?.f_mul(eps)?)
         }
     }
 
     /// `n` reparameterised samples per image, `[B, n, L]`.
-    pub fn rsample_n(&self, n: i64) -> Tensor {
+    pub fn rsample_n(&self, n: i64) -> Result<Tensor, TchError> {
         let (b, l) = (self.mu.size()[0], self.mu.size()[1]);
-        let eps = Tensor::randn([b, n, l], (self.mu.kind(), self.mu.device()));
+        let eps = Tensor::f_randn([b, n, l], (self.mu.kind(), self.mu.device()))?;
         self.reparameterise(&eps)
     }
 
     /// One reparameterised sample per image, `[B, L]`.
-    pub fn rsample(&self) -> Tensor {
-        self.reparameterise(&self.mu.randn_like())
+    pub fn rsample(&self) -> Result<Tensor, TchError> {
+        self.reparameterise(&self.mu.f_randn_like()?)
     }
 
-    /// Analytic KL(self || other) per batch element, summed over the latent dimensions.
-    pub fn kl(&self, other: &DiagonalGaussian) -> Tensor {
-        let var_ratio = ((&self.log_sigma - &other.log_sigma) * 2.0).exp();
-        let mean_term = (&self.mu - &other.mu).square() / (&other.log_sigma * 2.0).exp();
-        ((var_ratio + mean_term - 1.0) * 0.5 - (&self.log_sigma - &other.log_sigma))
-            .sum_dim_intlist(-1, false, Kind::Float)
+    /// Analytic KL(self || other) per batch element, summed over the latent dimensions:
+    /// `(sigma_q^2 + (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2 - log(sigma_q / sigma_p)`.
+    pub fn kl(&self, other: &DiagonalGaussian) -> Result<Tensor, TchError> {
+        let log_ratio = self.log_sigma.f_sub(&other.log_sigma)?;
+        let var_ratio = log_ratio.f_mul_scalar(2.0)?.f_exp()?;
+        let mean_term = self
+            .mu
+            .f_sub(&other.mu)?
+            .f_square()?
+            .f_div(&other.log_sigma.f_mul_scalar(2.0)?.f_exp()?)?;
+        var_ratio
+            .f_add(&mean_term)?
+            .f_sub_scalar(1.0)?
+            .f_mul_scalar(0.5)?
+            .f_sub(&log_ratio)?
+            .f_sum_dim_intlist(-1, false, Kind::Float)
     }
 }
 
@@ -84,18 +95,18 @@ impl AxisAlignedConvGaussian {
     }
 
     /// `input` is the image, or the image and mask concatenated on channels.
-    pub fn forward(&self, input: &Tensor) -> DiagonalGaussian {
+    pub fn forward(&self, input: &Tensor) -> Result<DiagonalGaussian, TchError> {
         let encoding =
             self.encoder
-                .forward(input)
-                .mean_dim([2i64, 3].as_slice(), true, None::<Kind>);
-        let params = self.head.forward(&encoding).flatten(1, -1);
-        let mu = params.narrow(1, 0, self.latent_dim);
-        let mut log_sigma = params.narrow(1, self.latent_dim, self.latent_dim);
+                .forward(input)?
+                .f_mean_dim([2i64, 3].as_slice(), true, None::<Kind>)?;
+        let params = self.head.forward(&encoding)?.f_flatten(1, -1)?;
+        let mu = params.f_narrow(1, 0, self.latent_dim)?;
+        let mut log_sigma = params.f_narrow(1, self.latent_dim, self.latent_dim)?;
         if let Some(c) = self.log_sigma_clamp {
-            log_sigma = log_sigma.clamp(-c, c);
+            log_sigma = log_sigma.f_clamp(-c, c)?;
         }
-        DiagonalGaussian { mu, log_sigma }
+        Ok(DiagonalGaussian { mu, log_sigma })
     }
 
     pub fn parameters(&self) -> impl Iterator<Item = &Tensor> {
@@ -118,7 +129,7 @@ mod tests {
 
     /// log N(x; mu, sigma) summed over the latent dims.
     fn log_density(g: &DiagonalGaussian, x: &Tensor) -> Tensor {
-        let z = (x - &g.mu) / g.sigma();
+        let z = (x - &g.mu) / g.sigma().unwrap();
         (z.square() * -0.5 - &g.log_sigma - 0.5 * (2.0 * std::f64::consts::PI).ln())
             .sum_dim_intlist(-1, false, Kind::Float)
     }
@@ -128,8 +139,10 @@ mod tests {
         tch::manual_seed(7);
         let q = gaussian(&[0.3, -1.2, 0.8], &[-0.4, 0.2, 0.1]);
         let p = gaussian(&[-0.5, 0.4, 0.0], &[0.3, -0.2, 0.0]);
-        let analytic = q.kl(&p).double_value(&[0]);
-        let x = q.reparameterise(&Tensor::randn([400_000, 3], (Kind::Float, Device::Cpu)));
+        let analytic = q.kl(&p).unwrap().double_value(&[0]);
+        let x = q
+            .reparameterise(&Tensor::randn([400_000, 3], (Kind::Float, Device::Cpu)))
+            .unwrap();
         let mc = (log_density(&q, &x) - log_density(&p, &x))
             .mean(Kind::Double)
             .double_value(&[]);
@@ -146,14 +159,14 @@ mod tests {
     fn kl_of_a_gaussian_with_itself_is_zero() {
         let q = gaussian(&[0.3, -1.2], &[-0.4, 0.7]);
         let p = gaussian(&[0.3, -1.2], &[-0.4, 0.7]);
-        assert_eq!(q.kl(&p).double_value(&[0]), 0.0);
+        assert_eq!(q.kl(&p).unwrap().double_value(&[0]), 0.0);
     }
 
     #[test]
     fn n_samples_per_image_have_the_gaussian_moments() {
         tch::manual_seed(3);
         let g = gaussian(&[2.0, -1.0], &[0.0, (0.5f32).ln()]);
-        let z = g.rsample_n(200_000);
+        let z = g.rsample_n(200_000).unwrap();
         assert_eq!(z.size(), [1, 200_000, 2]);
         let mean = z.mean_dim(1, false, Kind::Double);
         let std = z.std_dim(1, true, false);

@@ -5,7 +5,7 @@
 //! bias on the latent head, orthogonal 1x1 weights in fcomb), so the layers here create
 //! their variables through the `Path` with exactly those values.
 use tch::nn::{self, Init};
-use tch::Tensor;
+use tch::{TchError, Tensor};
 
 /// How a convolution's weight and bias are initialised (spec/model.md, "Initialisation").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,13 +70,16 @@ impl Conv2d {
 
     /// Runs in the input's precision: a bfloat16 input casts the float32 weights, as
     /// autocast does, while the parameters and their gradients stay float32.
-    pub fn forward(&self, xs: &Tensor) -> Tensor {
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
         let (weight, bias) = if xs.kind() == self.weight.kind() {
             (self.weight.shallow_clone(), self.bias.shallow_clone())
         } else {
-            (self.weight.to_kind(xs.kind()), self.bias.to_kind(xs.kind()))
+            (
+                self.weight.f_to_kind(xs.kind())?,
+                self.bias.f_to_kind(xs.kind())?,
+            )
         };
-        xs.conv2d(
+        xs.f_conv2d(
             &weight,
             Some(&bias),
             [1, 1],

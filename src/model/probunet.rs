@@ -5,7 +5,7 @@ use super::layout::{self, Layout, Layouts};
 use super::unet::UNet;
 use super::{ModelConfig, ModelError, Reduction};
 use crate::device::Precision;
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Kind, TchError, Tensor};
 
 #[derive(Debug)]
 pub struct ProbUNet {
@@ -63,10 +63,9 @@ enum Pass {
 /// `t` (`[N, C, H, W]`) with channels-last strides; the layout then carries through ReLU,
 /// pooling, upsampling and concatenation. (For C = 1, permuting makes no copy and the
 /// strides must be set by hand, or libtorch would read the tensor as NCHW.)
-fn channels_last(t: &Tensor) -> Tensor {
-    #[expect(clippy::expect_used, reason = "check_input runs first")]
-    let (n, c, h, w) = t.size4().expect("a 4-d input, checked by check_input");
-    t.permute([0, 2, 3, 1]).contiguous().as_strided(
+fn channels_last(t: &Tensor) -> Result<Tensor, TchError> {
+    let (n, c, h, w) = t.size4()?;
+    t.f_permute([0, 2, 3, 1])?.f_contiguous()?.f_as_strided(
         [n, c, h, w],
         [h * w * c, 1, w * c, c],
         None::<i64>,
@@ -135,24 +134,24 @@ impl ProbUNet {
         net: &AxisAlignedConvGaussian,
         input: &Tensor,
         pass: Pass,
-    ) -> DiagonalGaussian {
-        let g = net.forward(&self.layout(input, pass));
-        DiagonalGaussian {
-            mu: g.mu.to_kind(Kind::Float),
-            log_sigma: g.log_sigma.to_kind(Kind::Float),
-        }
+    ) -> Result<DiagonalGaussian, TchError> {
+        let g = net.forward(&self.layout(input, pass)?)?;
+        Ok(DiagonalGaussian {
+            mu: g.mu.f_to_kind(Kind::Float)?,
+            log_sigma: g.log_sigma.f_to_kind(Kind::Float)?,
+        })
     }
 
-    fn features(&self, image: &Tensor, pass: Pass) -> Tensor {
-        self.unet.forward(&self.layout(image, pass))
+    fn features(&self, image: &Tensor, pass: Pass) -> Result<Tensor, TchError> {
+        self.unet.forward(&self.layout(image, pass)?)
     }
 
     /// An input in the compute precision and in the memory layout the convolutions of
     /// `pass` run fastest from: on the CPU as [`layout::cpu_layouts`] chooses per ISA;
     /// channels-last for bfloat16 on CUDA (as PyTorch recommends for tensor cores); plain
     /// NCHW for float32 on CUDA, where cuDNN's NCHW kernels are its default.
-    fn layout(&self, input: &Tensor, pass: Pass) -> Tensor {
-        let input = input.to_kind(self.compute_kind);
+    fn layout(&self, input: &Tensor, pass: Pass) -> Result<Tensor, TchError> {
+        let input = input.f_to_kind(self.compute_kind)?;
         let layouts = self.layouts(input.device());
         let layout = match pass {
             Pass::Elbo => layouts.elbo,
@@ -160,7 +159,7 @@ impl ProbUNet {
         };
         match layout {
             Layout::ChannelsLast => channels_last(&input),
-            Layout::Nchw => input.contiguous(),
+            Layout::Nchw => input.f_contiguous(),
         }
     }
 
@@ -251,30 +250,22 @@ impl ProbUNet {
     ) -> Result<ElboTerms, ModelError> {
         self.check_image(image)?;
         self.check_mask(image, mask)?;
-        let prior = self.latent(&self.prior, image, Pass::Elbo);
-        let posterior = self.latent(&self.posterior, &Tensor::cat(&[image, mask], 1), Pass::Elbo);
-        let features = self.features(image, Pass::Elbo);
+        let prior = self.latent(&self.prior, image, Pass::Elbo)?;
+        let posterior_input = Tensor::f_cat(&[image, mask], 1)?;
+        let posterior = self.latent(&self.posterior, &posterior_input, Pass::Elbo)?;
+        let features = self.features(image, Pass::Elbo)?;
         let z = match z {
             Some(z) => z.shallow_clone(),
-            None => posterior.rsample(),
+            None => posterior.rsample()?,
         };
-        let logits = self.fcomb.forward(&features, &z).to_kind(Kind::Float);
-        let bce = logits.binary_cross_entropy_with_logits::<Tensor>(
-            mask,
-            None,
-            None,
-            tch::Reduction::None,
-        );
-        let reconstruction = match self.config.reconstruction {
-            Reduction::Sum => bce.sum(Kind::Float),
-            Reduction::BatchMean => bce
-                .sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float)
-                .mean(Kind::Float),
-        };
-        let kl = posterior.kl(&prior).mean(Kind::Float);
-        let elbo = -(&reconstruction + self.config.beta * &kl);
-        let reg = self.reg();
-        let loss = -&elbo + self.config.l2_weight * &reg;
+        let logits = self.fcomb.forward(&features, &z)?.f_to_kind(Kind::Float)?;
+        let reconstruction = self.reconstruction(&logits, mask)?;
+        let kl = posterior.kl(&prior)?.f_mean(Kind::Float)?;
+        let elbo = reconstruction
+            .f_add(&kl.f_mul_scalar(self.config.beta)?)?
+            .f_neg()?;
+        let reg = self.reg()?;
+        let loss = reg.f_mul_scalar(self.config.l2_weight)?.f_sub(&elbo)?;
         Ok(ElboTerms {
             loss,
             elbo,
@@ -287,17 +278,33 @@ impl ProbUNet {
         })
     }
 
+    /// The binary cross-entropy of `logits` against `mask`, reduced as the config says.
+    fn reconstruction(&self, logits: &Tensor, mask: &Tensor) -> Result<Tensor, TchError> {
+        let bce = logits.f_binary_cross_entropy_with_logits::<Tensor>(
+            mask,
+            None,
+            None,
+            tch::Reduction::None,
+        )?;
+        match self.config.reconstruction {
+            Reduction::Sum => bce.f_sum(Kind::Float),
+            Reduction::BatchMean => bce
+                .f_sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float)?
+                .f_mean(Kind::Float),
+        }
+    }
+
     /// Sum of the (unsquared) L2 norms of every parameter of the posterior, the prior and
     /// fcomb's hidden layers, as the seed's `l2_regularisation` calls.
-    pub fn reg(&self) -> Tensor {
-        let norms: Vec<Tensor> = self
+    pub fn reg(&self) -> Result<Tensor, TchError> {
+        let norms = self
             .posterior
             .parameters()
             .chain(self.prior.parameters())
             .chain(self.fcomb.hidden_parameters())
-            .map(|t| t.norm())
-            .collect();
-        Tensor::stack(&norms, 0).sum(Kind::Float)
+            .map(|t| t.f_norm())
+            .collect::<Result<Vec<Tensor>, TchError>>()?;
+        Tensor::f_stack(&norms, 0)?.f_sum(Kind::Float)
     }
 
     /// Logits `[B, n, classes, H, W]` of `n` prior samples per image: prior and U-Net run
@@ -320,22 +327,25 @@ impl ProbUNet {
             });
         }
         self.sample_latents(image, |prior| {
-            prior.reparameterise(&eps.to_device(prior.mu.device()).to_kind(prior.mu.kind()))
+            prior.reparameterise(
+                &eps.f_to_device(prior.mu.device())?
+                    .f_to_kind(prior.mu.kind())?,
+            )
         })
     }
 
     fn sample_latents(
         &self,
         image: &Tensor,
-        z: impl FnOnce(&DiagonalGaussian) -> Tensor,
+        z: impl FnOnce(&DiagonalGaussian) -> Result<Tensor, TchError>,
     ) -> Result<Tensor, ModelError> {
         self.check_image(image)?;
-        let prior = self.latent(&self.prior, image, Pass::Sample);
-        let features = self.features(image, Pass::Sample);
+        let prior = self.latent(&self.prior, image, Pass::Sample)?;
+        let features = self.features(image, Pass::Sample)?;
         Ok(self
             .fcomb
-            .forward_samples(&features, &z(&prior))
-            .to_kind(Kind::Float))
+            .forward_samples(&features, &z(&prior)?)?
+            .f_to_kind(Kind::Float)?)
     }
 }
 
@@ -453,14 +463,29 @@ mod tests {
             ..small()
         });
         let image = Tensor::rand([2, 1, 32, 32], (Kind::Float, Device::Cpu));
-        let features = model.unet.forward(&image);
+        let features = model.unet.forward(&image).unwrap();
         let z = Tensor::randn([2, 4, 3], (Kind::Float, Device::Cpu));
-        let fast = model.fcomb.forward_samples(&features, &z);
+        let fast = model.fcomb.forward_samples(&features, &z).unwrap();
         for s in 0..4 {
-            let slow = model.fcomb.forward(&features, &z.select(1, s));
+            let slow = model.fcomb.forward(&features, &z.select(1, s)).unwrap();
             let diff = (fast.select(1, s) - slow).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "sample {s} differs by {diff}");
         }
+    }
+
+    /// A libtorch failure inside a pass (here allocations no address space can hold) comes
+    /// back as an error the command reports, not a panic.
+    #[test]
+    fn a_failed_allocation_is_an_error_not_a_panic() {
+        let (_vs, model) = build(small());
+        let image = Tensor::zeros([1, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let err = tch::no_grad(|| model.sample(&image, 1 << 50)).unwrap_err();
+        assert!(matches!(err, ModelError::Torch(_)), "{err}");
+        assert!(err.to_string().contains("allocate"), "{err}");
+        // A batch of 2^40 images as a broadcast view: only the pass itself allocates.
+        let images = image.expand([1 << 40, 1, 32, 32], false);
+        let err = model.elbo(&images, &images).unwrap_err();
+        assert!(matches!(err, ModelError::Torch(_)), "{err}");
     }
 
     #[test]
@@ -471,11 +496,11 @@ mod tests {
         let eps = Tensor::randn([2, 3, 2], (Kind::Float, Device::Cpu));
         let logits = tch::no_grad(|| model.sample_with_noise(&image, &eps)).unwrap();
         assert_eq!(logits.size(), [2, 3, 1, 32, 32]);
-        let prior = model.prior.forward(&image);
-        let features = model.unet.forward(&image);
+        let prior = model.prior.forward(&image).unwrap();
+        let features = model.unet.forward(&image).unwrap();
         for s in 0..3 {
-            let z = &prior.mu + prior.sigma() * eps.select(1, s);
-            let expected = model.fcomb.forward(&features, &z);
+            let z = &prior.mu + prior.sigma().unwrap() * eps.select(1, s);
+            let expected = model.fcomb.forward(&features, &z).unwrap();
             let diff = (logits.select(1, s) - expected)
                 .abs()
                 .max()

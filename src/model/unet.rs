@@ -1,7 +1,7 @@
 //! The U-Net feature extractor and the encoder (its down path) shared with the prior and
 //! posterior nets.
 use super::layers::{Conv2d, ConvInit};
-use tch::{nn, Tensor};
+use tch::{nn, TchError, Tensor};
 
 /// Three 3x3 convolutions with ReLU, after an optional 2x2 average pool.
 #[derive(Debug)]
@@ -24,18 +24,18 @@ impl DownBlock {
         Self { pool, convs }
     }
 
-    fn forward(&self, xs: &Tensor) -> Tensor {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
         let mut xs = if self.pool {
-            xs.avg_pool2d([2, 2], [2, 2], [0, 0], true, true, None::<i64>)
+            xs.f_avg_pool2d([2, 2], [2, 2], [0, 0], true, true, None::<i64>)?
         } else {
             xs.shallow_clone()
         };
         for conv in &self.convs {
             // In place: a convolution's backward needs its input, not its output, and
             // ReLU's needs only its result, so no fresh tensor is wanted here.
-            xs = conv.forward(&xs).relu_();
+            xs = conv.forward(&xs)?.f_relu_()?;
         }
-        xs
+        Ok(xs)
     }
 
     fn parameters(&self) -> impl Iterator<Item = &Tensor> {
@@ -68,20 +68,20 @@ impl Encoder {
     }
 
     /// Outputs of every level, finest first.
-    pub fn forward_levels(&self, xs: &Tensor) -> Vec<Tensor> {
+    pub fn forward_levels(&self, xs: &Tensor) -> Result<Vec<Tensor>, TchError> {
         let mut levels: Vec<Tensor> = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
-            let next = block.forward(levels.last().unwrap_or(xs));
+            let next = block.forward(levels.last().unwrap_or(xs))?;
             levels.push(next);
         }
-        levels
+        Ok(levels)
     }
 
     /// The coarsest level's output.
-    pub fn forward(&self, xs: &Tensor) -> Tensor {
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
         self.blocks
             .iter()
-            .fold(xs.shallow_clone(), |xs, block| block.forward(&xs))
+            .try_fold(xs.shallow_clone(), |xs, block| block.forward(&xs))
     }
 
     pub fn parameters(&self) -> impl Iterator<Item = &Tensor> {
@@ -103,11 +103,11 @@ impl UpBlock {
         }
     }
 
-    fn forward(&self, xs: &Tensor, skip: &Tensor) -> Tensor {
+    fn forward(&self, xs: &Tensor, skip: &Tensor) -> Result<Tensor, TchError> {
         let (h, w) = (skip.size()[2], skip.size()[3]);
-        let up = xs.upsample_bilinear2d([h, w], true, None, None);
+        let up = xs.f_upsample_bilinear2d([h, w], true, None, None)?;
         self.block
-            .forward(&Tensor::cat(&[up, skip.shallow_clone()], 1))
+            .forward(&Tensor::f_cat(&[up, skip.shallow_clone()], 1)?)
     }
 }
 
@@ -130,14 +130,14 @@ impl UNet {
         Self { encoder, up }
     }
 
-    pub fn forward(&self, xs: &Tensor) -> Tensor {
-        let mut levels = self.encoder.forward_levels(xs);
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
+        let mut levels = self.encoder.forward_levels(xs)?;
         #[expect(clippy::expect_used, reason = "ModelConfig::validate checks filters")]
         let mut out = levels.pop().expect("the encoder has at least one level");
         for (block, skip) in self.up.iter().zip(levels.iter().rev()) {
-            out = block.forward(&out, skip);
+            out = block.forward(&out, skip)?;
         }
-        out
+        Ok(out)
     }
 
     pub fn parameters(&self) -> impl Iterator<Item = &Tensor> {

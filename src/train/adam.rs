@@ -2,7 +2,7 @@
 //! tch's wrapper around libtorch's C++ Adam exposes no moments, so a resumed run would
 //! restart them from zero and train differently from an uninterrupted one.
 use std::collections::HashMap;
-use tch::{Kind, Tensor};
+use tch::{Kind, TchError, Tensor};
 
 #[derive(Debug)]
 pub struct Adam {
@@ -18,11 +18,15 @@ pub struct Adam {
 
 impl Adam {
     /// Adam over named parameters (names are only used to save and load the moments).
-    pub fn new(params: Vec<(String, Tensor)>) -> Self {
-        let zeros = |p: &Tensor| Tensor::zeros_like(p).set_requires_grad(false);
-        let exp_avg = params.iter().map(|(_, p)| zeros(p)).collect();
-        let exp_avg_sq = params.iter().map(|(_, p)| zeros(p)).collect();
-        Self {
+    pub fn new(params: Vec<(String, Tensor)>) -> Result<Self, TchError> {
+        let zeros = || -> Result<Vec<Tensor>, TchError> {
+            params
+                .iter()
+                .map(|(_, p)| Tensor::f_zeros_like(p)?.f_set_requires_grad(false))
+                .collect()
+        };
+        let (exp_avg, exp_avg_sq) = (zeros()?, zeros()?);
+        Ok(Self {
             params,
             exp_avg,
             exp_avg_sq,
@@ -30,7 +34,7 @@ impl Adam {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
-        }
+        })
     }
 
     pub fn zero_grad(&mut self) {
@@ -40,10 +44,11 @@ impl Adam {
     }
 
     /// One update with learning rate `lr` from the gradients in place.
-    pub fn step(&mut self, lr: f64) {
+    pub fn step(&mut self, lr: f64) -> Result<(), TchError> {
         self.steps += 1;
         let bias1 = 1.0 - self.beta1.powi(self.steps as i32);
         let bias2_sqrt = (1.0 - self.beta2.powi(self.steps as i32)).sqrt();
+        let (beta1, beta2, eps) = (self.beta1, self.beta2, self.eps);
         tch::no_grad(|| {
             for (((_, p), m), v) in self
                 .params
@@ -55,27 +60,28 @@ impl Adam {
                 if !g.defined() {
                     continue;
                 }
-                let _ = m.lerp_(&g, 1.0 - self.beta1);
-                let _ = v.lerp_(&g.square(), 1.0 - self.beta2);
-                let denom = v.sqrt() / bias2_sqrt + self.eps;
-                let _ = p.g_sub_(&(&*m / denom * (lr / bias1)));
+                let _ = m.f_lerp_(&g, 1.0 - beta1)?;
+                let _ = v.f_lerp_(&g.f_square()?, 1.0 - beta2)?;
+                let denom = v.f_sqrt()?.f_div_scalar(bias2_sqrt)?.f_add_scalar(eps)?;
+                let _ = p.f_sub_(&m.f_div(&denom)?.f_mul_scalar(lr / bias1)?)?;
             }
-        });
+            Ok(())
+        })
     }
 
     /// The L2 norm of all gradients together (NaN or inf when any gradient is).
-    pub fn grad_norm(&self) -> Tensor {
-        let norms: Vec<Tensor> = self
+    pub fn grad_norm(&self) -> Result<Tensor, TchError> {
+        let norms = self
             .params
             .iter()
             .map(|(_, p)| p.grad())
             .filter(Tensor::defined)
-            .map(|g| g.norm().square())
-            .collect();
+            .map(|g| g.f_norm()?.f_square())
+            .collect::<Result<Vec<Tensor>, TchError>>()?;
         if norms.is_empty() {
-            return Tensor::from(0f32);
+            return Ok(Tensor::from(0f32));
         }
-        Tensor::stack(&norms, 0).sum(Kind::Float).sqrt()
+        Tensor::f_stack(&norms, 0)?.f_sum(Kind::Float)?.f_sqrt()
     }
 
     /// The moments as named tensors, for a checkpoint.
@@ -116,7 +122,8 @@ impl Adam {
                         dst.size()
                     ));
                 }
-                tch::no_grad(|| dst.copy_(src));
+                tch::no_grad(|| dst.f_copy_(src))
+                    .map_err(|e| format!("optimiser state {key}: {e}"))?;
             }
         }
         self.steps = steps;
@@ -132,14 +139,14 @@ mod tests {
     #[test]
     fn matches_the_adam_update_by_hand() {
         let p = Tensor::from_slice(&[1.0f64, -2.0]).set_requires_grad(true);
-        let mut adam = Adam::new(vec![("p".into(), p.shallow_clone())]);
+        let mut adam = Adam::new(vec![("p".into(), p.shallow_clone())]).unwrap();
         let (lr, b1, b2, eps) = (0.1, 0.9, 0.999, 1e-8);
         let (mut m, mut v, mut x) = ([0.0f64; 2], [0.0f64; 2], [1.0f64, -2.0]);
         for t in 1..=3 {
             adam.zero_grad();
             // loss = sum(x^3) so the gradient is 3 x^2
             (&p * &p * &p).sum(Kind::Double).backward();
-            adam.step(lr);
+            adam.step(lr).unwrap();
             for i in 0..2 {
                 let g = 3.0 * x[i] * x[i];
                 m[i] = b1 * m[i] + (1.0 - b1) * g;
@@ -157,20 +164,20 @@ mod tests {
     #[test]
     fn state_round_trips_and_refuses_a_misshapen_moment() {
         let p = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let mut a = Adam::new(vec![("w".into(), p.shallow_clone())]);
+        let mut a = Adam::new(vec![("w".into(), p.shallow_clone())]).unwrap();
         p.sum(Kind::Float).backward();
-        a.step(0.01);
+        a.step(0.01).unwrap();
         let saved: HashMap<String, Tensor> = a
             .state_tensors()
             .into_iter()
             .map(|(k, t)| (k, t.copy()))
             .collect();
         let q = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let mut b = Adam::new(vec![("w".into(), q.shallow_clone())]);
+        let mut b = Adam::new(vec![("w".into(), q.shallow_clone())]).unwrap();
         b.load_state(&saved, a.steps).unwrap();
         assert!(b.exp_avg[0].equal(&a.exp_avg[0]) && b.steps == 1);
         let r = Tensor::ones([4], (Kind::Float, Device::Cpu));
-        let mut c = Adam::new(vec![("w".into(), r)]);
+        let mut c = Adam::new(vec![("w".into(), r)]).unwrap();
         let err = c.load_state(&saved, 1).unwrap_err();
         assert!(err.contains("exp_avg.w") && err.contains("[3]"), "{err}");
     }

@@ -331,7 +331,7 @@ impl Trainer {
         model
             .check_input(&[1, 1, shape.height as i64, shape.width as i64])
             .map_err(|e| TrainError::Spec(format!("{}: {e}", store.dir.display())))?;
-        let adam = Adam::new(named_variables(&vs));
+        let adam = Adam::new(named_variables(&vs))?;
         let loader = Loader::new(
             &store,
             SplitName::Train,
@@ -513,7 +513,7 @@ impl Trainer {
             forward_backward(&self.model, &mut self.adam, &batch.images, &batch.masks)?;
         self.interval.steps += 1;
         if stats.is_finite() {
-            self.adam.step(lr);
+            self.adam.step(lr)?;
             self.interval.sums = self.interval.sums + stats;
             return Ok(());
         }

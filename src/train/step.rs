@@ -17,7 +17,7 @@ pub fn forward_backward(
     let terms = model.elbo(images, masks)?;
     adam.zero_grad();
     terms.loss.f_backward()?;
-    let grad_norm = adam.grad_norm();
+    let grad_norm = adam.grad_norm()?;
     let packed = Tensor::f_stack(
         &[
             &terms.loss,
