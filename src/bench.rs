@@ -148,10 +148,10 @@ pub fn measure(
     let mut model = ProbUNet::new(&vs.root(), ModelConfig::default())?;
     model.set_precision(precision);
     let mut adam = Adam::new(named_variables(&vs))?;
-    let image = Tensor::rand([batch, 1, 128, 128], (Kind::Float, device));
-    let mask = Tensor::rand([batch, 1, 128, 128], (Kind::Float, device))
-        .gt(0.5)
-        .to_kind(Kind::Float);
+    let image = Tensor::f_rand([batch, 1, 128, 128], (Kind::Float, device))?;
+    let mask = Tensor::f_rand([batch, 1, 128, 128], (Kind::Float, device))?
+        .f_gt(0.5)?
+        .f_to_kind(Kind::Float)?;
     let mut train_step = || -> Result<()> {
         let (_, values) = forward_backward(&model, &mut adam, &image, &mask)?;
         if !values.loss.is_finite() {
@@ -168,7 +168,11 @@ pub fn measure(
 
     let sample = || -> Result<i64> {
         let logits = tch::no_grad(|| model.sample(&image, options.samples))?;
-        Ok(logits.sigmoid().gt(0.5).sum(Kind::Int64).int64_value(&[]))
+        Ok(logits
+            .f_sigmoid()?
+            .f_gt(0.5)?
+            .f_sum(Kind::Int64)?
+            .f_int64_value(&[])?)
     };
     sample()?;
     sync(device);

@@ -103,8 +103,8 @@ fn time_steps(
         options.batch
     );
     let mut adam = Adam::new(named_variables(vs))?;
-    let image = Tensor::rand([options.batch, 1, 128, 128], (Kind::Float, device));
-    let mask = image.gt(0.5).to_kind(Kind::Float);
+    let image = Tensor::f_rand([options.batch, 1, 128, 128], (Kind::Float, device))?;
+    let mask = image.f_gt(0.5)?.f_to_kind(Kind::Float)?;
     let mut times = Vec::with_capacity(options.steps);
     let mut loss = f64::NAN;
     for _ in 0..options.steps {

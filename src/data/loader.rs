@@ -11,7 +11,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 /// Random dihedral transforms applied per sample, to image and mask alike.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,13 +87,16 @@ impl Loader {
             });
         }
         let index = Tensor::from_slice(&items.iter().map(|&i| i as i64).collect::<Vec<_>>());
-        let images = store.images.index_select(0, &index).to_device(device);
+        let images = store
+            .images
+            .f_index_select(0, &index)?
+            .f_to_device(device)?;
         let (h, w) = (shape.height as i64, shape.width as i64);
         let masks = store
             .masks
-            .index_select(0, &index)
-            .reshape([-1, 1, h, w])
-            .to_device(device);
+            .f_index_select(0, &index)?
+            .f_reshape([-1, 1, h, w])?
+            .f_to_device(device)?;
         let mut rng = Pcg64::seed_from_u64(seed);
         let draw_rng = Pcg64::seed_from_u64(rng.gen());
         let mut loader = Loader {
@@ -140,7 +143,7 @@ impl Loader {
         self.state.epoch
     }
 
-    pub fn next_batch(&mut self) -> Batch {
+    pub fn next_batch(&mut self) -> Result<Batch, TchError> {
         if self.state.cursor + self.batch > self.order.len() {
             self.state.epoch += 1;
             self.state.cursor = 0;
@@ -169,25 +172,26 @@ impl Loader {
                 u8::from(flip) | (turns << 1)
             })
             .collect();
-        let to_device = |v: &[i64]| Tensor::from_slice(v).to_device(self.device);
-        let images = self.images.index_select(0, &to_device(picked));
+        let to_device = |v: &[i64]| Tensor::from_slice(v).f_to_device(self.device);
+        let images = self.images.f_index_select(0, &to_device(picked)?)?;
         let masks = self
             .masks
-            .index_select(0, &to_device(&rows))
-            .to_kind(Kind::Float);
-        Batch {
-            images: self.transform(images, &transforms),
-            masks: self.transform(masks, &transforms),
-        }
+            .f_index_select(0, &to_device(&rows)?)?
+            .f_to_kind(Kind::Float)?;
+        Ok(Batch {
+            images: self.transform(images, &transforms)?,
+            masks: self.transform(masks, &transforms)?,
+        })
     }
 
     /// Applies each sample's transform (bit 0: flip, bits 1-2: quarter turns), one tensor
     /// op per distinct transform rather than per sample.
-    fn transform(&self, xs: Tensor, transforms: &[u8]) -> Tensor {
+    fn transform(&self, xs: Tensor, transforms: &[u8]) -> Result<Tensor, TchError> {
         if transforms.iter().all(|&t| t == 0) {
-            return xs;
+            return Ok(xs);
         }
-        let mut out = xs.copy();
+        // `index_copy` is out of place, so `xs` itself is never written.
+        let mut out = xs.shallow_clone();
         for t in 1..8u8 {
             let rows: Vec<i64> = (0..transforms.len() as i64)
                 .filter(|&i| transforms[i as usize] == t)
@@ -195,17 +199,17 @@ impl Loader {
             if rows.is_empty() {
                 continue;
             }
-            let rows = Tensor::from_slice(&rows).to_device(self.device);
-            let mut part = xs.index_select(0, &rows);
+            let rows = Tensor::from_slice(&rows).f_to_device(self.device)?;
+            let mut part = xs.f_index_select(0, &rows)?;
             if t & 1 == 1 {
-                part = part.flip([3]);
+                part = part.f_flip([3])?;
             }
             if t >> 1 > 0 {
-                part = part.rot90(i64::from(t >> 1), [2, 3]);
+                part = part.f_rot90(i64::from(t >> 1), [2, 3])?;
             }
-            out = out.index_copy(0, &rows, &part);
+            out = out.f_index_copy(0, &rows, &part)?;
         }
-        out
+        Ok(out)
     }
 }
 
@@ -216,14 +220,20 @@ pub fn in_order(
     part: SplitName,
     batch: usize,
     device: Device,
-) -> impl Iterator<Item = (Vec<usize>, Tensor, Tensor)> + '_ {
+) -> impl Iterator<Item = Result<InOrderBatch, TchError>> + '_ {
     store.split(part).chunks(batch.max(1)).map(move |chunk| {
         let index = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>());
-        let images = store.images.index_select(0, &index).to_device(device);
-        let masks = store.masks.index_select(0, &index).to_device(device);
-        (chunk.to_vec(), images, masks)
+        let images = store
+            .images
+            .f_index_select(0, &index)?
+            .f_to_device(device)?;
+        let masks = store.masks.f_index_select(0, &index)?.f_to_device(device)?;
+        Ok((chunk.to_vec(), images, masks))
     })
 }
+
+/// What [`in_order`] yields: item indices, their images and all their masks.
+pub type InOrderBatch = (Vec<usize>, Tensor, Tensor);
 
 #[cfg(test)]
 mod tests {
@@ -266,7 +276,7 @@ mod tests {
         .unwrap();
         let train = store.split(SplitName::Train);
         for _ in 0..loader.batches_per_epoch() * 2 {
-            let batch = loader.next_batch();
+            let batch = loader.next_batch().unwrap();
             assert_eq!(batch.images.size(), [4, 1, 32, 32]);
             assert_eq!(batch.masks.size(), [4, 1, 32, 32]);
             for b in 0..4 {
@@ -295,15 +305,15 @@ mod tests {
         };
         let mut a = Loader::new(&store, SplitName::Train, 3, augment, 8, Device::Cpu).unwrap();
         for _ in 0..17 {
-            a.next_batch();
+            a.next_batch().unwrap();
         }
         let saved = a.state().clone();
         let json = serde_json::to_string(&saved).unwrap();
-        let expected: Vec<Batch> = (0..20).map(|_| a.next_batch()).collect();
+        let expected: Vec<Batch> = (0..20).map(|_| a.next_batch().unwrap()).collect();
         let mut b = Loader::new(&store, SplitName::Train, 3, augment, 999, Device::Cpu).unwrap();
         b.restore(serde_json::from_str(&json).unwrap());
         for e in expected {
-            let got = b.next_batch();
+            let got = b.next_batch().unwrap();
             assert!(got.images.equal(&e.images) && got.masks.equal(&e.masks));
         }
     }
@@ -328,7 +338,7 @@ mod tests {
             }
         };
         for _ in 0..5 {
-            let batch = loader.next_batch();
+            let batch = loader.next_batch().unwrap();
             for b in 0..8 {
                 let image = batch.images.get(b);
                 // Exactly one undo maps the image back to a stored item, and the same undo

@@ -111,10 +111,10 @@ pub fn measure(
     let items: Vec<_> = (0..total).map(|i| data.item(i)).collect();
     let side = options.size as i64;
     let images: Vec<f32> = items.iter().flat_map(|i| i.image.iter().copied()).collect();
-    let images = Tensor::from_slice(&images).view([total as i64, 1, side, side]);
+    let images = Tensor::from_slice(&images).f_view([total as i64, 1, side, side])?;
     let masks: Vec<u8> = items.iter().flat_map(|i| i.masks.iter().copied()).collect();
-    let masks = Tensor::from_slice(&masks).view([total as i64, 4, side, side]);
-    model.check_image(&images.narrow(0, 0, 1))?;
+    let masks = Tensor::from_slice(&masks).f_view([total as i64, 4, side, side])?;
+    model.check_image(&images.f_narrow(0, 0, 1)?)?;
     let latent = config.latent_dim as usize;
     if let Some(dir) = export {
         export_inputs(dir, options, &vs, &config, &images, &masks)?;
@@ -126,8 +126,8 @@ pub fn measure(
         let len = options.batch.min(total - start);
         let t0 = Instant::now();
         let indices: Vec<usize> = (start..start + len).collect();
-        let batch_images = images.narrow(0, start as i64, len as i64).to_device(device);
-        let batch_masks = masks.narrow(0, start as i64, len as i64).to_device(device);
+        let slice = |t: &Tensor| t.f_narrow(0, start as i64, len as i64)?.f_to_device(device);
+        let (batch_images, batch_masks) = (slice(&images)?, slice(&masks)?);
         let eps = batch_noise(options.seed, &indices, options.samples, latent);
         let probs = probabilities(&model, &batch_images, &eps)?;
         let counts = BatchCounts::compute(&batch_masks, &probs, &[options.samples])?;

@@ -495,7 +495,8 @@ fn score_split(
     let mut ideal = (ideal_model.as_ref()).map(|_| Counted::new(samples.len(), items.len()));
     let mut empty_annotations: Vec<u32> = Vec::with_capacity(items.len());
     let (mut done, mut next_report) = (0, 0);
-    for (idx, images, masks) in in_order(store, split, options.batch, device) {
+    for batch in in_order(store, split, options.batch, device) {
+        let (idx, images, masks) = batch?;
         let probs = model_samples(loaded, options, &images, &idx, big_n)?;
         let counts = BatchCounts::compute(&masks, &probs, samples)?;
         model.extend(&counts)?;
@@ -602,7 +603,7 @@ fn write_figures(
         let image = store
             .images
             .f_index_select(0, &index)?
-            .to_device(loaded.trained.device);
+            .f_to_device(loaded.trained.device)?;
         let probs = model_samples(loaded, options, &image, &[item], n)?;
         let caption = format!(
             "{}   GED {:.3}   HM-IoU {:.3}   ({which} of {} by GED, {n} samples)",
@@ -610,9 +611,9 @@ fn write_figures(
         );
         let row = FigureRow {
             caption,
-            image: image.get(0),
-            masks: store.masks.get(item as i64),
-            probs: probs.get(0),
+            image: image.f_get(0)?,
+            masks: store.masks.f_get(item as i64)?,
+            probs: probs.f_get(0)?,
         };
         let picture = crate::score::figure(&[row], FIGURE_SAMPLES, true)?;
         let path = out.dir.join(format!("{name}-{which}.png"));

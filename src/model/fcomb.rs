@@ -38,7 +38,13 @@ pub struct Fcomb {
 }
 
 impl Fcomb {
-    pub fn new(p: nn::Path, features: i64, latent_dim: i64, convs: usize, classes: i64) -> Self {
+    pub fn new(
+        p: nn::Path,
+        features: i64,
+        latent_dim: i64,
+        convs: usize,
+        classes: i64,
+    ) -> Result<Self, TchError> {
         let layers = &p / "layers";
         let hidden = (0..convs - 1)
             .map(|i| {
@@ -55,19 +61,19 @@ impl Fcomb {
                     ConvInit::OrthogonalTruncated,
                 )
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         let last = Conv2d::new(
             &p / "last",
             features,
             classes,
             1,
             ConvInit::OrthogonalTruncated,
-        );
-        Self {
+        )?;
+        Ok(Self {
             hidden,
             last,
             features,
-        }
+        })
     }
 
     /// Logits for one latent sample per image: `features` `[B, F, H, W]`, `z` `[B, L]`.
@@ -194,7 +200,7 @@ mod tests {
     fn chunked_samples_decode_as_the_seed_does_one_sample_at_a_time() {
         tch::manual_seed(3);
         let vs = nn::VarStore::new(Device::Cpu);
-        let fcomb = Fcomb::new(vs.root(), 32, 2, 4, 1);
+        let fcomb = Fcomb::new(vs.root(), 32, 2, 4, 1).unwrap();
         // 2 MiB per sample of [32, 128, 128] float32: chunks of 4 samples, so 6 samples
         // per image split 4 + 2, and 5 images of one sample split 4 + 1.
         for (b, n) in [(2, 6), (5, 1)] {

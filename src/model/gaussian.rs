@@ -75,8 +75,8 @@ impl AxisAlignedConvGaussian {
         filters: &[i64],
         latent_dim: i64,
         log_sigma_clamp: Option<f64>,
-    ) -> Self {
-        let encoder = Encoder::new(&p / "encoder", input_channels, filters);
+    ) -> Result<Self, TchError> {
+        let encoder = Encoder::new(&p / "encoder", input_channels, filters)?;
         #[expect(clippy::expect_used, reason = "ModelConfig::validate checks filters")]
         let last = *filters.last().expect("at least one level");
         let head = Conv2d::new(
@@ -85,13 +85,13 @@ impl AxisAlignedConvGaussian {
             2 * latent_dim,
             1,
             ConvInit::KaimingUnitBias,
-        );
-        Self {
+        )?;
+        Ok(Self {
             encoder,
             head,
             latent_dim,
             log_sigma_clamp,
-        }
+        })
     }
 
     /// `input` is the image, or the image and mask concatenated on channels.

@@ -5,7 +5,7 @@
 //! bias on the latent head, orthogonal 1x1 weights in fcomb), so the layers here create
 //! their variables through the `Path` with exactly those values.
 use tch::nn::{self, Init};
-use tch::{TchError, Tensor};
+use tch::{Kind, TchError, Tensor};
 
 /// How a convolution's weight and bias are initialised (spec/model.md, "Initialisation").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,42 +30,49 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn new(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, init: ConvInit) -> Self {
+    pub fn new(
+        p: nn::Path,
+        c_in: i64,
+        c_out: i64,
+        kernel: i64,
+        init: ConvInit,
+    ) -> Result<Self, TchError> {
         let dims = [c_out, c_in, kernel, kernel];
         let weight = match init {
             ConvInit::KaimingTruncated | ConvInit::KaimingUnitBias => {
-                p.var("weight", &dims, nn::init::DEFAULT_KAIMING_NORMAL)
+                p.f_var("weight", &dims, nn::init::DEFAULT_KAIMING_NORMAL)?
             }
             ConvInit::OrthogonalTruncated => {
                 // tch's orthogonal init returns the flattened [out, in*k*k] matrix.
-                let flat = nn::init::init(
+                let flat = nn::init::f_init(
                     Init::Orthogonal { gain: 1.0 },
                     &[c_out, c_in * kernel * kernel],
                     p.device(),
-                );
-                p.var_copy("weight", &flat.view(dims))
+                    Kind::Float,
+                )?;
+                p.f_var_copy("weight", &flat.f_view(dims)?)?
             }
         };
         let bias = match init {
-            ConvInit::KaimingUnitBias => p.var(
+            ConvInit::KaimingUnitBias => p.f_var(
                 "bias",
                 &[c_out],
                 Init::Randn {
                     mean: 0.0,
                     stdev: 1.0,
                 },
-            ),
+            )?,
             ConvInit::KaimingTruncated | ConvInit::OrthogonalTruncated => {
-                let bias = p.zeros("bias", &[c_out]);
-                tch::no_grad(|| truncated_normal_(&bias, BIAS_STD));
+                let bias = p.f_zeros("bias", &[c_out])?;
+                tch::no_grad(|| truncated_normal_(&bias, BIAS_STD))?;
                 bias
             }
         };
-        Self {
+        Ok(Self {
             weight,
             bias,
             padding: kernel / 2,
-        }
+        })
     }
 
     /// Runs in the input's precision: a bfloat16 input casts the float32 weights, as
@@ -97,16 +104,17 @@ impl Conv2d {
 
 /// Fills `t` in place with a normal(0, std) truncated at two standard deviations, by
 /// inverse-CDF sampling as `torch.nn.init.trunc_normal_` does (no rejection loop).
-pub fn truncated_normal_(t: &Tensor, std: f64) {
+pub fn truncated_normal_(t: &Tensor, std: f64) -> Result<(), TchError> {
     // erf(2 / sqrt 2): the truncation point in the uniform domain of erfinv.
     let edge = Tensor::from(std::f64::consts::SQRT_2)
-        .erf()
-        .double_value(&[]);
+        .f_erf()?
+        .f_double_value(&[])?;
     let mut t = t.shallow_clone();
-    let _ = t.uniform_(-edge, edge);
-    let _ = t.erfinv_();
-    let _ = t.g_mul_scalar_(std * std::f64::consts::SQRT_2);
-    let _ = t.clamp_(-2.0 * std, 2.0 * std);
+    let _ = t.f_uniform_(-edge, edge)?;
+    let _ = t.f_erfinv_()?;
+    let _ = t.f_mul_scalar_(std * std::f64::consts::SQRT_2)?;
+    let _ = t.f_clamp_(-2.0 * std, 2.0 * std)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -118,7 +126,7 @@ mod tests {
     fn truncated_normal_stays_within_two_std_with_the_truncated_spread() {
         tch::manual_seed(1);
         let t = Tensor::zeros([200_000], (Kind::Float, Device::Cpu));
-        truncated_normal_(&t, 0.001);
+        truncated_normal_(&t, 0.001).unwrap();
         assert!(t.abs().max().double_value(&[]) <= 0.002);
         // A normal truncated at +-2 sigma has std 0.8796 sigma.
         let std = t.std(true).double_value(&[]);
@@ -129,17 +137,17 @@ mod tests {
     fn initialisers_follow_the_seed() {
         tch::manual_seed(2);
         let vs = nn::VarStore::new(Device::Cpu);
-        let kaiming = Conv2d::new(vs.root() / "k", 64, 128, 3, ConvInit::KaimingTruncated);
+        let kaiming = Conv2d::new(vs.root() / "k", 64, 128, 3, ConvInit::KaimingTruncated).unwrap();
         let expected = (2.0f64 / (64.0 * 9.0)).sqrt();
         let std = kaiming.weight.std(true).double_value(&[]);
         assert!(
             (std / expected - 1.0).abs() < 0.02,
             "kaiming std {std} vs {expected}"
         );
-        let head = Conv2d::new(vs.root() / "h", 8, 4096, 1, ConvInit::KaimingUnitBias);
+        let head = Conv2d::new(vs.root() / "h", 8, 4096, 1, ConvInit::KaimingUnitBias).unwrap();
         let std = head.bias.std(true).double_value(&[]);
         assert!((std - 1.0).abs() < 0.05, "head bias std {std}");
-        let ortho = Conv2d::new(vs.root() / "o", 34, 32, 1, ConvInit::OrthogonalTruncated);
+        let ortho = Conv2d::new(vs.root() / "o", 34, 32, 1, ConvInit::OrthogonalTruncated).unwrap();
         let w = ortho.weight.view([32, 34]);
         let gram = w.matmul(&w.tr());
         let identity = Tensor::eye(32, (Kind::Float, Device::Cpu));

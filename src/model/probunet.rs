@@ -83,28 +83,28 @@ impl ProbUNet {
         config.validate()?;
         config.check_weights()?;
         let c = &config;
-        let unet = UNet::new(p / "unet", c.input_channels, &c.filters);
+        let unet = UNet::new(p / "unet", c.input_channels, &c.filters)?;
         let prior = AxisAlignedConvGaussian::new(
             p / "prior",
             c.input_channels,
             &c.filters,
             c.latent_dim,
             c.log_sigma_clamp,
-        );
+        )?;
         let posterior = AxisAlignedConvGaussian::new(
             p / "posterior",
             c.input_channels + c.num_classes,
             &c.filters,
             c.latent_dim,
             c.log_sigma_clamp,
-        );
+        )?;
         let fcomb = Fcomb::new(
             p / "fcomb",
             c.filters[0],
             c.latent_dim,
             c.fcomb_convs,
             c.num_classes,
-        );
+        )?;
         Ok(Self {
             config,
             unet,

@@ -14,14 +14,14 @@ struct DownBlock {
 pub const CONVS_PER_BLOCK: i64 = 3;
 
 impl DownBlock {
-    fn new(p: nn::Path, c_in: i64, c_out: i64, pool: bool) -> Self {
+    fn new(p: nn::Path, c_in: i64, c_out: i64, pool: bool) -> Result<Self, TchError> {
         let convs = (0..CONVS_PER_BLOCK)
             .map(|i| {
                 let c_in = if i == 0 { c_in } else { c_out };
                 Conv2d::new(&p / i, c_in, c_out, 3, ConvInit::KaimingTruncated)
             })
-            .collect();
-        Self { pool, convs }
+            .collect::<Result<_, _>>()?;
+        Ok(Self { pool, convs })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
@@ -51,7 +51,7 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    pub fn new(p: nn::Path, input_channels: i64, filters: &[i64]) -> Self {
+    pub fn new(p: nn::Path, input_channels: i64, filters: &[i64]) -> Result<Self, TchError> {
         let blocks = filters
             .iter()
             .enumerate()
@@ -63,8 +63,8 @@ impl Encoder {
                 };
                 DownBlock::new(&p / i, c_in, c_out, i != 0)
             })
-            .collect();
-        Self { blocks }
+            .collect::<Result<_, _>>()?;
+        Ok(Self { blocks })
     }
 
     /// Outputs of every level, finest first.
@@ -97,10 +97,10 @@ struct UpBlock {
 }
 
 impl UpBlock {
-    fn new(p: nn::Path, c_in: i64, c_out: i64) -> Self {
-        Self {
-            block: DownBlock::new(p, c_in, c_out, false),
-        }
+    fn new(p: nn::Path, c_in: i64, c_out: i64) -> Result<Self, TchError> {
+        Ok(Self {
+            block: DownBlock::new(p, c_in, c_out, false)?,
+        })
     }
 
     fn forward(&self, xs: &Tensor, skip: &Tensor) -> Result<Tensor, TchError> {
@@ -119,15 +119,15 @@ pub struct UNet {
 }
 
 impl UNet {
-    pub fn new(p: nn::Path, input_channels: i64, filters: &[i64]) -> Self {
-        let encoder = Encoder::new(&p / "down", input_channels, filters);
+    pub fn new(p: nn::Path, input_channels: i64, filters: &[i64]) -> Result<Self, TchError> {
+        let encoder = Encoder::new(&p / "down", input_channels, filters)?;
         let up_path = &p / "up";
         let up = (0..filters.len().saturating_sub(1))
             .rev()
             .enumerate()
             .map(|(k, i)| UpBlock::new(&up_path / k, filters[i + 1] + filters[i], filters[i]))
-            .collect();
-        Self { encoder, up }
+            .collect::<Result<_, _>>()?;
+        Ok(Self { encoder, up })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {

@@ -16,7 +16,7 @@ use super::ScoreError;
 use crate::metrics::{ImageScores, PairCounts, PredictionCounts, CE_EPS};
 use crate::seed::item_noise;
 use rayon::prelude::*;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 /// The counts of one batch, on the host.
 #[derive(Debug, Clone)]
@@ -50,39 +50,28 @@ impl BatchCounts {
                 "cannot score {bad} samples out of {big_n}"
             )));
         }
-        let masks = masks.to_kind(Kind::Float).flatten(2, -1);
-        let binary = Tensor::cat(
-            &[&masks, &probs.gt(0.5).to_kind(Kind::Float).flatten(2, -1)],
-            1,
-        );
-        let gram = binary.bmm(&binary.transpose(1, 2)).to_kind(Kind::Int64);
-        let masks = masks.to_kind(Kind::Double);
-        let probs64 = probs.flatten(2, -1).to_kind(Kind::Double);
-        let parts: Vec<Tensor> = prefixes
+        let masks = masks.f_to_kind(Kind::Float)?.f_flatten(2, -1)?;
+        let binary_probs = probs.f_gt(0.5)?.f_to_kind(Kind::Float)?.f_flatten(2, -1)?;
+        let binary = Tensor::f_cat(&[&masks, &binary_probs], 1)?;
+        let gram = binary
+            .f_bmm(&binary.f_transpose(1, 2)?)?
+            .f_to_kind(Kind::Int64)?;
+        let masks = masks.f_to_kind(Kind::Double)?;
+        let probs64 = probs.f_flatten(2, -1)?.f_to_kind(Kind::Double)?;
+        let parts = prefixes
             .iter()
-            .map(|&n| {
-                let probs = probs64.narrow(1, 0, n as i64);
-                let ncc = ncc(&masks, &probs);
-                let prediction = probs
-                    .mean_dim(1, false, Kind::Double)
-                    .gt(0.5)
-                    .to_kind(Kind::Double);
-                let area = prediction.sum_dim_intlist(-1, true, Kind::Double);
-                let intersections =
-                    (&masks * prediction.unsqueeze(1)).sum_dim_intlist(-1, false, Kind::Double);
-                Tensor::cat(&[ncc.unsqueeze(1), area, intersections], 1)
-            })
-            .collect();
-        let parts = Tensor::stack(&parts, 1);
-        let finite = probs.isfinite().flatten(1, -1).all_dim(1, false);
-        let host = |t: Tensor| t.to_device(Device::Cpu).reshape([-1]);
+            .map(|&n| prefix_parts(&masks, &probs64.f_narrow(1, 0, n as i64)?))
+            .collect::<Result<Vec<Tensor>, TchError>>()?;
+        let parts = Tensor::f_stack(&parts, 1)?;
+        let finite = probs.f_isfinite()?.f_flatten(1, -1)?.f_all_dim(1, false)?;
+        let host = |t: Tensor| t.f_to_device(Device::Cpu)?.f_reshape([-1]);
         Ok(Self {
             m,
             big_n,
             prefixes: prefixes.to_vec(),
-            gram: Vec::try_from(host(gram))?,
-            parts: Vec::try_from(host(parts))?,
-            finite: Vec::try_from(host(finite))?,
+            gram: Vec::try_from(host(gram)?)?,
+            parts: Vec::try_from(host(parts)?)?,
+            finite: Vec::try_from(host(finite)?)?,
         })
     }
 
@@ -160,32 +149,58 @@ impl BatchCounts {
     }
 }
 
+/// For the first `n` samples (`probs` `[b, n, P]`, float64) against `masks` `[b, m, P]`:
+/// `[b, 2 + m]` of NCC, the mean prediction's area and its intersection with each mask.
+fn prefix_parts(masks: &Tensor, probs: &Tensor) -> Result<Tensor, TchError> {
+    let ncc = ncc(masks, probs)?;
+    let prediction = probs
+        .f_mean_dim(1, false, Kind::Double)?
+        .f_gt(0.5)?
+        .f_to_kind(Kind::Double)?;
+    let area = prediction.f_sum_dim_intlist(-1, true, Kind::Double)?;
+    let intersections = masks
+        .f_mul(&prediction.f_unsqueeze(1)?)?
+        .f_sum_dim_intlist(-1, false, Kind::Double)?;
+    Tensor::f_cat(&[ncc.f_unsqueeze(1)?, area, intersections], 1)
+}
+
 /// PHiSeg's NCC of uncertainty maps ([`crate::metrics::ncc`]) for every image of a batch:
 /// `masks` `[b, m, P]` and `probs` `[b, n, P]`, both float64; returns `[b]`. As on the host,
 /// a constant map has no correlation (NaN) and NaN terms are left out of the mean over
 /// annotations.
-fn ncc(masks: &Tensor, probs: &Tensor) -> Tensor {
-    let clamped = probs.clamp(CE_EPS, 1.0 - CE_EPS);
-    let log_fg = clamped.log().mean_dim(1, true, Kind::Double);
-    let log_bg = (-&clamped + 1.0).log().mean_dim(1, true, Kind::Double);
+fn ncc(masks: &Tensor, probs: &Tensor) -> Result<Tensor, TchError> {
+    let clamped = probs.f_clamp(CE_EPS, 1.0 - CE_EPS)?;
+    let log_fg = clamped.f_log()?.f_mean_dim(1, true, Kind::Double)?;
+    let log_bg = one_minus(&clamped)?
+        .f_log()?
+        .f_mean_dim(1, true, Kind::Double)?;
     // E_s[CE(t, s)] = -(t E_s[ln s] + (1 - t) E_s[ln(1 - s)]), for targets t of [b, r, P].
-    let expected_ce = |t: &Tensor| -(t * &log_fg + (-t + 1.0) * &log_bg);
-    let uncertainty = expected_ce(&probs.mean_dim(1, true, Kind::Double));
-    let error = expected_ce(masks);
-    let centred = |x: &Tensor| x - x.mean_dim(-1, true, Kind::Double);
-    let (u, e) = (centred(&uncertainty), centred(&error));
-    let covariance = (&u * &e).sum_dim_intlist(-1, false, Kind::Double);
-    let variance = |x: &Tensor| x.square().sum_dim_intlist(-1, false, Kind::Double);
-    let r = covariance / (variance(&u) * variance(&e)).sqrt();
-    let constant = |x: &Tensor| x.amax(-1, false).eq_tensor(&x.amin(-1, false));
-    let r = r.masked_fill(
-        &constant(&uncertainty).logical_or(&constant(&error)),
+    let expected_ce = |t: &Tensor| {
+        t.f_mul(&log_fg)?
+            .f_add(&one_minus(t)?.f_mul(&log_bg)?)?
+            .f_neg()
+    };
+    let uncertainty = expected_ce(&probs.f_mean_dim(1, true, Kind::Double)?)?;
+    let error = expected_ce(masks)?;
+    let centred = |x: &Tensor| x.f_sub(&x.f_mean_dim(-1, true, Kind::Double)?);
+    let (u, e) = (centred(&uncertainty)?, centred(&error)?);
+    let covariance = u.f_mul(&e)?.f_sum_dim_intlist(-1, false, Kind::Double)?;
+    let variance = |x: &Tensor| x.f_square()?.f_sum_dim_intlist(-1, false, Kind::Double);
+    let r = covariance.f_div(&variance(&u)?.f_mul(&variance(&e)?)?.f_sqrt()?)?;
+    let constant = |x: &Tensor| x.f_amax(-1, false)?.f_eq_tensor(&x.f_amin(-1, false)?);
+    let r = r.f_masked_fill(
+        &constant(&uncertainty)?.f_logical_or(&constant(&error)?)?,
         f64::NAN,
-    );
-    let valid = r.isnan().logical_not();
-    r.nan_to_num(0.0, None, None)
-        .sum_dim_intlist(-1, false, Kind::Double)
-        / valid.sum_dim_intlist(-1, false, Kind::Double)
+    )?;
+    let valid = r.f_isnan()?.f_logical_not()?;
+    r.f_nan_to_num(0.0, None, None)?
+        .f_sum_dim_intlist(-1, false, Kind::Double)?
+        .f_div(&valid.f_sum_dim_intlist(-1, false, Kind::Double)?)
+}
+
+/// `1 - t`: the complement of a probability or a 0/1 target.
+fn one_minus(t: &Tensor) -> Result<Tensor, TchError> {
+    t.f_neg()?.f_add_scalar(1.0)
 }
 
 /// [`item_noise`](crate::seed::item_noise) for a batch of items: `[items, samples, latent_dim]` on the CPU.

@@ -94,7 +94,7 @@ fn bars(variance: bool) -> Vec<ColourBar> {
 fn row_tiles(row: &FigureRow, shown: i64, variance: bool) -> Result<Vec<Tile>, ScoreError> {
     let values = |t: &Tensor| -> Result<Vec<f32>, ScoreError> {
         let flat = t
-            .to_device(Device::Cpu)
+            .f_to_device(Device::Cpu)?
             .f_to_kind(Kind::Float)?
             .f_reshape([-1])?;
         Ok(Vec::<f32>::try_from(flat)?)
@@ -105,13 +105,13 @@ fn row_tiles(row: &FigureRow, shown: i64, variance: bool) -> Result<Vec<Tile>, S
         lo: 0.0,
         hi,
     };
-    let probs = row.probs.to_device(Device::Cpu).f_to_kind(Kind::Float)?;
-    let mut tiles = vec![Tile::Grey(values(&row.image.get(0))?)];
+    let probs = row.probs.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?;
+    let mut tiles = vec![Tile::Grey(values(&row.image.f_get(0)?)?)];
     for a in 0..row.masks.size()[0] {
-        tiles.push(Tile::Grey(values(&row.masks.get(a))?));
+        tiles.push(Tile::Grey(values(&row.masks.f_get(a)?)?));
     }
     for s in 0..shown {
-        tiles.push(Tile::Grey(values(&probs.get(s).f_gt(0.5)?)?));
+        tiles.push(Tile::Grey(values(&probs.f_get(s)?.f_gt(0.5)?)?));
     }
     let mean = probs.f_mean_dim(0, false, Kind::Float)?;
     tiles.push(map(values(&mean)?, Colormap::Viridis, 1.0));

@@ -20,7 +20,7 @@ use crate::data::store::Store;
 use crate::metrics::{EmptyConvention, ImageMetrics, MetricsError};
 use crate::model::{ModelError, ProbUNet, Reduction};
 use crate::tensorboard::{Image, TensorboardError};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScoreError {
@@ -46,7 +46,7 @@ pub fn probabilities(
     eps: &Tensor,
 ) -> Result<Tensor, ScoreError> {
     let logits = tch::no_grad(|| model.sample_with_noise(images, eps))?;
-    Ok(logits.select(2, 0).sigmoid())
+    Ok(logits.f_select(2, 0)?.f_sigmoid()?)
 }
 
 /// `samples` samples of each store item in `items` (their images on the model's device):
@@ -142,7 +142,7 @@ fn elbo_sums(
     };
     let (mut elbo, mut kl, mut terms) = (0.0, 0.0, 0);
     for a in 0..masks.size()[1] {
-        let mask = masks.narrow(1, a, 1).to_kind(Kind::Float);
+        let mask = masks.f_narrow(1, a, 1)?.f_to_kind(Kind::Float)?;
         let t = tch::no_grad(|| model.elbo(images, &mask))?;
         let kl_mean = t.kl.f_double_value(&[])?;
         let rec = t.reconstruction.f_double_value(&[])? / per_image_scale;
@@ -164,14 +164,15 @@ pub fn validate(
     let (mut elbo, mut kl, mut terms) = (0.0, 0.0, 0usize);
     let mut per_image = Vec::new();
     let mut items = Vec::new();
-    for (idx, images, masks) in in_order(store, plan.split, plan.batch, device) {
+    for batch in in_order(store, plan.split, plan.batch, device) {
+        let (idx, images, masks) = batch?;
         if items.len() >= limit {
             break;
         }
         let keep = (limit - items.len()).min(idx.len());
         let (images, masks) = (
-            images.narrow(0, 0, keep as i64),
-            masks.narrow(0, 0, keep as i64),
+            images.f_narrow(0, 0, keep as i64)?,
+            masks.f_narrow(0, 0, keep as i64)?,
         );
         let (e, k, t) = elbo_sums(model, &images, &masks)?;
         (elbo, kl, terms) = (elbo + e, kl + k, terms + t);
@@ -200,16 +201,21 @@ pub fn sample_grid(
     device: Device,
 ) -> Result<Image, ScoreError> {
     let index = Tensor::from_slice(&items.iter().map(|&i| i as i64).collect::<Vec<_>>());
-    let images = store.images.f_index_select(0, &index)?.to_device(device);
-    let masks = store.masks.f_index_select(0, &index)?.to_device(device);
+    let images = store
+        .images
+        .f_index_select(0, &index)?
+        .f_to_device(device)?;
+    let masks = store.masks.f_index_select(0, &index)?.f_to_device(device)?;
     let probs = sample_items(model, &images, items, samples, seed)?;
-    let rows: Vec<FigureRow> = (0..images.size()[0])
-        .map(|r| FigureRow {
-            caption: captions.get(r as usize).cloned().unwrap_or_default(),
-            image: images.get(r),
-            masks: masks.get(r),
-            probs: probs.get(r),
+    let rows = (0..images.size()[0])
+        .map(|r| {
+            Ok(FigureRow {
+                caption: captions.get(r as usize).cloned().unwrap_or_default(),
+                image: images.f_get(r)?,
+                masks: masks.f_get(r)?,
+                probs: probs.f_get(r)?,
+            })
         })
-        .collect();
+        .collect::<Result<Vec<FigureRow>, TchError>>()?;
     figure(&rows, samples as i64, false)
 }

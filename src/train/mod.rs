@@ -508,7 +508,7 @@ impl Trainer {
         tch::manual_seed(step_seed(train.seed, self.step, STREAM_TRAIN));
         let lr = train.schedule.lr_at(train.lr, self.step, self.total_steps);
         let on_nan = train.on_nan;
-        let batch = self.loader.next_batch();
+        let batch = self.loader.next_batch()?;
         let (terms, stats) =
             forward_backward(&self.model, &mut self.adam, &batch.images, &batch.masks)?;
         self.interval.steps += 1;

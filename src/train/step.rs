@@ -18,18 +18,16 @@ pub fn forward_backward(
     adam.zero_grad();
     terms.loss.f_backward()?;
     let grad_norm = adam.grad_norm()?;
-    let packed = Tensor::f_stack(
-        &[
-            &terms.loss,
-            &terms.elbo,
-            &terms.kl,
-            &terms.reconstruction,
-            &terms.reg,
-            &grad_norm,
-        ]
-        .map(|t| t.to_kind(Kind::Double)),
-        0,
-    )?;
+    let logged = [
+        &terms.loss,
+        &terms.elbo,
+        &terms.kl,
+        &terms.reconstruction,
+        &terms.reg,
+        &grad_norm,
+    ]
+    .map(|t| t.f_to_kind(Kind::Double));
+    let packed = Tensor::f_stack(&logged.into_iter().collect::<Result<Vec<_>, _>>()?, 0)?;
     let values = Vec::<f64>::try_from(packed.f_to_device(Device::Cpu)?)?;
     let stats = match values[..] {
         [loss, elbo, kl, reconstruction, reg, grad_norm] => StepStats {
