@@ -1,28 +1,22 @@
 //! `probunet eval`: a run's metrics at each sample count, as a table with 95% intervals.
+use super::trained::TrainedArgs;
 use anyhow::{Context, Result};
 use probunet::data::split::SplitName;
-use probunet::device::DeviceSpec;
 use probunet::eval::report::{find_summary, Summaries};
-use probunet::eval::{self as evaluation, CheckpointChoice, EvalOptions, EvalOutcome};
+use probunet::eval::{self as evaluation, EvalOptions, EvalOutcome};
 use probunet::metrics::EmptyConvention;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
-    /// The run folder, e.g. runs/lidc-20261127-120000.
-    run: PathBuf,
+    #[command(flatten)]
+    trained: TrainedArgs,
     /// The split of the run's store to evaluate: train, val or test.
     #[arg(long, default_value = "test")]
     split: SplitName,
     /// Samples per image; one set of results each (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "16,100")]
     samples: Vec<usize>,
-    /// best, last, step-N (or N), a checkpoint folder or a model.safetensors file.
-    #[arg(long, default_value = "best")]
-    checkpoint: CheckpointChoice,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: DeviceSpec,
     /// Images per forward pass (memory grows with batch x samples).
     #[arg(long, default_value_t = 4)]
     batch: usize,
@@ -69,13 +63,13 @@ fn refuse_sweep_folder(folder: &std::path::Path) -> Result<()> {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    refuse_sweep_folder(&args.run)?;
+    refuse_sweep_folder(&args.trained.run)?;
     let options = EvalOptions {
-        run: args.run,
+        run: args.trained.run,
         split: args.split,
         samples: args.samples,
-        checkpoint: args.checkpoint,
-        device: args.device,
+        checkpoint: args.trained.checkpoint,
+        device: args.trained.device,
         batch: args.batch,
         seed: args.seed,
         store: args.store,

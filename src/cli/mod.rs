@@ -12,6 +12,7 @@ mod runs;
 mod sweep;
 mod sweep_progress;
 mod train;
+mod trained;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

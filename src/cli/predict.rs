@@ -1,14 +1,13 @@
 //! `probunet predict`: a trained run's samples for new images, a line per image.
+use super::trained::TrainedArgs;
 use anyhow::Result;
-use probunet::device::DeviceSpec;
-use probunet::eval::CheckpointChoice;
 use probunet::predict::{self, Formats, PredictEvent, PredictOptions};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct PredictArgs {
-    /// The run folder, e.g. runs/lidc-20261127-120000.
-    run: PathBuf,
+    #[command(flatten)]
+    trained: TrainedArgs,
     /// Images: PNG (8- or 16-bit grey) or .npy files, folders of them, or store:SPLIT for
     /// a split of the run's own store.
     #[arg(required = true)]
@@ -19,12 +18,6 @@ pub struct PredictArgs {
     /// Where to write (default: RUN/predict); one folder per image, plus index.json/.csv.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// best, last, step-N (or N), a checkpoint folder or a model.safetensors file.
-    #[arg(long, default_value = "best")]
-    checkpoint: CheckpointChoice,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: DeviceSpec,
     /// Images per forward pass (memory grows with batch x samples); results do not depend on it.
     #[arg(long, default_value_t = 4)]
     batch: usize,
@@ -47,12 +40,12 @@ enum Format {
 
 pub fn run(args: PredictArgs) -> Result<()> {
     let options = PredictOptions {
-        run: args.run,
+        run: args.trained.run,
         inputs: args.inputs,
         samples: args.samples,
         out: args.out,
-        checkpoint: args.checkpoint,
-        device: args.device,
+        checkpoint: args.trained.checkpoint,
+        device: args.trained.device,
         batch: args.batch,
         seed: args.seed,
         formats: Formats {
