@@ -3,7 +3,9 @@
 //! a mask) to a diagonal Gaussian over a small latent space, and fcomb, which combines a
 //! latent sample with the U-Net features into logits.
 //!
-//! Each part is a struct built from a `tch::nn::Path` with a plain `forward`.
+//! Each part is a struct built from a `tch::nn::Path` with a plain `forward`. Every
+//! libtorch call goes through its fallible `f_` variant, so an allocation that fails (a
+//! full GPU, say) comes back as a [`ModelError::Torch`] rather than a panic.
 mod fcomb;
 mod footprint;
 mod gaussian;
