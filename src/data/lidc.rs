@@ -391,6 +391,23 @@ mod tests {
         }
     }
 
+    /// A protocol-4 file of one item, "P_1", whose fields `fields` writes.
+    fn one_item(fields: impl FnOnce(&mut Writer)) -> Vec<u8> {
+        let mut w = Writer::new(4);
+        w.op(op::EMPTY_DICT)
+            .str("P_1")
+            .op(op::EMPTY_DICT)
+            .op(op::MARK);
+        fields(&mut w);
+        w.op(op::SETITEMS).op(op::SETITEM).finish()
+    }
+
+    /// The field "image": an all-zero float32 array of `SHAPE`.
+    fn zero_image(w: &mut Writer) -> &mut Writer {
+        w.str("image")
+            .frombuffer(("f4", "<"), &SHAPE, false, &f32_bytes(&[0.0; 4]))
+    }
+
     /// A protocol-5 file; all masks of all items share one memoised all-zero array.
     fn file(items: &[Item<'_>]) -> Vec<u8> {
         let mut w = Writer::new(5);
@@ -584,60 +601,48 @@ mod tests {
 
     #[test]
     fn field_types_are_checked() {
-        let mut w = Writer::new(4);
-        w.op(op::EMPTY_DICT)
-            .str("P_1")
-            .op(op::EMPTY_DICT)
-            .op(op::MARK);
-        w.str("image")
-            .frombuffer(("u1", "|"), &SHAPE, false, &[0; 4]);
-        w.str("masks").op(op::EMPTY_LIST);
-        let bytes = w.op(op::SETITEMS).op(op::SETITEM).finish();
+        let bytes = one_item(|w| {
+            w.str("image")
+                .frombuffer(("u1", "|"), &SHAPE, false, &[0; 4])
+                .str("masks")
+                .op(op::EMPTY_LIST);
+        });
         assert!(matches!(
             parse_lidc(&bytes, 0),
             Err(LidcError::ImageDtype { .. })
         ));
 
-        let mut w = Writer::new(4);
-        w.op(op::EMPTY_DICT)
-            .str("P_1")
-            .op(op::EMPTY_DICT)
-            .op(op::MARK);
-        w.str("image")
-            .frombuffer(("f4", "<"), &[4], false, &f32_bytes(&[0.0; 4]));
-        w.str("masks").op(op::EMPTY_LIST);
-        let bytes = w.op(op::SETITEMS).op(op::SETITEM).finish();
+        let bytes = one_item(|w| {
+            w.str("image")
+                .frombuffer(("f4", "<"), &[4], false, &f32_bytes(&[0.0; 4]))
+                .str("masks")
+                .op(op::EMPTY_LIST);
+        });
         assert!(matches!(
             parse_lidc(&bytes, 0),
             Err(LidcError::ImageShape { .. })
         ));
 
-        let mut w = Writer::new(4);
-        w.op(op::EMPTY_DICT)
-            .str("P_1")
-            .op(op::EMPTY_DICT)
-            .op(op::MARK);
-        w.str("image").frombuffer(("f4", "<"), &[0, 4], false, &[]);
-        w.str("masks").op(op::EMPTY_LIST);
-        let bytes = w.op(op::SETITEMS).op(op::SETITEM).finish();
+        let bytes = one_item(|w| {
+            w.str("image")
+                .frombuffer(("f4", "<"), &[0, 4], false, &[])
+                .str("masks")
+                .op(op::EMPTY_LIST);
+        });
         assert!(matches!(
             parse_lidc(&bytes, 0),
             Err(LidcError::ImageShape { .. })
         ));
 
-        let mut w = Writer::new(4);
-        w.op(op::EMPTY_DICT)
-            .str("P_1")
-            .op(op::EMPTY_DICT)
-            .op(op::MARK);
-        w.str("image")
-            .frombuffer(("f4", "<"), &SHAPE, false, &f32_bytes(&[0.0; 4]));
-        w.str("masks")
-            .op(op::EMPTY_LIST)
-            .op(op::NONE)
-            .op(op::APPEND);
-        w.str("series_uid").int(7);
-        let bytes = w.op(op::SETITEMS).op(op::SETITEM).finish();
+        let bytes = one_item(|w| {
+            zero_image(w)
+                .str("masks")
+                .op(op::EMPTY_LIST)
+                .op(op::NONE)
+                .op(op::APPEND)
+                .str("series_uid")
+                .int(7);
+        });
         assert!(matches!(
             parse_lidc(&bytes, 1),
             Err(LidcError::MaskType {
@@ -670,15 +675,13 @@ mod tests {
 
     #[test]
     fn series_uid_must_be_a_string() {
-        let mut w = Writer::new(4);
-        w.op(op::EMPTY_DICT)
-            .str("P_1")
-            .op(op::EMPTY_DICT)
-            .op(op::MARK);
-        w.str("image")
-            .frombuffer(("f4", "<"), &SHAPE, false, &f32_bytes(&[0.0; 4]));
-        w.str("masks").op(op::EMPTY_LIST).str("series_uid").int(7);
-        let bytes = w.op(op::SETITEMS).op(op::SETITEM).finish();
+        let bytes = one_item(|w| {
+            zero_image(w)
+                .str("masks")
+                .op(op::EMPTY_LIST)
+                .str("series_uid")
+                .int(7);
+        });
         let err = parse_lidc(&bytes, 0).unwrap_err();
         assert!(matches!(
             err,
@@ -697,8 +700,7 @@ mod tests {
             .str("P_1")
             .op(op::EMPTY_DICT)
             .op(op::MARK);
-        w.str("image")
-            .frombuffer(("f4", "<"), &SHAPE, false, &f32_bytes(&[0.0; 4]));
+        zero_image(&mut w);
         w.str("masks").op(op::EMPTY_LIST).op(op::SETITEMS);
         let shared = w.put();
         w.op(op::SETITEM).str("P_2").get(shared).op(op::SETITEM);
@@ -727,8 +729,7 @@ mod tests {
             .str("P_1")
             .op(op::EMPTY_DICT)
             .op(op::MARK);
-        w.str("image")
-            .frombuffer(("f4", "<"), &SHAPE, false, &f32_bytes(&[0.0; 4]));
+        zero_image(&mut w);
         w.str("masks").op(op::EMPTY_LIST).op(op::MARK);
         w.frombuffer(("u1", "|"), &SHAPE, false, &[0, 1, 1, 0]);
         w.frombuffer(("u1", "|"), &SHAPE, false, &[0, 0, 0, 255]);
