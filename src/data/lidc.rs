@@ -391,13 +391,20 @@ mod tests {
         }
     }
 
-    /// A protocol-4 file of one item, "P_1", whose fields `fields` writes.
-    fn one_item(fields: impl FnOnce(&mut Writer)) -> Vec<u8> {
-        let mut w = Writer::new(4);
+    /// A writer at the fields of item "P_1", the file's first: the top-level dict, the
+    /// key, the item's dict and the mark its fields' SETITEMS closes.
+    fn open_first_item(protocol: u8) -> Writer {
+        let mut w = Writer::new(protocol);
         w.op(op::EMPTY_DICT)
             .str("P_1")
             .op(op::EMPTY_DICT)
             .op(op::MARK);
+        w
+    }
+
+    /// A protocol-4 file of one item, "P_1", whose fields `fields` writes.
+    fn one_item(fields: impl FnOnce(&mut Writer)) -> Vec<u8> {
+        let mut w = open_first_item(4);
         fields(&mut w);
         w.op(op::SETITEMS).op(op::SETITEM).finish()
     }
@@ -695,11 +702,7 @@ mod tests {
 
     #[test]
     fn an_image_shared_by_two_items_is_refused() {
-        let mut w = Writer::new(4);
-        w.op(op::EMPTY_DICT)
-            .str("P_1")
-            .op(op::EMPTY_DICT)
-            .op(op::MARK);
+        let mut w = open_first_item(4);
         zero_image(&mut w);
         w.str("masks").op(op::EMPTY_LIST).op(op::SETITEMS);
         let shared = w.put();
@@ -724,11 +727,7 @@ mod tests {
             "item \"P_9\": image: non-finite value inf at [0, 1]"
         );
 
-        let mut w = Writer::new(5);
-        w.op(op::EMPTY_DICT)
-            .str("P_1")
-            .op(op::EMPTY_DICT)
-            .op(op::MARK);
+        let mut w = open_first_item(5);
         zero_image(&mut w);
         w.str("masks").op(op::EMPTY_LIST).op(op::MARK);
         w.frombuffer(("u1", "|"), &SHAPE, false, &[0, 1, 1, 0]);
