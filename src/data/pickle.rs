@@ -772,174 +772,217 @@ impl<'a> Parser<'a, '_> {
                 self.next_report = at + PROGRESS_STEP;
             }
             let [opcode] = self.take_array(at)?;
-            match opcode {
-                op::PROTO => {
-                    let [version] = self.take_array(at)?;
-                    if !(2..=5).contains(&version) {
-                        return Err(PickleError::UnsupportedProtocol {
-                            offset: at,
-                            version,
-                        });
-                    }
-                }
-                op::FRAME => {
-                    // Frames only group opcodes for buffered reads; the input is in memory.
-                    self.take_len::<8>(at)
-                        .and_then(|len| self.input.len().checked_sub(self.pos)?.checked_sub(len))
-                        .ok_or(PickleError::Truncated { offset: at })?;
-                }
-                op::STOP => {
-                    let root = self.pop(at, "STOP")?;
-                    return Ok(Pickle {
-                        objects: self.objects,
-                        root,
-                    });
-                }
-                op::MARK => self.marks.push(self.stack.len()),
-                op::EMPTY_DICT => self.push_object(Object::Dict(Vec::new())),
-                op::EMPTY_LIST => self.push_object(Object::List(Vec::new())),
-                op::EMPTY_TUPLE => self.push_object(Object::Tuple(Vec::new())),
-                op::SETITEM => {
-                    let value = self.pop(at, "SETITEM")?;
-                    let key = self.pop(at, "SETITEM")?;
-                    match self.target(at, "SETITEM")? {
-                        Object::Dict(entries) => entries.push((key, value)),
-                        other => return Err(unexpected(at, "SETITEM", "a dict", other.kind())),
-                    }
-                }
-                op::SETITEMS => {
-                    let items = self.pop_mark(at, "SETITEMS")?;
-                    if items.len() % 2 != 0 {
-                        return Err(PickleError::BadArgument {
-                            offset: at,
-                            what: "SETITEMS needs key/value pairs",
-                        });
-                    }
-                    match self.target(at, "SETITEMS")? {
-                        Object::Dict(entries) => {
-                            entries.extend(items.chunks_exact(2).map(|kv| (kv[0], kv[1])))
-                        }
-                        other => return Err(unexpected(at, "SETITEMS", "a dict", other.kind())),
-                    }
-                }
-                op::APPEND => {
-                    let value = self.pop(at, "APPEND")?;
-                    match self.target(at, "APPEND")? {
-                        Object::List(items) => items.push(value),
-                        other => return Err(unexpected(at, "APPEND", "a list", other.kind())),
-                    }
-                }
-                op::APPENDS => {
-                    let values = self.pop_mark(at, "APPENDS")?;
-                    match self.target(at, "APPENDS")? {
-                        Object::List(items) => items.extend(values),
-                        other => return Err(unexpected(at, "APPENDS", "a list", other.kind())),
-                    }
-                }
-                op::TUPLE => {
-                    let items = self.pop_mark(at, "TUPLE")?;
-                    self.push_object(Object::Tuple(items));
-                }
-                op::TUPLE1 | op::TUPLE2 | op::TUPLE3 => {
-                    let n = usize::from(opcode - op::TUPLE1) + 1;
-                    if self.stack.len() < self.floor() + n {
-                        return Err(PickleError::StackUnderflow {
-                            offset: at,
-                            op: "TUPLE1-3",
-                        });
-                    }
-                    let items = self.stack.split_off(self.stack.len() - n);
-                    self.push_object(Object::Tuple(items));
-                }
-                op::SHORT_BINUNICODE => self.string::<1>(at)?,
-                op::BINUNICODE => self.string::<4>(at)?,
-                op::BINUNICODE8 => self.string::<8>(at)?,
-                op::SHORT_BINBYTES => self.bytes::<1>(at)?,
-                op::BINBYTES => self.bytes::<4>(at)?,
-                op::BINBYTES8 | op::BYTEARRAY8 => self.bytes::<8>(at)?,
-                op::BININT => {
-                    let value = i32::from_le_bytes(self.take_array(at)?);
-                    self.stack.push(Value::Int(value.into()));
-                }
-                op::BININT1 => {
-                    let [value] = self.take_array(at)?;
-                    self.stack.push(Value::Int(value.into()));
-                }
-                op::BININT2 => {
-                    let value = u16::from_le_bytes(self.take_array(at)?);
-                    self.stack.push(Value::Int(value.into()));
-                }
-                op::LONG1 => {
-                    let len = self
-                        .take_len::<1>(at)
-                        .ok_or(PickleError::Truncated { offset: at })?;
-                    let bytes = self.take(len, at)?;
-                    let value = long1(bytes).ok_or(PickleError::IntegerOverflow { offset: at })?;
-                    self.stack.push(Value::Int(value));
-                }
-                op::BINFLOAT => {
-                    let value = f64::from_be_bytes(self.take_array(at)?);
-                    self.stack.push(Value::Float(value));
-                }
-                op::NONE => self.stack.push(Value::None),
-                op::NEWTRUE => self.stack.push(Value::Bool(true)),
-                op::NEWFALSE => self.stack.push(Value::Bool(false)),
-                op::GLOBAL => {
-                    let module = self.line(at)?;
-                    let name = self.line(at)?;
-                    let global = resolve(at, module, name)?;
-                    self.stack.push(Value::Global(global));
-                }
-                op::STACK_GLOBAL => {
-                    let name = self.pop(at, "STACK_GLOBAL")?;
-                    let module = self.pop(at, "STACK_GLOBAL")?;
-                    let (Some(Object::Str(module)), Some(Object::Str(name))) =
-                        (object(&self.objects, module), object(&self.objects, name))
-                    else {
-                        return Err(PickleError::BadArgument {
-                            offset: at,
-                            what: "STACK_GLOBAL needs two strings",
-                        });
-                    };
-                    let global = resolve(at, module.as_bytes(), name.as_bytes())?;
-                    self.stack.push(Value::Global(global));
-                }
-                op::REDUCE => {
-                    let args = self.pop(at, "REDUCE")?;
-                    let callable = self.pop(at, "REDUCE")?;
-                    let result = self.reduce(at, callable, args)?;
-                    self.push_object(result);
-                }
-                op::BUILD => {
-                    let state = self.pop(at, "BUILD")?;
-                    self.build(at, state)?;
-                }
-                op::BINPUT => {
-                    let [index] = self.take_array(at)?;
-                    self.memo_put(at, index.into())?;
-                }
-                op::LONG_BINPUT => {
-                    let index = self
-                        .take_len::<4>(at)
-                        .ok_or(PickleError::Truncated { offset: at })?;
-                    self.memo_put(at, index)?;
-                }
-                op::MEMOIZE => self.memo_put(at, self.memo.len())?,
-                op::BINGET => {
-                    let [index] = self.take_array(at)?;
-                    self.memo_get(at, index.into())?;
-                }
-                op::LONG_BINGET => {
-                    let index = self
-                        .take_len::<4>(at)
-                        .ok_or(PickleError::Truncated { offset: at })?;
-                    self.memo_get(at, index)?;
-                }
-                _ => {
-                    return Err(PickleError::UnsupportedOpcode { offset: at, opcode });
-                }
+            if opcode == op::STOP {
+                let root = self.pop(at, "STOP")?;
+                return Ok(Pickle {
+                    objects: self.objects,
+                    root,
+                });
             }
+            self.execute(at, opcode)?;
         }
+    }
+
+    /// Runs the opcode read at `at`, one named step per opcode or family of opcodes.
+    fn execute(&mut self, at: usize, opcode: u8) -> Result<(), PickleError> {
+        match opcode {
+            op::PROTO => self.proto(at)?,
+            op::FRAME => self.frame(at)?,
+            op::MARK => self.marks.push(self.stack.len()),
+            op::EMPTY_DICT => self.push_object(Object::Dict(Vec::new())),
+            op::EMPTY_LIST => self.push_object(Object::List(Vec::new())),
+            op::EMPTY_TUPLE => self.push_object(Object::Tuple(Vec::new())),
+            op::SETITEM => self.setitem(at)?,
+            op::SETITEMS => self.setitems(at)?,
+            op::APPEND => self.append(at)?,
+            op::APPENDS => self.appends(at)?,
+            op::TUPLE => {
+                let items = self.pop_mark(at, "TUPLE")?;
+                self.push_object(Object::Tuple(items));
+            }
+            op::TUPLE1 | op::TUPLE2 | op::TUPLE3 => {
+                self.small_tuple(at, opcode - op::TUPLE1 + 1)?
+            }
+            op::SHORT_BINUNICODE => self.string::<1>(at)?,
+            op::BINUNICODE => self.string::<4>(at)?,
+            op::BINUNICODE8 => self.string::<8>(at)?,
+            op::SHORT_BINBYTES => self.bytes::<1>(at)?,
+            op::BINBYTES => self.bytes::<4>(at)?,
+            op::BINBYTES8 | op::BYTEARRAY8 => self.bytes::<8>(at)?,
+            op::BININT => {
+                let value = i32::from_le_bytes(self.take_array(at)?);
+                self.stack.push(Value::Int(value.into()));
+            }
+            op::BININT1 => {
+                let [value] = self.take_array(at)?;
+                self.stack.push(Value::Int(value.into()));
+            }
+            op::BININT2 => {
+                let value = u16::from_le_bytes(self.take_array(at)?);
+                self.stack.push(Value::Int(value.into()));
+            }
+            op::LONG1 => self.long1(at)?,
+            op::BINFLOAT => {
+                let value = f64::from_be_bytes(self.take_array(at)?);
+                self.stack.push(Value::Float(value));
+            }
+            op::NONE => self.stack.push(Value::None),
+            op::NEWTRUE => self.stack.push(Value::Bool(true)),
+            op::NEWFALSE => self.stack.push(Value::Bool(false)),
+            op::GLOBAL => self.global(at)?,
+            op::STACK_GLOBAL => self.stack_global(at)?,
+            op::REDUCE => {
+                let args = self.pop(at, "REDUCE")?;
+                let callable = self.pop(at, "REDUCE")?;
+                let result = self.reduce(at, callable, args)?;
+                self.push_object(result);
+            }
+            op::BUILD => {
+                let state = self.pop(at, "BUILD")?;
+                self.build(at, state)?;
+            }
+            op::BINPUT | op::LONG_BINPUT => {
+                let index = self.memo_index(at, opcode == op::BINPUT)?;
+                self.memo_put(at, index)?;
+            }
+            op::MEMOIZE => self.memo_put(at, self.memo.len())?,
+            op::BINGET | op::LONG_BINGET => {
+                let index = self.memo_index(at, opcode == op::BINGET)?;
+                self.memo_get(at, index)?;
+            }
+            _ => return Err(PickleError::UnsupportedOpcode { offset: at, opcode }),
+        }
+        Ok(())
+    }
+
+    /// The memo index after BINPUT or BINGET (one byte) or their LONG_ forms (four).
+    fn memo_index(&mut self, at: usize, short: bool) -> Result<usize, PickleError> {
+        let index = if short {
+            self.take_len::<1>(at)
+        } else {
+            self.take_len::<4>(at)
+        };
+        index.ok_or(PickleError::Truncated { offset: at })
+    }
+
+    fn proto(&mut self, at: usize) -> Result<(), PickleError> {
+        let [version] = self.take_array(at)?;
+        if (2..=5).contains(&version) {
+            Ok(())
+        } else {
+            Err(PickleError::UnsupportedProtocol {
+                offset: at,
+                version,
+            })
+        }
+    }
+
+    /// Frames only group opcodes for buffered reads; the input is in memory, so a frame is
+    /// only checked to fit in it.
+    fn frame(&mut self, at: usize) -> Result<(), PickleError> {
+        self.take_len::<8>(at)
+            .and_then(|len| self.input.len().checked_sub(self.pos)?.checked_sub(len))
+            .map(|_| ())
+            .ok_or(PickleError::Truncated { offset: at })
+    }
+
+    fn setitem(&mut self, at: usize) -> Result<(), PickleError> {
+        let value = self.pop(at, "SETITEM")?;
+        let key = self.pop(at, "SETITEM")?;
+        match self.target(at, "SETITEM")? {
+            Object::Dict(entries) => {
+                entries.push((key, value));
+                Ok(())
+            }
+            other => Err(unexpected(at, "SETITEM", "a dict", other.kind())),
+        }
+    }
+
+    fn setitems(&mut self, at: usize) -> Result<(), PickleError> {
+        let items = self.pop_mark(at, "SETITEMS")?;
+        if items.len() % 2 != 0 {
+            return Err(PickleError::BadArgument {
+                offset: at,
+                what: "SETITEMS needs key/value pairs",
+            });
+        }
+        match self.target(at, "SETITEMS")? {
+            Object::Dict(entries) => {
+                entries.extend(items.chunks_exact(2).map(|kv| (kv[0], kv[1])));
+                Ok(())
+            }
+            other => Err(unexpected(at, "SETITEMS", "a dict", other.kind())),
+        }
+    }
+
+    fn append(&mut self, at: usize) -> Result<(), PickleError> {
+        let value = self.pop(at, "APPEND")?;
+        match self.target(at, "APPEND")? {
+            Object::List(items) => {
+                items.push(value);
+                Ok(())
+            }
+            other => Err(unexpected(at, "APPEND", "a list", other.kind())),
+        }
+    }
+
+    fn appends(&mut self, at: usize) -> Result<(), PickleError> {
+        let values = self.pop_mark(at, "APPENDS")?;
+        match self.target(at, "APPENDS")? {
+            Object::List(items) => {
+                items.extend(values);
+                Ok(())
+            }
+            other => Err(unexpected(at, "APPENDS", "a list", other.kind())),
+        }
+    }
+
+    /// TUPLE1, TUPLE2 and TUPLE3: the top `n` values, which must lie above the last MARK.
+    fn small_tuple(&mut self, at: usize, n: u8) -> Result<(), PickleError> {
+        let n = usize::from(n);
+        if self.stack.len() < self.floor() + n {
+            return Err(PickleError::StackUnderflow {
+                offset: at,
+                op: "TUPLE1-3",
+            });
+        }
+        let items = self.stack.split_off(self.stack.len() - n);
+        self.push_object(Object::Tuple(items));
+        Ok(())
+    }
+
+    fn long1(&mut self, at: usize) -> Result<(), PickleError> {
+        let len = self
+            .take_len::<1>(at)
+            .ok_or(PickleError::Truncated { offset: at })?;
+        let bytes = self.take(len, at)?;
+        let value = long1(bytes).ok_or(PickleError::IntegerOverflow { offset: at })?;
+        self.stack.push(Value::Int(value));
+        Ok(())
+    }
+
+    fn global(&mut self, at: usize) -> Result<(), PickleError> {
+        let module = self.line(at)?;
+        let name = self.line(at)?;
+        let global = resolve(at, module, name)?;
+        self.stack.push(Value::Global(global));
+        Ok(())
+    }
+
+    fn stack_global(&mut self, at: usize) -> Result<(), PickleError> {
+        let name = self.pop(at, "STACK_GLOBAL")?;
+        let module = self.pop(at, "STACK_GLOBAL")?;
+        let (Some(Object::Str(module)), Some(Object::Str(name))) =
+            (object(&self.objects, module), object(&self.objects, name))
+        else {
+            return Err(PickleError::BadArgument {
+                offset: at,
+                what: "STACK_GLOBAL needs two strings",
+            });
+        };
+        let global = resolve(at, module.as_bytes(), name.as_bytes())?;
+        self.stack.push(Value::Global(global));
+        Ok(())
     }
 
     fn remaining(&self) -> &'a [u8] {
