@@ -208,12 +208,14 @@ fn tensorboard_curves(run: &Path) -> Vec<Vec<(u64, f64)>> {
         .collect()
 }
 
-/// `probunet ARGS` in `dir` under strace, tracing its renames into `dir/renames.txt` and,
-/// with `inject`, acting on one of them.
+/// `probunet ARGS` in `dir` under strace, tracing the calls `trace` names (`rename`,
+/// `rename,fsync`) into `dir/renames.txt`, file descriptors with their paths, and, with
+/// `inject`, acting on one of them.
 #[cfg(target_os = "linux")]
 fn under_strace(
     strace: &Path,
     dir: &Path,
+    trace: &str,
     inject: Option<String>,
     args: &[&str],
 ) -> std::process::Output {
@@ -221,10 +223,11 @@ fn under_strace(
     cmd.current_dir(dir).env("OMP_NUM_THREADS", "1").args([
         "-f",
         "-qq",
+        "-y",
         "-o",
         "renames.txt",
         "-e",
-        "trace=rename",
+        &format!("trace={trace}"),
     ]);
     if let Some(inject) = inject {
         cmd.args(["-e", &inject]);
@@ -254,7 +257,7 @@ fn a_run_killed_inside_any_checkpoint_resumes_to_the_uninterrupted_curves() {
         "--set",
         "train.checkpoint_every=7",
     ];
-    let done = under_strace(strace, reference.path(), None, &args);
+    let done = under_strace(strace, reference.path(), "rename", None, &args);
     assert!(done.status.success(), "{}", common::text(&done));
     let expected = only_run(reference.path());
     // Which rename, counting from the process's first (the store's, the spec's...),
@@ -283,7 +286,7 @@ fn a_run_killed_inside_any_checkpoint_resumes_to_the_uninterrupted_curves() {
             "train.checkpoint_every=7",
         ];
         let inject = format!("inject=rename:signal=SIGKILL:when={nth}");
-        let killed = under_strace(strace, dir.path(), Some(inject), &args);
+        let killed = under_strace(strace, dir.path(), "rename", Some(inject), &args);
         assert!(
             !killed.status.success(),
             "{place}: {}",
@@ -308,6 +311,63 @@ fn a_run_killed_inside_any_checkpoint_resumes_to_the_uninterrupted_curves() {
         assert!(hidden.is_empty(), "{place}: left {hidden:?}");
         assert!(checkpoints.join("best").is_dir(), "{place}: no best");
     }
+}
+
+/// Every rename of a run (and of the store it prepares) is durable: the file or folder
+/// renamed was synced before, and the folder it lands in after, so a power cut cannot
+/// bring back an empty spec.toml or manifest.json behind a complete checkpoint.
+#[cfg(target_os = "linux")]
+#[test]
+fn every_rename_is_synced_before_and_its_folder_after() {
+    if let Err(why) = common::ensure_packages(&["strace"], &["strace"]) {
+        common::loud(&format!("SKIPPED: no strace to watch the renames: {why}"));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::write_spec(dir.path(), "");
+    let args = ["train", spec.to_str().unwrap()];
+    let done = under_strace(Path::new("strace"), dir.path(), "rename,fsync", None, &args);
+    assert!(done.status.success(), "{}", common::text(&done));
+    let trace = std::fs::read_to_string(dir.path().join("renames.txt")).unwrap();
+    let lines: Vec<&str> = trace.lines().collect();
+    // `fsync(5</abs/path>) = 0`: the path an fsync synced.
+    let synced = |line: &str| {
+        let (_, rest) = line.split_once("fsync(")?;
+        let (_, rest) = rest.split_once('<')?;
+        rest.split_once(">)").map(|(path, _)| PathBuf::from(path))
+    };
+    let absolute = |path: &str| dir.path().join(path);
+    let mut renames = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let Some((_, args)) = line.split_once("rename(\"") else {
+            continue;
+        };
+        let mut quoted = args.split('"');
+        let (from, to) = (quoted.next().unwrap(), quoted.nth(1).unwrap());
+        if from.contains(".old") || to.contains(".old") {
+            continue; // moving an old copy aside needs no sync of its own
+        }
+        let (from, to) = (absolute(from), absolute(to));
+        let before = lines[..i].iter().filter_map(|l| synced(l));
+        let synced_before = before
+            .into_iter()
+            .any(|p| p == from || p.parent() == Some(&from));
+        assert!(
+            synced_before,
+            "{} renamed unsynced:\n{trace}",
+            from.display()
+        );
+        let folder = to.parent().unwrap();
+        let after = lines[i..].iter().filter_map(|l| synced(l));
+        assert!(
+            after.into_iter().any(|p| p == folder),
+            "{} not synced after the rename to {}:\n{trace}",
+            folder.display(),
+            to.display()
+        );
+        renames += 1;
+    }
+    assert!(renames >= 5, "only {renames} renames traced:\n{trace}");
 }
 
 /// Sends `signal` to a running process.

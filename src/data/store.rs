@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -710,7 +710,6 @@ pub struct StoreBuilder {
 
 impl StoreBuilder {
     pub fn new(target: &Path) -> Result<Self, DataError> {
-        check_replaceable(target)?;
         let name = target.file_name().ok_or_else(|| DataError::Store {
             path: target.into(),
             why: "not a folder name".into(),
@@ -721,6 +720,7 @@ impl StoreBuilder {
             .unwrap_or(Path::new("."));
         fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
         remove_stale_partials(parent)?;
+        check_replaceable(target)?;
         let partial = parent.join(format!(
             ".{}{PARTIAL_MARK}{}",
             name.to_string_lossy(),
@@ -747,20 +747,45 @@ impl StoreBuilder {
             path: path.clone(),
             why: e.to_string(),
         })?;
-        fs::write(&path, json).map_err(|e| DataError::io(&path, e))?;
-        let old = self.partial.with_extension("old");
+        fs::File::create(&path)
+            .and_then(|mut file| {
+                file.write_all(&json)?;
+                file.sync_all()
+            })
+            .map_err(|e| DataError::io(&path, e))?;
+        sync_dir(&self.partial)?;
+        let mut old = self.partial.clone().into_os_string();
+        old.push(OLD_SUFFIX);
+        let old = PathBuf::from(old);
         let replacing = self.target.exists();
         if replacing {
             fs::rename(&self.target, &old).map_err(|e| DataError::io(&self.target, e))?;
         }
         fs::rename(&self.partial, &self.target).map_err(|e| DataError::io(&self.target, e))?;
         self.committed = true;
+        sync_dir(self.target.parent().unwrap_or(Path::new(".")))?;
         if replacing {
             fs::remove_dir_all(&old).map_err(|e| DataError::io(&old, e))?;
         }
         Ok(self.target.clone())
     }
 }
+
+/// Makes renames into `dir` and the files written in it durable.
+fn sync_dir(dir: &Path) -> Result<(), DataError> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| DataError::io(dir, e))
+}
+
+/// After a store being built's name: the store it replaces, between `commit`'s two
+/// renames.
+const OLD_SUFFIX: &str = ".old";
 
 /// Between a store's name and its builder's host and pid in a store being built.
 const PARTIAL_MARK: &str = ".partial-";
@@ -771,21 +796,26 @@ fn partial_owner(pid: u32) -> String {
     format!("{}-{pid}", crate::sys::hostname())
 }
 
-/// Removes what killed prepares on this host left behind, whatever store they were
-/// building: hidden `.<name>.partial-<host>-<pid>` folders whose process is gone and
-/// that hold nothing but store files.
+/// Puts back what killed prepares on this host left behind, whatever store they were
+/// building: a `.<name>.partial-<host>-<pid>.old` whose `<name>` is missing is the store
+/// a commit was replacing when it died (between its two renames) and is renamed back;
+/// other hidden `.<name>.partial-<host>-<pid>[.old]` folders whose process is gone and
+/// that hold nothing but store files are removed.
 fn remove_stale_partials(parent: &Path) -> Result<(), DataError> {
     let entries = fs::read_dir(parent).map_err(|e| DataError::io(parent, e))?;
     let host_prefix = format!("{}-", crate::sys::hostname());
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(owner) = name
+        let file_name = entry.file_name();
+        let Some((name, owner)) = file_name
             .to_str()
-            .filter(|n| n.starts_with('.'))
+            .and_then(|n| n.strip_prefix('.'))
             .and_then(|n| n.rsplit_once(PARTIAL_MARK))
-            .map(|(_, owner)| owner)
         else {
             continue;
+        };
+        let (owner, replaced) = match owner.strip_suffix(OLD_SUFFIX) {
+            Some(owner) => (owner, true),
+            None => (owner, false),
         };
         let Some(pid) = owner
             .strip_prefix(&host_prefix)
@@ -794,8 +824,13 @@ fn remove_stale_partials(parent: &Path) -> Result<(), DataError> {
             continue;
         };
         let alive = pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists();
-        let path = entry.path();
-        if !alive && only_store_files(&path) {
+        let (path, target) = (entry.path(), parent.join(name));
+        if alive || !only_store_files(&path) {
+            continue;
+        }
+        if replaced && !target.exists() {
+            fs::rename(&path, &target).map_err(|e| DataError::io(&target, e))?;
+        } else {
             fs::remove_dir_all(&path).map_err(|e| DataError::io(&path, e))?;
         }
     }
@@ -840,6 +875,37 @@ mod tests {
         };
         crate::data::prepare::prepare_synthetic(config, &options).unwrap();
         out
+    }
+
+    /// A prepare killed between `commit`'s two renames left the store it was replacing
+    /// as `.<name>.partial-<host>-<pid>.old` and no `<name>`: the next builder in that
+    /// folder renames it back, and removes such a folder beside a live `<name>`.
+    #[test]
+    fn a_store_a_killed_commit_was_replacing_is_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = small_store(dir.path());
+        let dead = format!("{}-999999999", crate::sys::hostname());
+        let replaced = dir
+            .path()
+            .join(format!(".store{PARTIAL_MARK}{dead}{OLD_SUFFIX}"));
+        fs::rename(&store, &replaced).unwrap();
+        let builder = StoreBuilder::new(&dir.path().join("other")).unwrap();
+        drop(builder);
+        assert!(!replaced.exists());
+        assert!(
+            Store::open(&store).is_ok(),
+            "the replaced store is not back"
+        );
+
+        let copy = dir.path().join("copy");
+        fs::create_dir(&copy).unwrap();
+        for file in [MANIFEST_FILE, ARRAYS_FILE] {
+            fs::copy(store.join(file), copy.join(file)).unwrap();
+        }
+        fs::rename(&copy, &replaced).unwrap();
+        drop(StoreBuilder::new(&dir.path().join("other")).unwrap());
+        assert!(!replaced.exists(), "a stale copy beside its store stays");
+        assert!(Store::open(&store).is_ok());
     }
 
     /// F7: a manifest edited by hand, or arrays whose header disagrees with it, are

@@ -6,7 +6,7 @@ use crate::data::loader::LoaderState;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use tch::{nn, Tensor};
 
@@ -336,14 +336,14 @@ impl Checkpoints {
             path: state_path.clone(),
             why: e.to_string(),
         })?;
-        fs::write(&state_path, json).map_err(|e| io_error(&state_path, e))?;
-        for file in fs::read_dir(partial).map_err(|e| io_error(partial, e))? {
-            let path = file.map_err(|e| io_error(partial, e))?.path();
-            fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| io_error(&path, e))?;
-        }
-        Ok(())
+        // The safetensors writer syncs its files; the state is synced here, then the folder.
+        File::create(&state_path)
+            .and_then(|mut f| {
+                f.write_all(&json)?;
+                f.sync_all()
+            })
+            .map_err(|e| io_error(&state_path, e))?;
+        super::sync_parent(&state_path)
     }
 
     /// Renames `partial` to `target`; an existing `target` is moved to `.<name>.old`
@@ -355,9 +355,11 @@ impl Checkpoints {
         if target.exists() {
             fs::rename(target, &old).map_err(|e| io_error(target, e))?;
             fs::rename(partial, target).map_err(|e| io_error(target, e))?;
+            super::sync_parent(target)?;
             fs::remove_dir_all(&old).map_err(|e| io_error(&old, e))
         } else {
-            fs::rename(partial, target).map_err(|e| io_error(target, e))
+            fs::rename(partial, target).map_err(|e| io_error(target, e))?;
+            super::sync_parent(target)
         }
     }
 

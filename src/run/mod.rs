@@ -23,7 +23,8 @@ use crate::data::source::DataSource;
 use crate::data::store::Store;
 use crate::data::DataError;
 use serde::{Deserialize, Serialize};
-use std::fs;
+use std::fs::{self, File};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The resolved spec, each value annotated with where it came from.
@@ -73,15 +74,34 @@ impl RunError {
     }
 }
 
-/// Writes `path` atomically: a temporary name beside it, then a rename, so a reader (or
-/// a crash) sees the old contents or the new, never a mix.
+/// Writes `path` atomically and durably: a temporary name beside it, synced, then a rename
+/// and a sync of the folder, so a reader, a crash or a power cut sees the old contents or
+/// the new, never a mix or an empty file.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), RunError> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    fs::write(&tmp, contents).map_err(|e| RunError::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| {
+    let written = File::create(&tmp)
+        .and_then(|mut file| {
+            file.write_all(contents)?;
+            file.sync_all()
+        })
+        .map_err(|e| RunError::io(&tmp, e));
+    let renamed = written.and_then(|()| fs::rename(&tmp, path).map_err(|e| RunError::io(path, e)));
+    if renamed.is_err() {
         let _ = fs::remove_file(&tmp);
-        RunError::io(path, e)
-    })
+    }
+    renamed?;
+    sync_parent(path)
+}
+
+/// Syncs the folder holding `path`, which makes a rename into it durable.
+pub fn sync_parent(path: &Path) -> Result<(), RunError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| RunError::io(parent, e))
 }
 
 /// A value written as pretty JSON, atomically.
