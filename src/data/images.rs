@@ -286,6 +286,44 @@ mod tests {
         assert_eq!(patient_of("x", None).unwrap(), "x");
     }
 
+    /// A PNG of a few bytes can claim 2^31 - 1 pixels a side in its header; the decoder's
+    /// limits refuse it from the header, before a buffer of that size is asked for.
+    #[test]
+    fn a_header_claiming_a_huge_image_is_refused_before_decoding() {
+        let mut out = Vec::new();
+        let mut e = png::Encoder::new(&mut out, 1, 1);
+        e.set_color(png::ColorType::Grayscale);
+        let mut w = e.write_header().unwrap();
+        w.write_image_data(&[0]).unwrap();
+        w.finish().unwrap();
+        // IHDR's width and height follow the signature and the chunk's length and type;
+        // its CRC-32 covers type and data (bytes 12..29).
+        let side = (i32::MAX as u32).to_be_bytes();
+        out[16..20].copy_from_slice(&side);
+        out[20..24].copy_from_slice(&side);
+        let crc = out[12..29].iter().fold(!0u32, |mut crc, &byte| {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+            crc
+        });
+        out[29..33].copy_from_slice(&(!crc).to_be_bytes());
+        for err in [png_size(&out).unwrap_err(), decode_grey(&out).unwrap_err()] {
+            assert_eq!(err, "not a readable PNG: limits are exceeded");
+        }
+        out[16..24].copy_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1]);
+        let err = decode_grey(&out).unwrap_err();
+        assert!(
+            err.contains("CRC"),
+            "the huge header's CRC was not checked: {err}"
+        );
+    }
+
     #[test]
     fn masks_are_non_zero_in_any_colour_and_images_must_be_grey() {
         let png = |color, data: &[u8]| {
