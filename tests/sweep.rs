@@ -603,6 +603,25 @@ fn cluster_tasks_run_one_trial_each_and_collect_summarises_what_finished() {
     let gpu = std::fs::read_to_string(dir.path().join("gpu.sbatch")).unwrap();
     assert!(gpu.contains("#SBATCH --gres=gpu:1\n") && gpu.contains("--partition=gpu\n"));
     assert!(gpu.contains("--device cuda\n"), "{gpu}");
+    // `--out` replaces a script it wrote (above: sweep.sbatch twice over), never a file
+    // of the user's.
+    let emit_to = |out: &str| {
+        let spec = spec.to_str().unwrap();
+        ["sweep", spec, "--emit", "slurm", "--out", out].map(String::from)
+    };
+    run_ok(dir.path(), &emit_to("gpu.sbatch"));
+    std::fs::write(dir.path().join("job.sh"), "#!/bin/bash\nmy own job\n").unwrap();
+    let out = run_err(dir.path(), &emit_to("job.sh"));
+    assert!(
+        text(&out)
+            .contains("job.sh: exists and is not a script `probunet sweep --emit slurm` wrote"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("job.sh")).unwrap(),
+        "#!/bin/bash\nmy own job\n"
+    );
     let out = run_err(
         dir.path(),
         &[

@@ -379,6 +379,10 @@ pub fn emit_slurm(
     if indices.is_empty() {
         return Ok(Emitted::NothingLeft { sweep: plan.name });
     }
+    let path = out
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| target.folder.join("sweep.sbatch"));
+    slurm::check_replaceable(&path)?;
     local::prepare(&target.folder, &plan, &indices);
     let logs = target.folder.join(slurm::LOG_DIR);
     std::fs::create_dir_all(&logs).map_err(|e| RunError::io(&logs, e))?;
@@ -389,9 +393,6 @@ pub fn emit_slurm(
         .and_then(std::fs::canonicalize)
         .map_err(|e| SweepError::Other(format!("cannot find the probunet executable: {e}")))?;
     let text = slurm::script(&plan, &folder, &workdir, &exe, &indices, &options)?;
-    let path = out
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| target.folder.join("sweep.sbatch"));
     crate::run::write_atomic(&path, text.as_bytes())?;
     Ok(Emitted::Script {
         path,

@@ -3,6 +3,7 @@
 use super::plan::Plan;
 use super::spec::SlurmOptions;
 use super::SweepError;
+use crate::run::RunError;
 use std::path::Path;
 
 /// CPU cores per trial when neither the spec nor a flag says.
@@ -175,6 +176,33 @@ struct ArrayJob<'a> {
     gpus: u32,
 }
 
+/// The line that marks a script as this module's, so `--out` replaces only such scripts.
+const WRITTEN_BY: &str = "Written by `probunet sweep --emit slurm`.";
+
+/// Refuses to replace a file at `path` that is not a script `--emit slurm` wrote.
+pub fn check_replaceable(path: &Path) -> Result<(), SweepError> {
+    let mut head = Vec::new();
+    match std::fs::File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(RunError::io(path, e).into()),
+        Ok(file) => {
+            use std::io::Read;
+            file.take(1024)
+                .read_to_end(&mut head)
+                .map_err(|e| RunError::io(path, e))?;
+        }
+    }
+    if String::from_utf8_lossy(&head).contains(WRITTEN_BY) {
+        return Ok(());
+    }
+    Err(SweepError::Folder {
+        path: path.to_path_buf(),
+        why: "exists and is not a script `probunet sweep --emit slurm` wrote; choose another \
+              --out or move it"
+            .into(),
+    })
+}
+
 impl ArrayJob<'_> {
     /// The shebang and a comment on what the script runs and how to submit it again.
     fn header(&self) -> String {
@@ -182,7 +210,7 @@ impl ArrayJob<'_> {
         format!(
             "#!/bin/bash\n\
              # Sweep `{}`: {} of its {} trials as one Slurm job array, one trial per task,\n\
-             # at most {concurrency} at once. Written by `probunet sweep --emit slurm`.\n\
+             # at most {concurrency} at once. {WRITTEN_BY}\n\
              #   submit:  sbatch {folder_text}/sweep.sbatch\n\
              #   results: probunet sweep {folder_text} --collect\n\
              # A task that hits its time limit is sent Ctrl-C {GRACE_S} s before it and checkpoints;\n\
