@@ -322,11 +322,28 @@ fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
     }
 }
 
+/// The name starts each run folder's name, so it must be one plain folder name: not
+/// empty, not hidden, no path separators or control characters (`../x` would put runs
+/// outside `log.runs_dir`).
+fn check_name(name: &str) -> Result<(), ConfigError> {
+    let why = if name.is_empty() {
+        "must not be empty"
+    } else if name.starts_with('.') {
+        "must not start with '.'"
+    } else if name.contains(['/', '\\']) || name.chars().any(char::is_control) {
+        "must be one folder name, without '/', '\\' or control characters"
+    } else {
+        return Ok(());
+    };
+    Err(invalid("name", format!("{why}, got {name:?}")))
+}
+
 impl Experiment {
     /// Checks what the types cannot: counts that must be positive, a finite learning
     /// rate, exactly one of each pair of alternatives, and a buildable model. The checks
     /// run in a fixed order, so a spec with several faults always reports the same one.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        check_name(&self.name)?;
         self.data.check_source()?;
         self.check_model()?;
         if let Some(synthetic) = &self.data.synthetic {
@@ -1269,6 +1286,16 @@ mod tests {
             ),
             ("train.epochs=0", "train.epochs: must be at least 1, got 0"),
             ("log.every=0", "log.every: must be at least 1, got 0"),
+            (
+                "name=\"../elsewhere\"",
+                "name: must not start with '.', got \"../elsewhere\"",
+            ),
+            (
+                "name=\"a/b\"",
+                "name: must be one folder name, without '/', '\\' or control characters, \
+                 got \"a/b\"",
+            ),
+            ("name=\"\"", "name: must not be empty, got \"\""),
             (
                 "model.latent_dim=0",
                 "model.latent_dim: must be positive, got 0",

@@ -93,15 +93,17 @@ fn eval_refuses_what_it_cannot_hold_or_compute() {
         error.contains("eval --samples 100000000 with --batch 4 needs about"),
         "{error}"
     );
-    for bootstrap in ["0", "39"] {
+    for (bootstrap, why) in [
+        ("0", "a 95% percentile interval"),
+        ("39", "a 95% percentile interval"),
+        ("1000001", "at most 1000000 resamples"),
+    ] {
         let error = refused(&run_err(
             dir.path(),
             &["eval", run, "--bootstrap", bootstrap],
         ));
         assert!(
-            error.contains(&format!(
-                "--bootstrap {bootstrap}: a 95% percentile interval"
-            )),
+            error.contains(&format!("--bootstrap {bootstrap}: {why}")),
             "{error}"
         );
     }

@@ -263,6 +263,19 @@ fn bad_inputs_are_named_the_rest_go_through_and_nothing_is_half_written() {
         "{}",
         stderr(&refused)
     );
+    // Nor an index.csv without predict's index.json beside it.
+    std::fs::remove_file(foreign.join("index.json")).unwrap();
+    std::fs::write(foreign.join("index.csv"), "mine\n").unwrap();
+    let refused = run_err(dir.path(), &args);
+    assert!(
+        stderr(&refused).contains("index.csv exists and was not written by probunet predict"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("index.csv")).unwrap(),
+        "mine\n"
+    );
     let missing = run_err(
         dir.path(),
         &["predict", run.to_str().unwrap(), "nothere.png"],

@@ -86,7 +86,7 @@ impl Loader {
                 ),
             });
         }
-        let index = Tensor::from_slice(&items.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        let index = Tensor::f_from_slice(&items.iter().map(|&i| i as i64).collect::<Vec<_>>())?;
         let images = store
             .images
             .f_index_select(0, &index)?
@@ -172,7 +172,7 @@ impl Loader {
                 u8::from(flip) | (turns << 1)
             })
             .collect();
-        let to_device = |v: &[i64]| Tensor::from_slice(v).f_to_device(self.device);
+        let to_device = |v: &[i64]| Tensor::f_from_slice(v)?.f_to_device(self.device);
         let images = self.images.f_index_select(0, &to_device(picked)?)?;
         let masks = self
             .masks
@@ -199,7 +199,7 @@ impl Loader {
             if rows.is_empty() {
                 continue;
             }
-            let rows = Tensor::from_slice(&rows).f_to_device(self.device)?;
+            let rows = Tensor::f_from_slice(&rows)?.f_to_device(self.device)?;
             let mut part = xs.f_index_select(0, &rows)?;
             if t & 1 == 1 {
                 part = part.f_flip([3])?;
@@ -222,7 +222,7 @@ pub fn in_order(
     device: Device,
 ) -> impl Iterator<Item = Result<InOrderBatch, TchError>> + '_ {
     store.split(part).chunks(batch.max(1)).map(move |chunk| {
-        let index = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        let index = Tensor::f_from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>())?;
         let images = store
             .images
             .f_index_select(0, &index)?

@@ -98,9 +98,9 @@ pub fn measure(
     let device = options.device.resolve()?;
     let config = options.model();
     tch::manual_seed(options.seed as i64);
-    let mut vs = nn::VarStore::new(device);
+    let vs = nn::VarStore::new(device);
     let model = ProbUNet::new(&vs.root(), config.clone())?;
-    vs.freeze();
+    crate::model::freeze(&vs)?;
     let total = options.images + options.batch;
     let data = Synthetic::new(SyntheticConfig {
         items: total,
@@ -111,9 +111,9 @@ pub fn measure(
     let items: Vec<_> = (0..total).map(|i| data.item(i)).collect();
     let side = options.size as i64;
     let images: Vec<f32> = items.iter().flat_map(|i| i.image.iter().copied()).collect();
-    let images = Tensor::from_slice(&images).f_view([total as i64, 1, side, side])?;
+    let images = Tensor::f_from_slice(&images)?.f_view([total as i64, 1, side, side])?;
     let masks: Vec<u8> = items.iter().flat_map(|i| i.masks.iter().copied()).collect();
-    let masks = Tensor::from_slice(&masks).f_view([total as i64, 4, side, side])?;
+    let masks = Tensor::f_from_slice(&masks)?.f_view([total as i64, 4, side, side])?;
     model.check_image(&images.f_narrow(0, 0, 1)?)?;
     let latent = config.latent_dim as usize;
     if let Some(dir) = export {
@@ -128,7 +128,7 @@ pub fn measure(
         let indices: Vec<usize> = (start..start + len).collect();
         let slice = |t: &Tensor| t.f_narrow(0, start as i64, len as i64)?.f_to_device(device);
         let (batch_images, batch_masks) = (slice(&images)?, slice(&masks)?);
-        let eps = batch_noise(options.seed, &indices, options.samples, latent);
+        let eps = batch_noise(options.seed, &indices, options.samples, latent)?;
         let probs = probabilities(&model, &batch_images, &eps)?;
         let counts = BatchCounts::compute(&batch_masks, &probs, &[options.samples])?;
         let t1 = Instant::now();
@@ -182,7 +182,7 @@ fn export_inputs(
         &all,
         options.samples,
         config.latent_dim as usize,
-    );
+    )?;
     Tensor::write_safetensors(
         &[("images", images), ("masks", masks), ("noise", &noise)],
         dir.join("data.safetensors"),

@@ -37,6 +37,9 @@ const FIGURE_SAMPLES: i64 = 8;
 pub const DEFAULT_BOOTSTRAP: usize = 10_000;
 /// Fewer resamples leave the 2.5% tails of a 95% interval empty.
 pub const MIN_BOOTSTRAP: usize = 40;
+/// Beyond this many resamples an interval moves by less than its rounding, and the
+/// resamples' means would take memory and minutes for nothing.
+pub const MAX_BOOTSTRAP: usize = 1_000_000;
 
 /// Which checkpoint of the run to evaluate.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -328,6 +331,12 @@ fn sample_counts(options: &EvalOptions) -> Result<Vec<usize>, EvalError> {
             options.bootstrap
         )));
     }
+    if options.bootstrap > MAX_BOOTSTRAP {
+        return Err(EvalError::Options(format!(
+            "--bootstrap {}: at most {MAX_BOOTSTRAP} resamples",
+            options.bootstrap
+        )));
+    }
     Ok(samples)
 }
 
@@ -384,7 +393,7 @@ pub fn load_trained(
         why: e.to_string(),
     })?;
     check_finite(&vs, &chosen.model)?;
-    vs.freeze();
+    crate::model::freeze(&vs)?;
     Ok(Trained {
         run,
         experiment,
@@ -599,7 +608,7 @@ fn write_figures(
     let (mut figures, mut examples) = (Vec::new(), BTreeMap::new());
     for (which, position) in report::examples(geds).into_iter().flatten() {
         let item = items[position];
-        let index = Tensor::from_slice(&[item as i64]);
+        let index = Tensor::f_from_slice(&[item as i64])?;
         let image = store
             .images
             .f_index_select(0, &index)?

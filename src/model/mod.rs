@@ -24,6 +24,16 @@ pub use unet::{Encoder, UNet};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use tch::{nn, TchError};
+
+/// Stops autograd tracking `vs`'s weights, for a model that only infers (what
+/// `VarStore::freeze` does, with libtorch's errors returned).
+pub fn freeze(vs: &nn::VarStore) -> Result<(), TchError> {
+    for weight in vs.trainable_variables() {
+        let _ = weight.f_set_requires_grad(false)?;
+    }
+    Ok(())
+}
 
 /// How the reconstruction term reduces the per-pixel BCE, which decides what a given beta
 /// means. The seed sums over batch, H and W; Kohl et al.'s TF code sums per image and then

@@ -195,19 +195,21 @@ fn check(options: &PredictOptions) -> Result<(), PredictError> {
     }
 }
 
-/// An `index.json` in `out` that predict did not write is not replaced.
+/// An `index.json` or `index.csv` in `out` that predict did not write is not replaced:
+/// predict's `index.csv` always has its `index.json` beside it.
 fn refuse_foreign_index(out: &Path) -> Result<(), PredictError> {
-    let path = out.join(INDEX_JSON);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(());
+    let (json, csv) = (out.join(INDEX_JSON), out.join(INDEX_CSV));
+    let ours = match std::fs::read_to_string(&json) {
+        Ok(text) => {
+            serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v["kind"] == INDEX_KIND)
+        }
+        Err(_) => !csv.exists(),
     };
-    let ours =
-        serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v["kind"] == INDEX_KIND);
     match ours {
         true => Ok(()),
         false => Err(PredictError::Options(format!(
             "{} exists and was not written by probunet predict; choose another --out",
-            path.display()
+            if json.exists() { &json } else { &csv }.display()
         ))),
     }
 }
@@ -305,13 +307,13 @@ fn sample_group(
                 .copy_from_slice(&image.pixels[r * image.width..(r + 1) * image.width]);
         }
     }
-    let images = Tensor::from_slice(&batch)
+    let images = Tensor::f_from_slice(&batch)?
         .f_view([members.len() as i64, 1, h as i64, w as i64])?
         .f_to_device(trained.device)?;
     let items: Vec<usize> = members.iter().map(|(_, i)| i.item).collect();
     let latent = trained.experiment.model.latent_dim as usize;
     let eps =
-        batch_noise(options.seed, &items, options.samples, latent).f_to_device(trained.device)?;
+        batch_noise(options.seed, &items, options.samples, latent)?.f_to_device(trained.device)?;
     let probs = probabilities(&trained.model, &images, &eps)?
         .f_to_device(tch::Device::Cpu)?
         .f_to_kind(Kind::Float)?;
@@ -407,9 +409,9 @@ fn overview(
             100.0 * record.foreground_fraction,
             record.mean_pairwise_iou
         ),
-        image: Tensor::from_slice(&image.pixels).f_view([1, h, w])?,
+        image: Tensor::f_from_slice(&image.pixels)?.f_view([1, h, w])?,
         masks: Tensor::f_zeros([0, h, w], (Kind::Uint8, tch::Device::Cpu))?,
-        probs: Tensor::from_slice(probs).f_view([n as i64, h, w])?,
+        probs: Tensor::f_from_slice(probs)?.f_view([n as i64, h, w])?,
     };
     crate::score::figure(&[row], OVERVIEW_SAMPLES as i64, true)
 }

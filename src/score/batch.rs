@@ -204,12 +204,17 @@ fn one_minus(t: &Tensor) -> Result<Tensor, TchError> {
 }
 
 /// [`item_noise`](crate::seed::item_noise) for a batch of items: `[items, samples, latent_dim]` on the CPU.
-pub fn batch_noise(seed: u64, items: &[usize], samples: usize, latent_dim: usize) -> Tensor {
+pub fn batch_noise(
+    seed: u64,
+    items: &[usize],
+    samples: usize,
+    latent_dim: usize,
+) -> Result<Tensor, TchError> {
     let values: Vec<f32> = items
         .iter()
         .flat_map(|&item| item_noise(seed, item, samples, latent_dim))
         .collect();
-    Tensor::from_slice(&values).view([items.len() as i64, samples as i64, latent_dim as i64])
+    Tensor::f_from_slice(&values)?.f_view([items.len() as i64, samples as i64, latent_dim as i64])
 }
 
 #[cfg(test)]
@@ -434,7 +439,7 @@ mod tests {
             mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
             "{mean} {var}"
         );
-        let batch = batch_noise(3, &[5, 17], 16, 2);
+        let batch = batch_noise(3, &[5, 17], 16, 2).unwrap();
         assert_eq!(batch.size(), [2, 16, 2]);
         let second: Vec<f32> = Vec::try_from(batch.get(1).reshape([-1])).unwrap();
         assert_eq!(second, short);

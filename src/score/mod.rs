@@ -58,7 +58,7 @@ pub fn sample_items(
     samples: usize,
     seed: u64,
 ) -> Result<Tensor, ScoreError> {
-    let eps = batch_noise(seed, items, samples, model.config().latent_dim as usize);
+    let eps = batch_noise(seed, items, samples, model.config().latent_dim as usize)?;
     probabilities(model, images, &eps)
 }
 
@@ -200,7 +200,7 @@ pub fn sample_grid(
     seed: u64,
     device: Device,
 ) -> Result<Image, ScoreError> {
-    let index = Tensor::from_slice(&items.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    let index = Tensor::f_from_slice(&items.iter().map(|&i| i as i64).collect::<Vec<_>>())?;
     let images = store
         .images
         .f_index_select(0, &index)?

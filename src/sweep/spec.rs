@@ -586,9 +586,10 @@ fn distribution(kind: &str, args: toml::Value) -> Result<Distribution, String> {
             })
             .collect();
         match numbers.as_deref() {
-            Some(&[lo, hi]) if lo.is_finite() && hi.is_finite() && lo < hi => Ok((lo, hi)),
+            // hi - lo finite too: a uniform draw over a wider range overflows.
+            Some(&[lo, hi]) if (hi - lo).is_finite() && lo < hi => Ok((lo, hi)),
             Some(&[lo, hi]) => Err(format!(
-                "the bounds must be finite with lo < hi, got [{lo}, {hi}]"
+                "the bounds must be finite with lo < hi and hi - lo finite, got [{lo}, {hi}]"
             )),
             _ => Err(format!(
                 "expected two numbers [lo, hi], got {}",
@@ -681,9 +682,10 @@ mod tests {
             ("[sweep.grid]\nbeta = [1]\n\"model.beta\" = [2]\n", "sweep.grid: `model.beta` sets model.beta, which sweep.grid sets too"),
             ("set = { beta = 1 }\n[sweep.grid]\nbeta = [2]\n", "sets model.beta, which sweep.set sets too"),
             ("[sweep.random]\nlr = { log_uniform = [0, 1] }\n", "sweep.random.lr.log_uniform: the bounds of a log-uniform draw must be positive, got [0, 1]"),
-            ("[sweep.random]\nlr = { uniform = [2, 1] }\n", "sweep.random.lr.uniform: the bounds must be finite with lo < hi, got [2, 1]"),
+            ("[sweep.random]\nlr = { uniform = [2, 1] }\n", "sweep.random.lr.uniform: the bounds must be finite with lo < hi and hi - lo finite, got [2, 1]"),
             ("[sweep.random]\nlr = { uniform = [1] }\n", "expected two numbers [lo, hi], got [1]"),
-            ("[sweep.random]\nlr = { uniform = [0, nan] }\n", "the bounds must be finite with lo < hi, got [0, NaN]"),
+            ("[sweep.random]\nlr = { uniform = [0, nan] }\n", "the bounds must be finite with lo < hi and hi - lo finite, got [0, NaN]"),
+            ("[sweep.random]\nlr = { uniform = [-1e308, 1e308] }\n", "uniform: the bounds must be finite with lo < hi and hi - lo finite, got [-1000"),
             ("[sweep.random]\nlatent_dim = { int_uniform = [2.5, 6] }\n", "expected two integers [lo, hi] with lo < hi, got [2.5, 6]"),
             ("[sweep.random]\nlr = { choice = [] }\n", "sweep.random.lr.choice: the list of choices is empty"),
             ("[sweep.random]\nlr = { normal = [0, 1] }\n", "sweep.random.lr: unknown distribution `normal`, expected one of: uniform, log_uniform, int_uniform, choice"),

@@ -37,10 +37,14 @@ impl Adam {
         })
     }
 
-    pub fn zero_grad(&mut self) {
-        for (_, p) in &mut self.params {
-            p.zero_grad();
+    pub fn zero_grad(&mut self) -> Result<(), TchError> {
+        for (_, p) in &self.params {
+            let mut grad = p.f_grad()?;
+            if grad.defined() {
+                let _ = grad.f_detach_()?.f_zero_()?;
+            }
         }
+        Ok(())
     }
 
     /// One update with learning rate `lr` from the gradients in place.
@@ -56,7 +60,7 @@ impl Adam {
                 .zip(&mut self.exp_avg)
                 .zip(&mut self.exp_avg_sq)
             {
-                let g = p.grad();
+                let g = p.f_grad()?;
                 if !g.defined() {
                     continue;
                 }
@@ -74,9 +78,9 @@ impl Adam {
         let norms = self
             .params
             .iter()
-            .map(|(_, p)| p.grad())
-            .filter(Tensor::defined)
-            .map(|g| g.f_norm()?.f_square())
+            .map(|(_, p)| p.f_grad())
+            .filter(|g| g.as_ref().map_or(true, Tensor::defined))
+            .map(|g| g?.f_norm()?.f_square())
             .collect::<Result<Vec<Tensor>, TchError>>()?;
         if norms.is_empty() {
             return Ok(Tensor::from(0f32));
@@ -143,7 +147,7 @@ mod tests {
         let (lr, b1, b2, eps) = (0.1, 0.9, 0.999, 1e-8);
         let (mut m, mut v, mut x) = ([0.0f64; 2], [0.0f64; 2], [1.0f64, -2.0]);
         for t in 1..=3 {
-            adam.zero_grad();
+            adam.zero_grad().unwrap();
             // loss = sum(x^3) so the gradient is 3 x^2
             (&p * &p * &p).sum(Kind::Double).backward();
             adam.step(lr).unwrap();

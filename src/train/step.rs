@@ -15,7 +15,7 @@ pub fn forward_backward(
     masks: &Tensor,
 ) -> Result<(ElboTerms, StepStats), ModelError> {
     let terms = model.elbo(images, masks)?;
-    adam.zero_grad();
+    adam.zero_grad()?;
     terms.loss.f_backward()?;
     let grad_norm = adam.grad_norm()?;
     let logged = [
@@ -55,10 +55,9 @@ pub fn named_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 /// gradients, and whether a sigma overflowed float32.
 pub fn diagnose(stats: &StepStats, terms: &ElboTerms) -> String {
     let overflow = |name: &str, log_sigma: &Tensor| {
-        let max = log_sigma
-            .abs()
-            .max()
-            .f_double_value(&[])
+        let max = (log_sigma.f_abs())
+            .and_then(|t| t.f_max())
+            .and_then(|t| t.f_double_value(&[]))
             .unwrap_or(f64::NAN);
         (!max.is_finite() || max > 88.0)
             .then(|| format!("{name} sigma overflow (max |log sigma| {max:.1})"))
