@@ -258,7 +258,7 @@ impl Checkpoints {
 
     /// Completed step checkpoints, oldest first.
     pub fn steps(&self) -> Result<Vec<(u64, PathBuf)>, RunError> {
-        if !self.root.exists() {
+        if !self.root_exists()? {
             return Ok(Vec::new());
         }
         let mut found: Vec<(u64, PathBuf)> = fs::read_dir(&self.root)
@@ -276,6 +276,12 @@ impl Checkpoints {
             .collect();
         found.sort();
         Ok(found)
+    }
+
+    /// Whether the checkpoints folder is there: an error (a permission, an I/O error) is
+    /// not taken for "no checkpoints", which would start a run afresh over them.
+    fn root_exists(&self) -> Result<bool, RunError> {
+        self.root.try_exists().map_err(|e| io_error(&self.root, e))
     }
 
     pub fn latest(&self) -> Result<Option<Checkpoint>, RunError> {
@@ -380,7 +386,7 @@ impl Checkpoints {
     /// is renamed back; one beside its `<name>` is stale and removed; `.partial` folders
     /// were never complete and are removed.
     pub fn repair(&self) -> Result<(), RunError> {
-        if !self.root.exists() {
+        if !self.root_exists()? {
             return Ok(());
         }
         for entry in fs::read_dir(&self.root).map_err(|e| io_error(&self.root, e))? {

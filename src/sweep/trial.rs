@@ -86,6 +86,18 @@ pub fn checkpoint_step(dir: &Path) -> Option<u64> {
     .checkpoint_step()
 }
 
+/// The step of the trial's latest checkpoint, after putting back one a killed save was
+/// swapping: deciding between resuming and starting afresh (which clears the folder) must
+/// not take an unreadable folder for an empty one.
+fn latest_step(dir: &Path) -> Result<Option<u64>, SweepError> {
+    let checkpoints = RunDir {
+        path: dir.to_path_buf(),
+    }
+    .checkpoints(1);
+    checkpoints.repair()?;
+    Ok(checkpoints.steps()?.last().map(|(step, _)| *step))
+}
+
 /// Which trial: `--trial`, else the first of [`INDEX_VARIABLES`] that is set.
 pub fn trial_index(given: Option<usize>) -> Result<usize, SweepError> {
     if let Some(index) = given {
@@ -304,7 +316,7 @@ pub fn run_trial(
         });
     }
     let started = Instant::now();
-    let resume_from = checkpoint_step(&dir);
+    let resume_from = latest_step(&dir)?;
     let mut status = begin_attempt(&held, previous.as_ref(), resume_from, &options)?;
     let start_time = SystemTime::from(status.started_at);
     let mut finish = |state: State, error: Option<String>, steps: Option<u64>| {
@@ -348,5 +360,28 @@ pub fn run_trial(
             }
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A trial killed while its only checkpoint (keep_last = 1) was being swapped for a
+    /// save at the same step left it as `.step-N.old`: that is a checkpoint to resume
+    /// from, not an empty folder to clear.
+    #[test]
+    fn a_checkpoint_a_killed_save_was_swapping_is_resumed_not_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("checkpoints/.step-00000010.old");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("model.safetensors"), "weights").unwrap();
+        assert_eq!(latest_step(dir.path()).unwrap(), Some(10));
+        let back = dir
+            .path()
+            .join("checkpoints/step-00000010/model.safetensors");
+        assert_eq!(std::fs::read_to_string(back).unwrap(), "weights");
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(latest_step(empty.path()).unwrap(), None);
     }
 }
