@@ -26,6 +26,8 @@ pub enum ExportError {
     Unmapped(String),
     #[error("{}: {why}", path.display())]
     Refused { path: PathBuf, why: String },
+    #[error(transparent)]
+    Run(#[from] crate::run::RunError),
 }
 
 impl From<EvalError> for ExportError {
@@ -109,6 +111,14 @@ pub fn export(
     };
     let weights = out.unwrap_or_else(|| trained.run.path.join(default_name));
     let config = weights.with_extension("json");
+    if config == weights {
+        return Err(ExportError::Refused {
+            path: weights,
+            why: "the config is written beside the weights with the extension .json; give \
+                  --out another extension, such as .safetensors"
+                .into(),
+        });
+    }
     for path in [&weights, &config] {
         refuse_foreign(path)?;
     }
@@ -127,7 +137,8 @@ pub fn export(
     })
 }
 
-/// Replaces only a previous export: a file whose JSON twin says it was ours.
+/// Replaces only a previous export: a file whose JSON twin (or itself, for the twin) says
+/// it was ours.
 fn refuse_foreign(path: &Path) -> Result<(), ExportError> {
     if !path.exists() {
         return Ok(());
@@ -174,13 +185,16 @@ fn write_both(
     if let Some(dir) = weights.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| fail(dir, e.to_string()))?;
     }
+    // The JSON first: it marks the weights beside it as ours, so an export that dies
+    // between the two leaves nothing a second export refuses to replace.
+    crate::run::write_json(config, json)?;
     let tmp = weights.with_extension(format!("tmp-{}", std::process::id()));
     crate::run::safetensors::write(&tmp, tensors).map_err(|e| fail(&tmp, e.to_string()))?;
     std::fs::rename(&tmp, weights).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         fail(weights, e.to_string())
     })?;
-    crate::run::write_json(config, json).map_err(|e| fail(config, e.to_string()))
+    Ok(crate::run::sync_parent(weights)?)
 }
 
 #[cfg(test)]

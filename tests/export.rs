@@ -158,6 +158,34 @@ fn an_export_never_replaces_a_file_it_did_not_write() {
         stderr(&out)
     );
     assert_eq!(std::fs::read_to_string(&mine).unwrap(), "my own file");
+    // An --out ending in .json would be its own config twin.
+    let out = run_err(
+        dir.path(),
+        &[
+            "export",
+            run.to_str().unwrap(),
+            "--to",
+            "safetensors",
+            "--out",
+            "model.json",
+        ],
+    );
+    assert!(
+        stderr(&out).contains("model.json: the config is written beside the weights"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dir.path().join("model.json").exists());
+    // An export killed after its config and before its weights: the next one goes
+    // through.
+    let config = run.join("export/probunet.json");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(&config, r#"{"seed_port": null}"#).unwrap();
+    run_ok(
+        dir.path(),
+        &["export", run.to_str().unwrap(), "--to", "safetensors"],
+    );
+    assert!(run.join("export/probunet.safetensors").is_file());
     // The default place, twice: the second replaces the first.
     for _ in 0..2 {
         run_ok(
