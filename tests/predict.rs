@@ -286,3 +286,59 @@ fn bad_inputs_are_named_the_rest_go_through_and_nothing_is_half_written() {
         stderr(&missing)
     );
 }
+
+/// Images of one size that memory cannot hold together are sampled one at a time, with
+/// the samples they would have had together; an image memory cannot hold alone is named
+/// and the others still go through. (25 MiB holds one 256x256 image at 3 samples, not two,
+/// nor one of 512x512: the tiny model's formula in `ModelConfig::check_sampling`.)
+#[test]
+fn an_image_too_large_for_memory_is_named_and_the_rest_go_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained(dir.path());
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    let grey = png::ColorType::Grayscale;
+    for (name, side) in [("a", 256), ("b", 256), ("big", 512)] {
+        let pixels = disc(side, side as f32 / 4.0);
+        let path = images.join(format!("{name}.png"));
+        write_png(&path, side, side, grey, png::BitDepth::Eight, &pixels);
+    }
+    let predict = |out: &str, limit: Option<&str>| {
+        let args = [
+            "predict",
+            run.to_str().unwrap(),
+            images.to_str().unwrap(),
+            "--out",
+            out,
+            "--samples",
+            "3",
+        ];
+        let mut cmd = common::probunet(dir.path(), &args);
+        if let Some(mib) = limit {
+            cmd.env("PROBUNET_MEMORY_LIMIT_MIB", mib);
+        }
+        common::output(&mut cmd)
+    };
+    let free = predict("free", None);
+    assert!(free.status.success(), "{}", stderr(&free));
+    let limited = predict("limited", Some("25"));
+    let err = stderr(&limited);
+    assert!(!limited.status.success(), "{err}");
+    assert!(
+        err.contains("big.png: is 512x512 pixels: --samples 3 of it needs about 41"),
+        "{err}"
+    );
+    assert!(
+        err.contains("error: 1 of 3 input(s) could not be predicted"),
+        "{err}"
+    );
+    for name in ["a", "b"] {
+        let samples = format!("{name}/samples.npy");
+        assert_eq!(
+            npy_f32(&dir.path().join("limited").join(&samples)),
+            npy_f32(&dir.path().join("free").join(&samples)),
+            "{name}"
+        );
+    }
+    assert!(!dir.path().join("limited/big").exists());
+}

@@ -4,8 +4,8 @@
 //!
 //! Each image's noise is keyed by its position among the inputs (or its store index for
 //! `store:SPLIT`, so those samples are eval's), never by its batch: results do not depend
-//! on `--batch`. An image that cannot be read or sized is reported by name and the others
-//! still go through.
+//! on `--batch`. An image that cannot be read or sized, or that memory cannot hold at
+//! `--samples`, is reported by name and the others still go through.
 pub mod input;
 pub mod npy;
 pub mod output;
@@ -250,12 +250,52 @@ fn predict_chunk(
         }
     }
     for ((h, w), members) in groups {
-        let probs = sample_group(trained, options, h, w, &members)?;
-        for ((k, image), p) in members.into_iter().zip(probs) {
-            results[k] = Some(Ok((image, p)));
+        // A group memory cannot hold is sampled image by image; an image it cannot hold
+        // alone is reported by name, as an unreadable one is.
+        let batches = match room(trained, options, h, w, members.len()) {
+            Ok(()) => vec![members],
+            Err(_) => members.into_iter().map(|m| vec![m]).collect(),
+        };
+        for batch in batches {
+            if let Err(why) = room(trained, options, h, w, batch.len()) {
+                for (k, image) in batch {
+                    results[k] = Some(Err((image.source, why.clone())));
+                }
+                continue;
+            }
+            let probs = sample_group(trained, options, h, w, &batch)?;
+            for ((k, image), p) in batch.into_iter().zip(probs) {
+                results[k] = Some(Ok((image, p)));
+            }
         }
     }
     Ok(results.into_iter().flatten().collect())
+}
+
+/// Whether memory holds `options.samples` samples of `images` images of `h` x `w`.
+fn room(
+    trained: &Trained,
+    options: &PredictOptions,
+    h: usize,
+    w: usize,
+    images: usize,
+) -> Result<(), String> {
+    let what = match images {
+        1 => format!("is {w}x{h} pixels: --samples {} of it", options.samples),
+        _ => format!(
+            "--samples {} of {images} images of {w}x{h}",
+            options.samples
+        ),
+    };
+    (trained.experiment.model)
+        .check_sampling(
+            what,
+            images as u64,
+            options.samples as u64,
+            h as u64,
+            w as u64,
+        )
+        .map_err(|e| e.to_string())
 }
 
 /// The image if the model takes its size, or with `--pad` anyway; otherwise why not.
@@ -286,19 +326,6 @@ fn sample_group(
     w: usize,
     members: &[(usize, InputImage)],
 ) -> Result<Vec<Vec<f32>>, PredictError> {
-    let what = format!(
-        "predict --samples {} with --batch {}",
-        options.samples, options.batch
-    );
-    (trained.experiment.model)
-        .check_sampling(
-            what,
-            members.len() as u64,
-            options.samples as u64,
-            h as u64,
-            w as u64,
-        )
-        .map_err(|e| PredictError::Score(crate::model::ModelError::from(e).into()))?;
     let mut batch = vec![0f32; members.len() * h * w];
     for (b, (_, image)) in members.iter().enumerate() {
         for r in 0..image.height {
