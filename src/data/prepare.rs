@@ -744,7 +744,7 @@ pub fn prepare_images(input: &ImagesInput, options: &PrepareOptions) -> Result<O
     let stats = write_arrays(
         &builder.arrays_path(),
         shape,
-        |i, out| write_png_image(&items[i], out),
+        |i, out| write_png_image(&items[i], shape, out),
         |i, out| write_png_masks(&items[i], shape, out),
     )?;
     let manifest = manifest(options, plan, split, stats);
@@ -824,9 +824,25 @@ fn common_size(items: &[ItemFiles]) -> Result<(usize, usize), DataError> {
     Ok(first)
 }
 
-fn write_png_image(item: &ItemFiles, out: &mut [u8]) -> Result<(), DataError> {
+/// Refuses a file whose size changed since the store's size was read from the headers.
+fn check_decoded(path: &Path, got: (usize, usize), shape: StoreShape) -> Result<(), DataError> {
+    if got == (shape.height, shape.width) {
+        return Ok(());
+    }
+    Err(png_error(
+        path,
+        format!(
+            "is now {}x{} (height x width), not the {}x{} it was when prepare began: was it \
+             changed during prepare?",
+            got.0, got.1, shape.height, shape.width
+        ),
+    ))
+}
+
+fn write_png_image(item: &ItemFiles, shape: StoreShape, out: &mut [u8]) -> Result<(), DataError> {
     let bytes = fs::read(&item.image).map_err(|e| DataError::io(&item.image, e))?;
-    let (_, _, pixels) = images::decode_grey(&bytes).map_err(|why| png_error(&item.image, why))?;
+    let (h, w, pixels) = images::decode_grey(&bytes).map_err(|why| png_error(&item.image, why))?;
+    check_decoded(&item.image, (h, w), shape)?;
     for (b, v) in out.chunks_exact_mut(4).zip(&pixels) {
         b.copy_from_slice(&v.to_le_bytes());
     }
@@ -839,12 +855,60 @@ fn write_png_masks(item: &ItemFiles, shape: StoreShape, out: &mut [u8]) -> Resul
         match mask {
             Some(path) => {
                 let bytes = fs::read(path).map_err(|e| DataError::io(path, e))?;
-                let (_, _, values) =
+                let (h, w, values) =
                     images::decode_mask(&bytes).map_err(|why| png_error(path, why))?;
+                check_decoded(path, (h, w), shape)?;
                 slot.copy_from_slice(&values);
             }
             None => slot.fill(0),
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PNG rewritten at another size between the header pass and the write (the store's
+    /// shape comes from the first) is refused by name instead of panicking or leaving
+    /// another item's bytes in the buffer.
+    #[test]
+    fn a_png_that_changed_size_during_prepare_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.png");
+        let mut bytes = Vec::new();
+        let mut e = png::Encoder::new(&mut bytes, 4, 2);
+        e.set_color(png::ColorType::Grayscale);
+        let mut w = e.write_header().unwrap();
+        w.write_image_data(&[0; 8]).unwrap();
+        w.finish().unwrap();
+        fs::write(&path, bytes).unwrap();
+        let item = ItemFiles {
+            id: "x".into(),
+            image: path.clone(),
+            masks: vec![Some(path.clone())],
+            patient: "x".into(),
+        };
+        let shape = StoreShape {
+            items: 1,
+            annotators: 1,
+            height: 4,
+            width: 4,
+        };
+        let mut out = vec![0u8; 16 * 4];
+        let image = write_png_image(&item, shape, &mut out)
+            .unwrap_err()
+            .to_string();
+        let mask = write_png_masks(&item, shape, &mut out[..16])
+            .unwrap_err()
+            .to_string();
+        for err in [image, mask] {
+            assert!(err.contains("x.png"), "{err}");
+            assert!(
+                err.contains("is now 2x4 (height x width), not the 4x4"),
+                "{err}"
+            );
+        }
+    }
 }
