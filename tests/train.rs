@@ -147,6 +147,29 @@ fn a_run_logs_every_tag_and_checkpoints_as_configured() {
     );
 }
 
+/// `--events FILE` appends: what the file held stays, and a resumed run's events follow
+/// the first run's.
+#[test]
+fn events_are_appended_to_the_file_never_replacing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = common::write_spec(dir.path(), "");
+    let events = dir.path().join("events.jsonl");
+    std::fs::write(&events, "my notes\n").unwrap();
+    let args = [
+        "train",
+        spec.to_str().unwrap(),
+        "--set",
+        "train.steps=2",
+        "--events",
+        events.to_str().unwrap(),
+    ];
+    run_ok(dir.path(), &args);
+    let text = std::fs::read_to_string(&events).unwrap();
+    assert!(text.starts_with("my notes\n{"), "{text}");
+    let finished = text.lines().filter(|l| l.contains(r#""event":"finished""#));
+    assert_eq!(finished.count(), 1, "{text}");
+}
+
 #[test]
 fn the_same_spec_and_seed_give_the_same_loss_curve() {
     let curves: Vec<Vec<f64>> = (0..2)

@@ -97,7 +97,12 @@ impl RunFlags {
                 "standard output",
             ))),
             Some(path) => {
-                let file = std::fs::File::create(path)
+                // Appended to, never truncated: the file may be the user's, or the log of
+                // the run this one resumes.
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
                     .with_context(|| format!("--events {}", path.display()))?;
                 sinks.push(Box::new(JsonLinesSink::new(
                     std::io::BufWriter::new(file),
