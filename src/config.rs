@@ -326,8 +326,8 @@ fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
 /// empty, not hidden, no path separators or control characters (`../x` would put runs
 /// outside `log.runs_dir`).
 fn check_name(name: &str) -> Result<(), ConfigError> {
-    let why = if name.is_empty() {
-        "must not be empty"
+    let why = if name.trim().is_empty() {
+        "must not be empty or blank"
     } else if name.starts_with('.') {
         "must not start with '.'"
     } else if name.contains(['/', '\\']) || name.chars().any(char::is_control) {
@@ -353,12 +353,32 @@ impl Experiment {
         positive("log.every", self.log.every)
     }
 
-    /// The model's own checks, with its keys named under `model.`.
+    /// The model's own checks, with its keys named under `model.`, and what every store
+    /// holds: greyscale images and binary masks.
     fn check_model(&self) -> Result<(), ConfigError> {
         self.model.validate().map_err(|e| match e {
             ModelError::Config { key, why } => invalid(&format!("model.{key}"), why),
             other => invalid("model", other.to_string()),
-        })
+        })?;
+        let store_holds = [
+            (
+                "model.input_channels",
+                self.model.input_channels,
+                "greyscale images",
+            ),
+            (
+                "model.num_classes",
+                self.model.num_classes,
+                "binary masks, one foreground logit per pixel",
+            ),
+        ];
+        for (key, value, what) in store_holds {
+            if value != 1 {
+                let why = format!("must be 1: stores hold {what}, got {value}");
+                return Err(invalid(key, why));
+            }
+        }
+        Ok(())
     }
 
     /// Synthetic counts, and an image size the model's levels can halve down to.
@@ -1287,6 +1307,28 @@ mod tests {
             ("train.epochs=0", "train.epochs: must be at least 1, got 0"),
             ("log.every=0", "log.every: must be at least 1, got 0"),
             (
+                "model.num_classes=0",
+                "model.num_classes: must be positive, got 0",
+            ),
+            (
+                "model.num_classes=2",
+                "model.num_classes: must be 1: stores hold binary masks, one foreground logit \
+                 per pixel, got 2",
+            ),
+            (
+                "model.input_channels=3",
+                "model.input_channels: must be 1: stores hold greyscale images, got 3",
+            ),
+            (
+                "model.fcomb_convs=100000",
+                "model.fcomb_convs: must be between 2 and 64, got 100000",
+            ),
+            (
+                "model.filters=[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]",
+                "model.filters: at most 16 levels (images would need sides divisible by 2^15), \
+                 got 17",
+            ),
+            (
                 "name=\"../elsewhere\"",
                 "name: must not start with '.', got \"../elsewhere\"",
             ),
@@ -1295,7 +1337,8 @@ mod tests {
                 "name: must be one folder name, without '/', '\\' or control characters, \
                  got \"a/b\"",
             ),
-            ("name=\"\"", "name: must not be empty, got \"\""),
+            ("name=\"\"", "name: must not be empty or blank, got \"\""),
+            ("name=\" \"", "name: must not be empty or blank, got \" \""),
             (
                 "model.latent_dim=0",
                 "model.latent_dim: must be positive, got 0",

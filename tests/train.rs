@@ -384,6 +384,12 @@ fn bad_specs_and_flags_name_the_file_and_key() {
     );
     let err = stderr(&out);
     assert!(err.contains("train.batch"), "{err}");
+    let out = run_err(
+        dir.path(),
+        &["train", spec.to_str().unwrap(), "--threads", "100000"],
+    );
+    let err = stderr(&out);
+    assert!(err.contains("100000 is not in 1..=1024"), "{err}");
     // Types and choices in words, without serde's type names or doubled backticks.
     for (set, says) in [
         (

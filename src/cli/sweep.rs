@@ -30,14 +30,14 @@ pub struct SweepArgs {
     #[arg(long, conflicts_with = "emit")]
     collect: bool,
     /// Trials to run at once.
-    #[arg(long, short = 'j', default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, short = 'j', default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     jobs: u32,
     /// GPUs to spread trials over, e.g. 0,1 [default: every visible GPU when the trials
     /// train on CUDA].
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     devices: Vec<String>,
     /// CPU threads per trial [default: this machine's cores divided by --jobs].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     threads: Option<u32>,
     /// Plain progress lines even on a terminal.
     #[arg(long)]

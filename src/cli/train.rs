@@ -43,7 +43,7 @@ pub struct RunFlags {
     #[arg(long)]
     plain: bool,
     /// CPU threads of libtorch [default: libtorch's, after OMP_NUM_THREADS].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     threads: Option<u32>,
     /// Also write every training event as one JSON object per line to FILE; `-` is
     /// standard output, and what would be printed there goes to standard error instead.

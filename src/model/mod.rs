@@ -93,6 +93,11 @@ impl Default for ModelConfig {
     }
 }
 
+/// Levels of the U-Net at most: 16 already asks for sides divisible by 32,768.
+pub const MAX_LEVELS: usize = 16;
+/// fcomb's 1x1 convolutions at most; the seed uses 4.
+pub const MAX_FCOMB_CONVS: usize = 64;
+
 impl ModelConfig {
     /// Checks what the layers cannot: that the shape is buildable.
     pub fn validate(&self) -> Result<(), ModelError> {
@@ -103,16 +108,30 @@ impl ModelConfig {
                 format!("needs one or more positive counts, got {:?}", self.filters),
             );
         }
+        if self.filters.len() > MAX_LEVELS {
+            return bad(
+                "filters",
+                format!(
+                    "at most {MAX_LEVELS} levels (images would need sides divisible by \
+                     2^{}), got {}",
+                    MAX_LEVELS - 1,
+                    self.filters.len()
+                ),
+            );
+        }
         if self.latent_dim <= 0 {
             return bad(
                 "latent_dim",
                 format!("must be positive, got {}", self.latent_dim),
             );
         }
-        if self.fcomb_convs < 2 {
+        if !(2..=MAX_FCOMB_CONVS).contains(&self.fcomb_convs) {
             return bad(
                 "fcomb_convs",
-                format!("must be at least 2, got {}", self.fcomb_convs),
+                format!(
+                    "must be between 2 and {MAX_FCOMB_CONVS}, got {}",
+                    self.fcomb_convs
+                ),
             );
         }
         if !(self.beta.is_finite() && self.beta >= 0.0) {
@@ -135,11 +154,13 @@ impl ModelConfig {
                 format!("must be finite and non-negative, got {}", self.l2_weight),
             );
         }
-        if self.input_channels <= 0 || self.num_classes <= 0 {
-            return bad(
-                "input_channels",
-                "input_channels and num_classes must be positive".into(),
-            );
+        if self.input_channels <= 0 {
+            let why = format!("must be positive, got {}", self.input_channels);
+            return bad("input_channels", why);
+        }
+        if self.num_classes <= 0 {
+            let why = format!("must be positive, got {}", self.num_classes);
+            return bad("num_classes", why);
         }
         Ok(())
     }
