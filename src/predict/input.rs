@@ -146,7 +146,8 @@ pub fn decode(
 fn from_npy(bytes: &[u8]) -> Result<(usize, usize, Vec<f32>), String> {
     let array = npy::parse(bytes)?;
     let (h, w) = match array.shape[..] {
-        [h, w] | [1, h, w] => (h, w),
+        [h, w] | [1, h, w] if h > 0 && w > 0 => (h, w),
+        [h, w] | [1, h, w] => return Err(format!("is {h}x{w}: an image with no pixels")),
         _ => {
             return Err(format!(
                 "shape {:?} is not an image (H, W) or (1, H, W)",
@@ -158,4 +159,24 @@ fn from_npy(bytes: &[u8]) -> Result<(usize, usize, Vec<f32>), String> {
         return Err(format!("holds {v}; images must be finite"));
     }
     Ok((h, w, array.values))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An array with no pixels is that input's own error, not the whole call's.
+    #[test]
+    fn an_npy_without_pixels_is_refused_by_itself() {
+        for shape in [[0usize, 32], [32, 0]] {
+            let mut bytes = Vec::new();
+            npy::write_f32(&mut bytes, &shape, &[]).unwrap();
+            let err = from_npy(&bytes).unwrap_err();
+            let want = format!("is {}x{}: an image with no pixels", shape[0], shape[1]);
+            assert_eq!(err, want);
+        }
+        let mut bytes = Vec::new();
+        npy::write_f32(&mut bytes, &[1, 2, 2], &[0.0, 0.5, 1.0, 0.25]).unwrap();
+        assert_eq!(from_npy(&bytes).unwrap(), (2, 2, vec![0.0, 0.5, 1.0, 0.25]));
+    }
 }
