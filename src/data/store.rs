@@ -11,7 +11,7 @@ use super::DataError;
 use crate::memory::budget::{self, Need};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -499,8 +499,9 @@ pub struct Store {
 
 impl Manifest {
     /// What in the manifest contradicts itself: per-item lists of another length than
-    /// the items, split indices past the end. A store whose manifest was edited by hand
-    /// is refused here rather than indexed out of bounds later.
+    /// the items, split indices past the end or in two splits (or twice in one), which
+    /// would leak training items into validation. A store whose manifest was edited by
+    /// hand is refused here rather than indexed out of bounds or scored wrongly later.
     pub fn check(&self) -> Result<(), String> {
         let items = self.shape.items;
         for (name, len) in [
@@ -512,11 +513,21 @@ impl Manifest {
                 return Err(format!("{name} lists {len} entries for {items} items"));
             }
         }
+        // Sized by the indices listed, not by `items`, which the file size bounds later.
+        let mut owner: HashMap<usize, SplitName> = HashMap::new();
         for part in SplitName::ALL {
-            if let Some(&bad) = self.split.indices(part).iter().find(|&&i| i >= items) {
-                return Err(format!(
-                    "split.{part} names item {bad}, but the store has {items} items"
-                ));
+            for &i in self.split.indices(part) {
+                if i >= items {
+                    return Err(format!(
+                        "split.{part} names item {i}, but the store has {items} items"
+                    ));
+                }
+                if let Some(first) = owner.insert(i, part) {
+                    return Err(format!(
+                        "item {i} is in split.{first} and in split.{part}: the splits must \
+                         not share items"
+                    ));
+                }
             }
         }
         Ok(())
@@ -930,6 +941,13 @@ mod tests {
         fs::write(&manifest_path, manifest.to_string()).unwrap();
         let err = Store::open(&store).unwrap_err().to_string();
         assert!(err.contains("split.val names item 1000000000"), "{err}");
+        let mut manifest: serde_json::Value = serde_json::from_str(&good).unwrap();
+        let train_item = manifest["split"]["train"][0].clone();
+        manifest["split"]["val"][0] = train_item.clone();
+        fs::write(&manifest_path, manifest.to_string()).unwrap();
+        let err = Store::open(&store).unwrap_err().to_string();
+        let shared = format!("item {train_item} is in split.train and in split.val");
+        assert!(err.contains(&shared), "{err}");
         fs::write(&manifest_path, &good).unwrap();
         let arrays = store.join(ARRAYS_FILE);
         let bytes = fs::read(&arrays).unwrap();
