@@ -619,3 +619,23 @@ fn bench_eval_times_both_sides_on_the_same_inputs() {
         assert!((a - b).abs() < 1e-6, "{key}: probunet {a}, PyTorch {b}");
     }
 }
+
+/// A `best` checkpoint that is there but damaged is said to be so, not passed over as if
+/// validation had never given a finite GED; `--checkpoint last` still evaluates.
+#[test]
+fn a_damaged_best_checkpoint_is_named_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = common::trained_run(dir.path());
+    let best = run.join("checkpoints/best");
+    assert!(best.join("model.safetensors").is_file());
+    std::fs::remove_file(best.join("model.safetensors")).unwrap();
+    let run_arg = run.to_str().unwrap();
+    let out = run_err(dir.path(), &["eval", run_arg, "--samples", "2"]);
+    let err = stderr(&out);
+    let want = format!("{} is damaged (no model.safetensors in it)", best.display());
+    assert!(err.contains(&want), "{err}");
+    run_ok(
+        dir.path(),
+        &["eval", run_arg, "--checkpoint", "last", "--samples", "2"],
+    );
+}

@@ -210,6 +210,15 @@ fn choose_checkpoint(run: &RunDir, choice: &CheckpointChoice) -> Result<Chosen, 
             let best = checkpoints.best_dir();
             if best.join(MODEL_FILE).is_file() {
                 from_dir(&best, None)
+            } else if best.symlink_metadata().is_ok() {
+                Err(EvalError::NoCheckpoint {
+                    run: run.path.clone(),
+                    why: format!(
+                        ": {} is damaged (no {MODEL_FILE} in it); pass --checkpoint last or \
+                         step-N to evaluate another",
+                        best.display()
+                    ),
+                })
             } else {
                 latest(Some(format!(
                     "no best checkpoint in {} (validation never gave a finite GED); \
