@@ -399,7 +399,7 @@ pub fn load_trained(
     }
     vs.load(&chosen.model).map_err(|e| EvalError::Io {
         path: chosen.model.clone(),
-        why: e.to_string(),
+        why: crate::run::safetensors::read_error(&e),
     })?;
     check_finite(&vs, &chosen.model)?;
     crate::model::freeze(&vs)?;

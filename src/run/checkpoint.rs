@@ -59,7 +59,7 @@ impl Checkpoint {
         let path = self.dir.join(OPTIMIZER_FILE);
         let tensors = Tensor::read_safetensors(&path).map_err(|e| RunError::Checkpoint {
             path,
-            why: e.to_string(),
+            why: super::safetensors::read_error(&e),
         })?;
         Ok(tensors.into_iter().collect())
     }

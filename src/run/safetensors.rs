@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 /// Why a checkpoint file could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +74,35 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), WriteError
     Ok(())
 }
 
+/// tch's error reading a safetensors file, in words and without the path it repeats:
+/// the caller names the file.
+pub fn read_error(error: &TchError) -> String {
+    use ::safetensors::SafeTensorError as E;
+    let TchError::SafeTensorError { err, .. } = error else {
+        return error.to_string();
+    };
+    match err {
+        E::IoError(io) => io.to_string(),
+        E::InvalidHeader
+        | E::InvalidHeaderStart
+        | E::InvalidHeaderDeserialization
+        | E::HeaderTooLarge
+        | E::HeaderTooSmall
+        | E::InvalidHeaderLength
+        | E::JsonError(_) => {
+            format!("not a readable safetensors file ({err:?}): truncated or damaged")
+        }
+        E::TensorNotFound(name) => format!("has no tensor {name}"),
+        E::InvalidOffset(name) => format!("the offsets of tensor {name} are wrong: damaged"),
+        E::TensorInvalidInfo
+        | E::InvalidTensorView(..)
+        | E::MetadataIncompleteBuffer
+        | E::ValidationOverflow => {
+            format!("its header's shapes, dtypes and offsets disagree ({err:?}): damaged")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +131,33 @@ mod tests {
             assert_eq!(back.size(), tensor.size(), "{name}");
             assert!(back.equal(tensor), "{name}");
         }
+    }
+
+    /// A missing, truncated or garbled file is said in words, once, without the path
+    /// (the caller names the file) and without Rust's Debug form of an I/O error.
+    #[test]
+    fn read_errors_are_worded_without_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let read = |path: &Path| read_error(&Tensor::read_safetensors(path).unwrap_err());
+        assert_eq!(read(&path), "No such file or directory (os error 2)");
+        write(&path, &[("w".into(), Tensor::from_slice(&[1f32, 2.0]))]).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..4]).unwrap();
+        let truncated = read(&path);
+        assert!(
+            truncated.starts_with("not a readable safetensors file ("),
+            "{truncated}"
+        );
+        assert!(!truncated.contains("m.safetensors"), "{truncated}");
+        let mut short = bytes.clone();
+        short.truncate(bytes.len() - 4);
+        std::fs::write(&path, &short).unwrap();
+        let damaged = read(&path);
+        assert!(
+            damaged.ends_with("disagree (MetadataIncompleteBuffer): damaged"),
+            "{damaged}"
+        );
     }
 
     #[test]

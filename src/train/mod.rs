@@ -389,7 +389,10 @@ impl Trainer {
             .load(&model_path)
             .map_err(|e| TrainError::Checkpoint {
                 path: model_path.clone(),
-                why: format!("does not fit this model: {e}"),
+                why: format!(
+                    "does not fit this model: {}",
+                    crate::run::safetensors::read_error(&e)
+                ),
             })?;
         crate::run::check_finite(&self.vs, &model_path)?;
         self.adam
