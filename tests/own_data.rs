@@ -277,4 +277,25 @@ fn bad_own_data_is_refused_by_name_with_nothing_half_written() {
     )
     .unwrap();
     refused(dir.path(), "listed/list.csv", &[], "line 3 (mask_0): mask");
+    // A folder where a file belongs, and a short row, each said once in words.
+    std::fs::write(
+        root.join("list.csv"),
+        "image,mask_0,mask_1\nimages,masks/alice/P0_s0.png,masks/bob/P0_s0.png\n",
+    )
+    .unwrap();
+    let folder = "line 2: image ";
+    refused(dir.path(), "listed/list.csv", &[], folder);
+    refused(
+        dir.path(),
+        "listed/list.csv",
+        &[],
+        "images is a folder, not a file",
+    );
+    std::fs::write(
+        root.join("list.csv"),
+        "image,mask_0,mask_1\nimages/P0_s0.png\n",
+    )
+    .unwrap();
+    let short = "list.csv: line 2: has 1 fields, the header 3";
+    refused(dir.path(), "listed/list.csv", &[], short);
 }

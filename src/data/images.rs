@@ -227,13 +227,14 @@ pub fn from_csv(
     let mut items = Vec::new();
     for (line, record) in reader.records().enumerate() {
         let row = line + 2;
-        let record = record.map_err(|e| format!("line {row}: {e}"))?;
+        let record = record.map_err(|e| format!("line {row}: {}", csv_fault(&e)))?;
         let cell = |c: usize| record.get(c).unwrap_or("").trim();
         let image = base.join(cell(0));
         if !image.is_file() {
             return Err(format!(
-                "line {row}: image {} does not exist",
-                image.display()
+                "line {row}: image {} {}",
+                image.display(),
+                not_a_file(&image)
             ));
         }
         let id = stem(&image);
@@ -245,7 +246,7 @@ pub fn from_csv(
             };
             match (path, missing) {
                 (Some(p), _) if p.is_file() => masks.push(Some(p)),
-                (Some(p), _) => return Err(format!("line {row} ({}): mask {} does not exist", header[c], p.display())),
+                (Some(p), _) => return Err(format!("line {row} ({}): mask {} {}", header[c], p.display(), not_a_file(&p))),
                 (None, Missing::Empty) => masks.push(None),
                 (None, Missing::Error) => {
                     return Err(format!("line {row} ({}): no mask for image {id} (pass --missing empty if the annotator saw nothing)", header[c]))
@@ -270,6 +271,25 @@ pub fn from_csv(
         items,
         mask_columns.iter().map(|&c| header[c].clone()).collect(),
     ))
+}
+
+/// Why a path that should be a file is not one.
+fn not_a_file(path: &Path) -> &'static str {
+    if path.is_dir() {
+        "is a folder, not a file"
+    } else {
+        "does not exist"
+    }
+}
+
+/// A CSV reader's error without the position the caller already gives as a line.
+fn csv_fault(error: &csv::Error) -> String {
+    match error.kind() {
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => format!("has {len} fields, the header {expected_len}"),
+        _ => error.to_string(),
+    }
 }
 
 #[cfg(test)]
