@@ -113,7 +113,8 @@ pub fn trial_index(given: Option<usize>) -> Result<usize, SweepError> {
         }
     }
     Err(SweepError::Other(format!(
-        "which trial? Pass --trial N, or run as a Slurm array task ({}) or a Kubernetes \
+        "which trial? Give its number N (`probunet sweep trial FOLDER N`, or `probunet train \
+         --sweep FOLDER --trial N`), or run as a Slurm array task ({}) or a Kubernetes \
          Indexed Job ({})",
         INDEX_VARIABLES[0], INDEX_VARIABLES[1]
     )))
@@ -366,6 +367,24 @@ pub fn run_trial(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without a number or an array variable, the message names both ways to give one.
+    #[test]
+    fn a_missing_trial_number_names_both_commands() {
+        if INDEX_VARIABLES
+            .iter()
+            .any(|v| std::env::var_os(v).is_some())
+        {
+            return; // running inside an array task: the variable answers
+        }
+        assert_eq!(trial_index(Some(3)).unwrap(), 3);
+        let err = trial_index(None).unwrap_err().to_string();
+        assert!(err.contains("`probunet sweep trial FOLDER N`"), "{err}");
+        assert!(
+            err.contains("`probunet train --sweep FOLDER --trial N`"),
+            "{err}"
+        );
+    }
 
     /// A trial killed while its only checkpoint (keep_last = 1) was being swapped for a
     /// save at the same step left it as `.step-N.old`: that is a checkpoint to resume
