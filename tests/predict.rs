@@ -263,6 +263,14 @@ fn bad_inputs_are_named_the_rest_go_through_and_nothing_is_half_written() {
         "{}",
         stderr(&refused)
     );
+    // An --out that is a file is said to be one.
+    let file = dir.path().join("afile");
+    std::fs::write(&file, "mine").unwrap();
+    let mut into_file = args;
+    into_file[4] = file.to_str().unwrap();
+    let refused = run_err(dir.path(), &into_file);
+    let want = format!("--out {}: is a file, not a folder", file.display());
+    assert!(stderr(&refused).contains(&want), "{}", stderr(&refused));
     // Nor an index.csv without predict's index.json beside it.
     std::fs::remove_file(foreign.join("index.json")).unwrap();
     std::fs::write(foreign.join("index.csv"), "mine\n").unwrap();

@@ -116,6 +116,10 @@ pub fn predict(
         .unwrap_or_else(|| trained.run.path.join("predict"));
     // index.json's paths then hold from any working folder.
     let out = std::path::absolute(&out).unwrap_or(out);
+    if out.exists() && !out.is_dir() {
+        let why = format!("--out {}: is a file, not a folder", out.display());
+        return Err(PredictError::Options(why));
+    }
     refuse_foreign_index(&out)?;
     let wants_store = options.inputs.iter().any(|i| i.starts_with("store:"));
     let store = match wants_store {
