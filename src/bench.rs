@@ -96,7 +96,7 @@ pub fn median(values: &mut [f64]) -> f64 {
 
 /// The median seconds of `reps` calls of `f`, each timed to the device's completion.
 fn median_seconds<T>(reps: usize, device: Device, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
-    let mut seconds = Vec::with_capacity(reps);
+    let mut seconds = Vec::new();
     for _ in 0..reps {
         let start = Instant::now();
         f()?;
@@ -135,6 +135,26 @@ pub fn medians(rows: &[Measurement]) -> Vec<Measurement> {
         .collect()
 }
 
+/// Height and width of the random images every setting trains and samples on.
+const SIDE: i64 = 128;
+
+/// Refuses a setting that memory cannot hold before anything is allocated: training at
+/// `batch` (on the CPU; a GPU's memory is not the host's) and `samples` samples of each
+/// image, each named by the flags that asked for it.
+pub fn check_room(batch: i64, samples: i64, device: Device) -> Result<()> {
+    let config = ModelConfig::default();
+    let side = SIDE as u64;
+    let (batch, samples) = (batch.max(0) as u64, samples.max(0) as u64);
+    if !device.is_cuda() {
+        config
+            .check_training(batch, side, side)
+            .with_context(|| format!("bench --batches {batch}"))?;
+    }
+    let what = format!("bench --samples {samples} at --batches {batch}");
+    config.check_sampling(what, batch, samples, side, side)?;
+    Ok(())
+}
+
 /// Measures one setting in this process: training and sampling times are the medians of
 /// the timed steps and sampling passes.
 pub fn measure(
@@ -143,13 +163,14 @@ pub fn measure(
     device: Device,
     options: &BenchOptions,
 ) -> Result<Measurement> {
+    check_room(batch, options.samples, device)?;
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
     let mut model = ProbUNet::new(&vs.root(), ModelConfig::default())?;
     model.set_precision(precision);
     let mut adam = Adam::new(named_variables(&vs))?;
-    let image = Tensor::f_rand([batch, 1, 128, 128], (Kind::Float, device))?;
-    let mask = Tensor::f_rand([batch, 1, 128, 128], (Kind::Float, device))?
+    let image = Tensor::f_rand([batch, 1, SIDE, SIDE], (Kind::Float, device))?;
+    let mask = Tensor::f_rand([batch, 1, SIDE, SIDE], (Kind::Float, device))?
         .f_gt(0.5)?
         .f_to_kind(Kind::Float)?;
     let mut train_step = || -> Result<()> {
@@ -254,12 +275,15 @@ pub enum Progress<'a> {
 
 /// Measures every setting on both sides `options.rounds` times, each in a fresh child
 /// process, appending each row to `options.out` and telling `progress` after each round;
-/// returns every row.
+/// returns every row. A setting memory cannot hold is refused before any is measured.
 pub fn race(
     options: &BenchOptions,
     mut progress: impl FnMut(Progress<'_>),
 ) -> Result<Vec<Measurement>> {
     let device = options.device.resolve()?;
+    for &batch in &options.batches {
+        check_room(batch, options.samples, device)?;
+    }
     let mut out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -2,12 +2,16 @@
 //! sees CUDA, builds the seed's model and checks its parameter counts, and times a few
 //! training steps on random data, so a broken install shows up before a long run.
 use crate::device::DeviceSpec;
+use crate::memory::budget::Need;
 use crate::memory::CpuAllocator;
-use crate::model::{ModelConfig, ProbUNet};
+use crate::model::{ModelConfig, ModelError, ProbUNet};
 use crate::train::{forward_backward, named_variables, Adam};
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use std::time::Instant;
 use tch::{nn, Cuda, Device, Kind, Tensor};
+
+/// Height and width of the random images the timed steps train on.
+const SIDE: i64 = 128;
 
 /// What to check.
 #[derive(Debug, Clone)]
@@ -67,12 +71,7 @@ pub fn check(options: &DoctorOptions, mut found: impl FnMut(Finding)) -> Result<
     found(Finding::Device(device));
     found(Finding::Allocator(crate::memory::installed()));
 
-    let vs = nn::VarStore::new(device);
-    let config = ModelConfig {
-        latent_dim: options.latent_dim,
-        ..ModelConfig::default()
-    };
-    let model = ProbUNet::new(&vs.root(), config).context("building the model")?;
+    let (vs, model) = build(options.latent_dim, device)?;
     let counts = model.parameter_counts();
     found(Finding::Model {
         latent_dim: options.latent_dim,
@@ -89,45 +88,72 @@ pub fn check(options: &DoctorOptions, mut found: impl FnMut(Finding)) -> Result<
     Ok(())
 }
 
+/// The seed's model with `latent_dim` latent dimensions; a `--latent-dim` it cannot be
+/// built with, or whose weights memory cannot hold, is refused by that name.
+fn build(latent_dim: i64, device: Device) -> Result<(nn::VarStore, ProbUNet)> {
+    let config = ModelConfig {
+        latent_dim,
+        ..ModelConfig::default()
+    };
+    config.validate().map_err(|e| match e {
+        ModelError::Config {
+            key: "latent_dim",
+            why,
+        } => anyhow!("--latent-dim: {why}"),
+        other => other.into(),
+    })?;
+    let weights = config.parameter_count().saturating_mul(4);
+    Need::new(format!("doctor --latent-dim {latent_dim}"), weights).fits_memory()?;
+    let vs = nn::VarStore::new(device);
+    let model = ProbUNet::new(&vs.root(), config).context("building the model")?;
+    Ok((vs, model))
+}
+
 /// Times `steps` of the trainer's own step (its Adam, its loss read-back), so the timing
-/// is training's.
+/// is training's. A batch memory cannot hold is refused before anything is allocated.
 fn time_steps(
     options: &DoctorOptions,
     vs: &nn::VarStore,
     model: &ProbUNet,
     device: Device,
 ) -> Result<Finding> {
-    anyhow::ensure!(
-        options.batch > 0,
-        "--batch must be positive, got {}",
-        options.batch
-    );
+    let batch = options.batch;
+    anyhow::ensure!(batch > 0, "--batch must be positive, got {batch}");
+    if !device.is_cuda() {
+        (model.config())
+            .check_training(batch as u64, SIDE as u64, SIDE as u64)
+            .with_context(|| format!("doctor --batch {batch}"))?;
+    }
     let mut adam = Adam::new(named_variables(vs))?;
-    let image = Tensor::f_rand([options.batch, 1, 128, 128], (Kind::Float, device))?;
+    let image = Tensor::f_rand([batch, 1, SIDE, SIDE], (Kind::Float, device))?;
     let mask = image.f_gt(0.5)?.f_to_kind(Kind::Float)?;
-    let mut times = Vec::with_capacity(options.steps);
+    // The first step pays for allocation and kernel selection: it counts only when alone.
+    let (mut first, mut steady) = (0.0, 0.0);
     let mut loss = f64::NAN;
-    for _ in 0..options.steps {
+    for step in 0..options.steps {
         let start = Instant::now();
         let (_, values) = forward_backward(model, &mut adam, &image, &mask)?;
         adam.step(1e-4)?;
         loss = values.loss;
-        times.push(start.elapsed().as_secs_f64());
+        let seconds = start.elapsed().as_secs_f64();
+        if step == 0 {
+            first = seconds;
+        } else {
+            steady += seconds;
+        }
     }
     anyhow::ensure!(
         loss.is_finite(),
         "the training step gave a non-finite loss ({loss})"
     );
-    let steady = if times.len() > 1 {
-        &times[1..]
-    } else {
-        &times[..]
+    let ms_per_step = match options.steps {
+        1 => 1e3 * first,
+        n => 1e3 * steady / (n - 1) as f64,
     };
-    let ms_per_step = 1e3 * steady.iter().sum::<f64>() / steady.len() as f64;
     Ok(Finding::Step {
-        batch: options.batch,
+        batch,
         ms_per_step,
-        images_per_s: 1e3 * options.batch as f64 / ms_per_step,
+        images_per_s: 1e3 * batch as f64 / ms_per_step,
         last_loss: loss,
     })
 }

@@ -217,3 +217,171 @@ fn a_store_whose_manifest_or_header_lies_is_refused_by_name() {
     assert!(error.contains("tensor \"masks\" is I8"), "{error}");
     run_ok(dir.path(), &["eval", run, "--bootstrap", "40"]);
 }
+
+/// bench, bench-eval and doctor on the CPU, without the PyTorch side.
+const BENCH: [&str; 6] = [
+    "bench",
+    "--device",
+    "cpu",
+    "--no-torch",
+    "--precisions",
+    "fp32",
+];
+const BENCH_EVAL: [&str; 6] = [
+    "bench-eval",
+    "--device",
+    "cpu",
+    "--no-torch",
+    "--repeats",
+    "1",
+];
+const DOCTOR: [&str; 3] = ["doctor", "--device", "cpu"];
+
+/// The error line of a command line that clap refuses (exit status 2) before it runs.
+fn misused(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(2), "{}", common::text(out));
+    let text = stderr(out);
+    let error = text.lines().find(|l| l.starts_with("error: "));
+    error
+        .unwrap_or_else(|| panic!("no error line: {text}"))
+        .into()
+}
+
+#[test]
+fn bench_doctor_and_bench_eval_refuse_counts_out_of_range_by_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bench, bench_eval, doctor) = (&BENCH[..], &BENCH_EVAL[..], &DOCTOR[..]);
+    // Flag, value, and why clap refuses it.
+    for (command, flag, value, why) in [
+        (bench, "batches", "1,0", "must be at least 1"),
+        (bench, "samples", "0", "must be at least 1"),
+        (bench, "steps", "0", "0 is not in 1..=10000"),
+        (
+            bench,
+            "steps",
+            "100000000000",
+            "100000000000 is not in 1..=10000",
+        ),
+        (bench, "warmup", "1001", "1001 is not in 0..=1000"),
+        (
+            doctor,
+            "steps",
+            "100000000000",
+            "100000000000 is not in 0..=10000",
+        ),
+        (bench_eval, "images", "0", "0 is not in 1..=10000"),
+        (
+            bench_eval,
+            "images",
+            "1000000000000",
+            "1000000000000 is not in 1..=10000",
+        ),
+        (&["bench-eval"], "repeats", "101", "101 is not in 1..=100"),
+    ] {
+        let mut args = command.to_vec();
+        let named = format!("--{flag}");
+        args.extend([named.as_str(), value]);
+        let error = misused(&run_err(dir.path(), &args));
+        let bad = value.rsplit(',').next().unwrap();
+        let says = format!(
+            "error: invalid value '{bad}' for '--{flag} <{}>': {why}",
+            flag.to_uppercase()
+        );
+        assert_eq!(error, says, "{args:?}");
+    }
+    for (command, flags, says) in [
+        (
+            bench_eval,
+            &["--size", "0"][..],
+            "--size must be a positive multiple of 8 for 4 model levels, got 0",
+        ),
+        (
+            bench_eval,
+            &["--size", "12"],
+            "--size must be a positive multiple of 8 for 4 model levels, got 12",
+        ),
+        (
+            bench_eval,
+            &["--filters", "0"],
+            "--filters: needs one or more positive counts, got [0]",
+        ),
+        (
+            bench_eval,
+            &["--latent-dim", "0"],
+            "--latent-dim: must be positive, got 0",
+        ),
+        (
+            doctor,
+            &["--steps", "0", "--latent-dim", "0"],
+            "--latent-dim: must be positive, got 0",
+        ),
+    ] {
+        let args: Vec<&str> = command.iter().chain(flags).copied().collect();
+        let error = refused(&run_err(dir.path(), &args));
+        assert_eq!(error, format!("error: {says}"), "{args:?}");
+    }
+    assert_eq!(entries(dir.path()), Vec::<String>::new());
+}
+
+#[test]
+fn bench_doctor_and_bench_eval_refuse_what_memory_cannot_hold_by_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bench, bench_eval, doctor) = (&BENCH[..], &BENCH_EVAL[..], &DOCTOR[..]);
+    let training = "training model.filters = [32, 64, 128, 192] on batches of 1000000000000 \
+                    images of 128x128 needs about 95.0 EiB";
+    for (command, flags, says) in [
+        (
+            doctor,
+            &["--steps", "1", "--batch", "1000000000000"][..],
+            format!("doctor --batch 1000000000000: {training}"),
+        ),
+        (
+            doctor,
+            &["--steps", "0", "--latent-dim", "100000000000"],
+            "doctor --latent-dim 100000000000 needs about 292.5 TiB".into(),
+        ),
+        (
+            bench,
+            &["--batches", "1000000000000"],
+            format!("bench --batches 1000000000000: {training}"),
+        ),
+        (
+            bench,
+            &["--batches", "1", "--samples", "1000000000000"],
+            "bench --samples 1000000000000 at --batches 1 needs about 174.6 PiB".into(),
+        ),
+        (
+            bench_eval,
+            &["--images", "1", "--size", "1000000"],
+            "bench-eval --images 1 --batch 4 --size 1000000 needs about 109.1 TiB".into(),
+        ),
+        (
+            bench_eval,
+            &["--images", "1", "--batch", "1000000000000"],
+            "bench-eval --images 1 --batch 1000000000000 --size 128 needs about 349.2 PiB".into(),
+        ),
+        (
+            bench_eval,
+            &["--samples", "1000000000"],
+            "bench-eval --samples 1000000000 at --batch 4 --size 128 needs about 715.3 TiB".into(),
+        ),
+        (
+            bench_eval,
+            &["--filters", "8,100000000"],
+            "bench-eval --filters 8,100000000 --latent-dim 2 needs about 1.9 EiB".into(),
+        ),
+    ] {
+        let args: Vec<&str> = command.iter().chain(flags).copied().collect();
+        let error = refused(&limited(dir.path(), &args));
+        assert_eq!(
+            error,
+            format!(
+                "error: {says}, more than the 4.0 GiB of memory available \
+                 (PROBUNET_MEMORY_LIMIT_MIB)"
+            ),
+            "{args:?}"
+        );
+    }
+    // Refused before bench opened its output.
+    assert_eq!(entries(dir.path()), Vec::<String>::new());
+}

@@ -9,7 +9,12 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Batch sizes, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "5,32,128")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "5,32,128",
+        value_parser = positive
+    )]
     batches: Vec<i64>,
     /// Precisions, comma separated (bf16 only on CUDA).
     #[arg(long, value_delimiter = ',', default_value = "fp32,bf16")]
@@ -18,14 +23,14 @@ pub struct BenchArgs {
     #[arg(long, default_value = "auto")]
     device: DeviceSpec,
     /// Timed training steps per setting (after the warm-up).
-    #[arg(long, default_value_t = 10)]
-    steps: usize,
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    steps: u16,
     /// Untimed training steps per setting before the timed ones, which would otherwise
     /// pay for allocation and kernel selection.
-    #[arg(long, default_value_t = 2)]
-    warmup: usize,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(0..=1_000))]
+    warmup: u16,
     /// Prior samples per image in the sampling measurement.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive)]
     samples: i64,
     /// Also race PyTorch with torch.compile.
     #[arg(long)]
@@ -47,13 +52,22 @@ pub struct BenchArgs {
     one: bool,
 }
 
+/// A count of at least one; how large one memory holds is checked before it is allocated.
+fn positive(text: &str) -> Result<i64, String> {
+    match text.parse::<i64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     let options = BenchOptions {
         batches: args.batches.clone(),
         precisions: args.precisions.clone(),
         device: args.device,
-        steps: args.steps,
-        warmup: args.warmup,
+        steps: args.steps.into(),
+        warmup: args.warmup.into(),
         samples: args.samples,
         compile: args.compile,
         no_torch: args.no_torch,

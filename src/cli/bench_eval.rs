@@ -9,8 +9,8 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchEvalArgs {
     /// Images timed, after one untimed warm-up batch.
-    #[arg(long, default_value_t = 16)]
-    images: usize,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    images: u16,
     /// Height and width of the synthetic images.
     #[arg(long, default_value_t = 128)]
     size: usize,
@@ -33,8 +33,8 @@ pub struct BenchEvalArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Runs of each side, alternating, so that load from other processes hits both alike.
-    #[arg(long, default_value_t = 2)]
-    repeats: usize,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=100))]
+    repeats: u16,
     /// Skip the PyTorch side.
     #[arg(long)]
     no_torch: bool,
@@ -52,7 +52,7 @@ pub struct BenchEvalArgs {
 
 pub fn run(args: &BenchEvalArgs) -> Result<()> {
     let options = BenchEvalOptions {
-        images: args.images,
+        images: args.images.into(),
         size: args.size,
         samples: args.samples,
         batch: args.batch,
@@ -60,7 +60,7 @@ pub fn run(args: &BenchEvalArgs) -> Result<()> {
         filters: args.filters.clone(),
         latent_dim: args.latent_dim,
         seed: args.seed,
-        repeats: args.repeats,
+        repeats: args.repeats.into(),
         no_torch: args.no_torch,
     };
     if args.one {

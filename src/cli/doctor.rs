@@ -11,8 +11,8 @@ pub struct DoctorArgs {
     #[arg(long, default_value = "auto")]
     device: DeviceSpec,
     /// Training steps to time (0 skips the timing).
-    #[arg(long, default_value_t = 3)]
-    steps: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(0..=10_000))]
+    steps: u16,
     /// Batch size of the timed steps (the seed trains with 5).
     #[arg(long, default_value_t = 5)]
     batch: i64,
@@ -25,7 +25,7 @@ pub fn run(args: &DoctorArgs) -> Result<()> {
     println!("probunet {}", env!("CARGO_PKG_VERSION"));
     let options = DoctorOptions {
         device: args.device,
-        steps: args.steps,
+        steps: args.steps.into(),
         batch: args.batch,
         latent_dim: args.latent_dim,
     };

@@ -14,8 +14,9 @@ use super::EvalError;
 use crate::bench::{last_json_line, peak_mib, python, repo};
 use crate::data::synthetic::{Synthetic, SyntheticConfig};
 use crate::device::{describe, DeviceSpec};
+use crate::memory::budget::{product, Need};
 use crate::metrics::ImageScores;
-use crate::model::{ModelConfig, ProbUNet};
+use crate::model::{ModelConfig, ModelError, ProbUNet};
 use crate::score::{batch_noise, probabilities, BatchCounts};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -70,6 +71,9 @@ pub struct BenchReport {
     pub peak_mib: Option<f64>,
 }
 
+/// Annotators of each synthetic image.
+const ANNOTATORS: usize = 4;
+
 impl BenchEvalOptions {
     fn model(&self) -> ModelConfig {
         let defaults = ModelConfig::default();
@@ -78,6 +82,66 @@ impl BenchEvalOptions {
             latent_dim: self.latent_dim,
             ..defaults
         }
+    }
+
+    /// Refuses flags the measurement cannot take before anything is allocated: counts of
+    /// zero, a model the flags cannot build, a `--size` the model's levels cannot halve,
+    /// and images, weights or samples memory cannot hold, each by the flags that ask.
+    pub fn check(&self) -> Result<(), EvalError> {
+        if self.images == 0 || self.batch == 0 || self.samples == 0 {
+            return Err(EvalError::Options(
+                "--images, --batch and --samples must be positive".into(),
+            ));
+        }
+        let config = self.model();
+        config.validate().map_err(name_flag)?;
+        let divisor = config.size_divisor() as usize;
+        if self.size == 0 || self.size % divisor != 0 {
+            return Err(EvalError::Options(format!(
+                "--size must be a positive multiple of {divisor} for {} model levels, got {}",
+                config.filters.len(),
+                self.size
+            )));
+        }
+        let filters: Vec<String> = config.filters.iter().map(i64::to_string).collect();
+        let what = format!(
+            "bench-eval --filters {} --latent-dim {}",
+            filters.join(","),
+            config.latent_dim
+        );
+        Need::new(what, config.parameter_count().saturating_mul(4))
+            .fits_memory()
+            .map_err(ModelError::from)?;
+        let (batch, side) = (self.batch as u64, self.size as u64);
+        let items = (self.images as u64).saturating_add(batch);
+        // Each item's image (a float) and masks (a byte per annotator) per pixel, three
+        // times over: the items, their concatenation and the tensors made from it.
+        let per_pixel = 3 * (4 + ANNOTATORS as u64);
+        let what = format!(
+            "bench-eval --images {} --batch {batch} --size {side}",
+            self.images
+        );
+        Need::new(what, product(&[items, side, side, per_pixel]))
+            .fits_memory()
+            .map_err(ModelError::from)?;
+        let what = format!(
+            "bench-eval --samples {} at --batch {batch} --size {side}",
+            self.samples
+        );
+        (config.check_sampling(what, batch.min(items), self.samples as u64, side, side))
+            .map_err(ModelError::from)?;
+        Ok(())
+    }
+}
+
+/// A model setting refused under the flag that set it.
+fn name_flag(error: ModelError) -> EvalError {
+    match error {
+        ModelError::Config {
+            key: key @ ("filters" | "latent_dim"),
+            why,
+        } => EvalError::Options(format!("--{}: {why}", key.replace('_', "-"))),
+        other => other.into(),
     }
 }
 
@@ -90,11 +154,7 @@ pub fn measure(
     options: &BenchEvalOptions,
     export: Option<&Path>,
 ) -> Result<BenchReport, EvalError> {
-    if options.images == 0 || options.batch == 0 || options.samples == 0 {
-        return Err(EvalError::Options(
-            "--images, --batch and --samples must be positive".into(),
-        ));
-    }
+    options.check()?;
     let device = options.device.resolve()?;
     let config = options.model();
     tch::manual_seed(options.seed as i64);
@@ -105,7 +165,7 @@ pub fn measure(
     let data = Synthetic::new(SyntheticConfig {
         items: total,
         size: options.size,
-        annotators: 4,
+        annotators: ANNOTATORS,
         seed: options.seed,
     });
     let items: Vec<_> = (0..total).map(|i| data.item(i)).collect();
@@ -113,8 +173,8 @@ pub fn measure(
     let images: Vec<f32> = items.iter().flat_map(|i| i.image.iter().copied()).collect();
     let images = Tensor::f_from_slice(&images)?.f_view([total as i64, 1, side, side])?;
     let masks: Vec<u8> = items.iter().flat_map(|i| i.masks.iter().copied()).collect();
-    let masks = Tensor::f_from_slice(&masks)?.f_view([total as i64, 4, side, side])?;
-    model.check_image(&images.f_narrow(0, 0, 1)?)?;
+    let masks =
+        Tensor::f_from_slice(&masks)?.f_view([total as i64, ANNOTATORS as i64, side, side])?;
     let latent = config.latent_dim as usize;
     if let Some(dir) = export {
         export_inputs(dir, options, &vs, &config, &images, &masks)?;
@@ -229,6 +289,7 @@ pub fn race(options: &BenchEvalOptions, mut each: impl FnMut(&BenchReport)) -> R
     if options.repeats == 0 {
         bail!("--repeats must be positive");
     }
+    options.check()?;
     let device = match options.device.resolve()? {
         Device::Cuda(n) => format!("cuda:{n}"),
         _ => "cpu".into(),
