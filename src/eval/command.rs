@@ -175,63 +175,76 @@ struct Chosen {
     note: Option<String>,
 }
 
+/// The model of the checkpoint folder `dir` of `run`, with its step where it says one.
+fn from_dir(run: &RunDir, dir: &Path, note: Option<String>) -> Result<Chosen, EvalError> {
+    let model = dir.join(MODEL_FILE);
+    if !model.is_file() {
+        return Err(EvalError::NoCheckpoint {
+            run: run.path.clone(),
+            why: format!(": {} has no {MODEL_FILE}", dir.display()),
+        });
+    }
+    Ok(Chosen {
+        label: dir.to_path_buf(),
+        model,
+        step: Checkpoint::open(dir).ok().map(|c| c.state.step),
+        note,
+    })
+}
+
+/// The run's newest step checkpoint.
+fn latest(run: &RunDir, note: Option<String>) -> Result<Chosen, EvalError> {
+    let checkpoints = run.checkpoints(1);
+    match checkpoints.steps()?.last() {
+        Some((_, dir)) => from_dir(run, dir, note),
+        None => Err(EvalError::NoCheckpoint {
+            run: run.path.clone(),
+            why: format!(
+                ": {} holds no best or step-N checkpoint (did training stop before its \
+                 first checkpoint?); pass --checkpoint PATH to evaluate one from elsewhere",
+                checkpoints.root().display()
+            ),
+        }),
+    }
+}
+
+/// `best`; the newest step checkpoint where validation never wrote one, but a `best`
+/// that is there and damaged is said to be.
+fn best(run: &RunDir) -> Result<Chosen, EvalError> {
+    let checkpoints = run.checkpoints(1);
+    let best = checkpoints.best_dir();
+    if best.join(MODEL_FILE).is_file() {
+        from_dir(run, &best, None)
+    } else if best.symlink_metadata().is_ok() {
+        Err(EvalError::NoCheckpoint {
+            run: run.path.clone(),
+            why: format!(
+                ": {} is damaged (no {MODEL_FILE} in it); pass --checkpoint last or step-N to \
+                 evaluate another",
+                best.display()
+            ),
+        })
+    } else {
+        latest(
+            run,
+            Some(format!(
+                "no best checkpoint in {} (validation never gave a finite GED); evaluating \
+                 the last one",
+                checkpoints.root().display()
+            )),
+        )
+    }
+}
+
 fn choose_checkpoint(run: &RunDir, choice: &CheckpointChoice) -> Result<Chosen, EvalError> {
     let checkpoints = run.checkpoints(1);
-    let from_dir = |dir: &Path, note: Option<String>| -> Result<Chosen, EvalError> {
-        let model = dir.join(MODEL_FILE);
-        if !model.is_file() {
-            return Err(EvalError::NoCheckpoint {
-                run: run.path.clone(),
-                why: format!(": {} has no {MODEL_FILE}", dir.display()),
-            });
-        }
-        Ok(Chosen {
-            label: dir.to_path_buf(),
-            model,
-            step: Checkpoint::open(dir).ok().map(|c| c.state.step),
-            note,
-        })
-    };
-    let latest = |note: Option<String>| -> Result<Chosen, EvalError> {
-        match checkpoints.steps()?.last() {
-            Some((_, dir)) => from_dir(dir, note),
-            None => Err(EvalError::NoCheckpoint {
-                run: run.path.clone(),
-                why: format!(
-                    ": {} holds no best or step-N checkpoint (did training stop before its \
-                     first checkpoint?); pass --checkpoint PATH to evaluate one from elsewhere",
-                    checkpoints.root().display()
-                ),
-            }),
-        }
-    };
     match choice {
-        CheckpointChoice::Best => {
-            let best = checkpoints.best_dir();
-            if best.join(MODEL_FILE).is_file() {
-                from_dir(&best, None)
-            } else if best.symlink_metadata().is_ok() {
-                Err(EvalError::NoCheckpoint {
-                    run: run.path.clone(),
-                    why: format!(
-                        ": {} is damaged (no {MODEL_FILE} in it); pass --checkpoint last or \
-                         step-N to evaluate another",
-                        best.display()
-                    ),
-                })
-            } else {
-                latest(Some(format!(
-                    "no best checkpoint in {} (validation never gave a finite GED); \
-                     evaluating the last one",
-                    checkpoints.root().display()
-                )))
-            }
-        }
-        CheckpointChoice::Last => latest(None),
+        CheckpointChoice::Best => best(run),
+        CheckpointChoice::Last => latest(run, None),
         CheckpointChoice::Step(step) => {
             let steps = checkpoints.steps()?;
             match steps.iter().find(|(s, _)| s == step) {
-                Some((_, dir)) => from_dir(dir, None),
+                Some((_, dir)) => from_dir(run, dir, None),
                 None => {
                     let kept: Vec<String> = steps.iter().map(|(s, _)| s.to_string()).collect();
                     Err(EvalError::Options(format!(
@@ -243,7 +256,7 @@ fn choose_checkpoint(run: &RunDir, choice: &CheckpointChoice) -> Result<Chosen, 
                 }
             }
         }
-        CheckpointChoice::Path(path) if path.is_dir() => from_dir(path, None),
+        CheckpointChoice::Path(path) if path.is_dir() => from_dir(run, path, None),
         CheckpointChoice::Path(path) if path.is_file() => Ok(Chosen {
             label: path.clone(),
             model: path.clone(),
