@@ -164,7 +164,10 @@ fn bad_sweeps_name_the_file_the_key_or_the_value() {
     );
     let out = run_err(dir.path(), &["train", "--sweep", "runs/s"]);
     assert!(
-        text(&out).contains("Pass --trial N, or run as a Slurm array task (SLURM_ARRAY_TASK_ID)"),
+        text(&out).contains(
+            "or `probunet train --sweep FOLDER --trial N`), or run as a Slurm array task \
+             (SLURM_ARRAY_TASK_ID)"
+        ),
         "{}",
         text(&out)
     );
