@@ -1,5 +1,26 @@
 //! Facts about this machine that several records carry.
 
+/// Writes `path` and syncs it to disk before returning.
+pub fn write_synced(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+/// Syncs the folder `dir`, which makes renames into it durable.
+pub fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The folder holding `path`: `.` for a bare file name.
+pub fn parent_dir(path: &std::path::Path) -> &std::path::Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    }
+}
+
 /// The host name (which machine ran a trial; TensorBoard's event file names), or
 /// `localhost` when it cannot be read.
 pub fn hostname() -> String {

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -725,10 +725,7 @@ impl StoreBuilder {
             path: target.into(),
             why: "not a folder name".into(),
         })?;
-        let parent = target
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let parent = crate::sys::parent_dir(target);
         fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
         remove_stale_partials(parent)?;
         check_replaceable(target)?;
@@ -758,12 +755,7 @@ impl StoreBuilder {
             path: path.clone(),
             why: e.to_string(),
         })?;
-        fs::File::create(&path)
-            .and_then(|mut file| {
-                file.write_all(&json)?;
-                file.sync_all()
-            })
-            .map_err(|e| DataError::io(&path, e))?;
+        crate::sys::write_synced(&path, &json).map_err(|e| DataError::io(&path, e))?;
         sync_dir(&self.partial)?;
         let mut old = self.partial.clone().into_os_string();
         old.push(OLD_SUFFIX);
@@ -774,7 +766,7 @@ impl StoreBuilder {
         }
         fs::rename(&self.partial, &self.target).map_err(|e| DataError::io(&self.target, e))?;
         self.committed = true;
-        sync_dir(self.target.parent().unwrap_or(Path::new(".")))?;
+        sync_dir(crate::sys::parent_dir(&self.target))?;
         if replacing {
             fs::remove_dir_all(&old).map_err(|e| DataError::io(&old, e))?;
         }
@@ -784,14 +776,7 @@ impl StoreBuilder {
 
 /// Makes renames into `dir` and the files written in it durable.
 fn sync_dir(dir: &Path) -> Result<(), DataError> {
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| DataError::io(dir, e))
+    crate::sys::sync_dir(dir).map_err(|e| DataError::io(dir, e))
 }
 
 /// After a store being built's name: the store it replaces, between `commit`'s two

@@ -116,10 +116,6 @@ pub fn predict(
         .unwrap_or_else(|| trained.run.path.join("predict"));
     // index.json's paths then hold from any working folder.
     let out = std::path::absolute(&out).unwrap_or(out);
-    if out.exists() && !out.is_dir() {
-        let why = format!("--out {}: is a file, not a folder", out.display());
-        return Err(PredictError::Options(why));
-    }
     refuse_foreign_index(&out)?;
     let wants_store = options.inputs.iter().any(|i| i.starts_with("store:"));
     let store = match wants_store {
@@ -199,9 +195,13 @@ fn check(options: &PredictOptions) -> Result<(), PredictError> {
     }
 }
 
-/// An `index.json` or `index.csv` in `out` that predict did not write is not replaced:
-/// predict's `index.csv` always has its `index.json` beside it.
+/// An `--out` that is a file, or an `index.json` or `index.csv` in it that predict did not
+/// write, is not replaced: predict's `index.csv` always has its `index.json` beside it.
 fn refuse_foreign_index(out: &Path) -> Result<(), PredictError> {
+    if out.exists() && !out.is_dir() {
+        let why = format!("--out {}: is a file, not a folder", out.display());
+        return Err(PredictError::Options(why));
+    }
     let (json, csv) = (out.join(INDEX_JSON), out.join(INDEX_CSV));
     let ours = match std::fs::read_to_string(&json) {
         Ok(text) => {

@@ -6,7 +6,7 @@ use crate::data::loader::LoaderState;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::{nn, Tensor};
 
@@ -343,12 +343,7 @@ impl Checkpoints {
             why: e.to_string(),
         })?;
         // The safetensors writer syncs its files; the state is synced here, then the folder.
-        File::create(&state_path)
-            .and_then(|mut f| {
-                f.write_all(&json)?;
-                f.sync_all()
-            })
-            .map_err(|e| io_error(&state_path, e))?;
+        crate::sys::write_synced(&state_path, &json).map_err(|e| io_error(&state_path, e))?;
         super::sync_parent(&state_path)
     }
 

@@ -23,8 +23,7 @@ use crate::data::source::DataSource;
 use crate::data::store::Store;
 use crate::data::DataError;
 use serde::{Deserialize, Serialize};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 /// The resolved spec, each value annotated with where it came from.
@@ -79,12 +78,7 @@ impl RunError {
 /// the new, never a mix or an empty file.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), RunError> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let written = File::create(&tmp)
-        .and_then(|mut file| {
-            file.write_all(contents)?;
-            file.sync_all()
-        })
-        .map_err(|e| RunError::io(&tmp, e));
+    let written = crate::sys::write_synced(&tmp, contents).map_err(|e| RunError::io(&tmp, e));
     let renamed = written.and_then(|()| fs::rename(&tmp, path).map_err(|e| RunError::io(path, e)));
     if renamed.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -95,13 +89,8 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), RunError> {
 
 /// Syncs the folder holding `path`, which makes a rename into it durable.
 pub fn sync_parent(path: &Path) -> Result<(), RunError> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)
-        .and_then(|dir| dir.sync_all())
-        .map_err(|e| RunError::io(parent, e))
+    let parent = crate::sys::parent_dir(path);
+    crate::sys::sync_dir(parent).map_err(|e| RunError::io(parent, e))
 }
 
 /// A value written as pretty JSON, atomically.
