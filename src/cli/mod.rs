@@ -59,12 +59,15 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-/// Runs the subcommand, after installing the CPU allocator and layout that the environment
+/// Runs the subcommand, after installing the CPU allocator, layout and training part size that the environment
 /// asks for (before libtorch allocates anything).
 pub fn run(cli: Cli) -> Result<()> {
     probunet::memory::install(probunet::memory::from_env().map_err(anyhow::Error::msg)?);
     probunet::model::layout::install(
         probunet::model::layout::from_env().map_err(anyhow::Error::msg)?,
+    );
+    probunet::train::parts::install(
+        probunet::train::parts::from_env().map_err(anyhow::Error::msg)?,
     );
     match cli.command {
         Command::Prepare(args) => prepare::run(args),

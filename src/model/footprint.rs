@@ -83,14 +83,22 @@ impl ModelConfig {
         .fits_memory()
     }
 
-    /// What training needs: weights, gradients and Adam's two moments, and twice the
-    /// activations of a batch (the forward pass keeps them, the backward pass adds as
-    /// many gradients).
-    pub fn check_training(&self, batch: u64, height: u64, width: u64) -> Result<(), TooLarge> {
+    /// What training needs: weights, gradients and Adam's two moments, the batch's images
+    /// and masks, and twice the activations of the `part` images that go through forward
+    /// and backward together (the forward pass keeps them, the backward pass adds as many
+    /// gradients).
+    pub fn check_training(
+        &self,
+        batch: u64,
+        part: u64,
+        height: u64,
+        width: u64,
+    ) -> Result<(), TooLarge> {
         let state = self.parameter_count().saturating_mul(4 * FLOAT);
+        let inputs = product(&[batch, height, width, 2]).saturating_mul(FLOAT);
         let activations = self
             .activations_per_image(height, width)
-            .saturating_mul(u128::from(batch))
+            .saturating_mul(u128::from(part.min(batch)))
             .saturating_mul(2 * FLOAT);
         Need::new(
             format!(
@@ -98,7 +106,7 @@ impl ModelConfig {
                  {height}x{width}",
                 self.filters
             ),
-            state.saturating_add(activations),
+            state.saturating_add(inputs).saturating_add(activations),
         )
         .fits_memory()
     }
@@ -169,9 +177,11 @@ mod tests {
         );
         assert!(err.contains("PiB") || err.contains("EiB"), "{err}");
         assert!(ModelConfig::default().check_weights().is_ok());
-        assert!(ModelConfig::default().check_training(32, 128, 128).is_ok());
+        assert!(ModelConfig::default()
+            .check_training(32, 32, 128, 128)
+            .is_ok());
         let err = ModelConfig::default()
-            .check_training(1 << 40, 128, 128)
+            .check_training(1 << 40, 6, 128, 128)
             .unwrap_err();
         assert!(
             err.to_string().contains("batches of 1099511627776"),

@@ -19,7 +19,7 @@ pub use unet::CONVS_PER_BLOCK;
 pub use fcomb::Fcomb;
 pub use gaussian::{AxisAlignedConvGaussian, DiagonalGaussian};
 pub use layers::{truncated_normal_, Conv2d, ConvInit};
-pub use probunet::{ElboTerms, ProbUNet};
+pub use probunet::{ElboTerms, ProbUNet, Share};
 pub use unet::{Encoder, UNet};
 
 use serde::{Deserialize, Serialize};

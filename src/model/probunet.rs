@@ -53,6 +53,43 @@ impl ParameterCounts {
     }
 }
 
+/// Where the latent sample of an ELBO comes from.
+enum Latent<'a> {
+    /// Drawn from the posterior.
+    Draw,
+    /// Given as is (no gradient reaches the posterior through it).
+    Given(&'a Tensor),
+    /// The posterior's `mu + sigma * eps` for given standard-normal `eps`.
+    Noise(&'a Tensor),
+}
+
+/// The batch an ELBO's images are part of, and whether this part carries the weights' L2
+/// term, which belongs to the batch once rather than to each part.
+#[derive(Debug, Clone, Copy)]
+pub struct Share {
+    /// Images in the whole batch.
+    pub batch: i64,
+    pub with_reg: bool,
+}
+
+impl Share {
+    fn whole(image: &Tensor) -> Self {
+        Self {
+            batch: image.size().first().copied().unwrap_or(0),
+            with_reg: true,
+        }
+    }
+
+    /// A mean over a part of `part` images as its share of the mean over the batch.
+    fn of_mean(self, mean: Tensor, part: i64) -> Result<Tensor, TchError> {
+        if part == self.batch {
+            Ok(mean)
+        } else {
+            mean.f_mul_scalar(part as f64 / self.batch.max(1) as f64)
+        }
+    }
+}
+
 /// Which of the model's passes an input is laid out for (`layout::Layouts`).
 #[derive(Debug, Clone, Copy)]
 enum Pass {
@@ -229,7 +266,7 @@ impl ProbUNet {
 
     /// The ELBO with z drawn from the posterior (reparameterised), as in training.
     pub fn elbo(&self, image: &Tensor, mask: &Tensor) -> Result<ElboTerms, ModelError> {
-        self.elbo_terms(image, mask, None)
+        self.elbo_terms(image, mask, Latent::Draw, Share::whole(image))
     }
 
     /// The ELBO at a given latent `z` (`[B, latent_dim]`): deterministic, for parity checks.
@@ -239,14 +276,29 @@ impl ProbUNet {
         mask: &Tensor,
         z: &Tensor,
     ) -> Result<ElboTerms, ModelError> {
-        self.elbo_terms(image, mask, Some(z))
+        self.elbo_terms(image, mask, Latent::Given(z), Share::whole(image))
+    }
+
+    /// The terms of `image`'s share of the ELBO of a batch it is part of, with z the
+    /// posterior's `mu + sigma * eps` (`eps` `[part, latent_dim]`): the shares of a batch's
+    /// parts add up to the batch's terms, and their gradients to its gradients, so a batch
+    /// can go through in parts that each fit in cache.
+    pub fn elbo_share(
+        &self,
+        image: &Tensor,
+        mask: &Tensor,
+        eps: &Tensor,
+        share: Share,
+    ) -> Result<ElboTerms, ModelError> {
+        self.elbo_terms(image, mask, Latent::Noise(eps), share)
     }
 
     fn elbo_terms(
         &self,
         image: &Tensor,
         mask: &Tensor,
-        z: Option<&Tensor>,
+        latent: Latent,
+        share: Share,
     ) -> Result<ElboTerms, ModelError> {
         self.check_image(image)?;
         self.check_mask(image, mask)?;
@@ -254,17 +306,23 @@ impl ProbUNet {
         let posterior_input = Tensor::f_cat(&[image, mask], 1)?;
         let posterior = self.latent(&self.posterior, &posterior_input, Pass::Elbo)?;
         let features = self.features(image, Pass::Elbo)?;
-        let z = match z {
-            Some(z) => z.shallow_clone(),
-            None => posterior.rsample()?,
+        let z = match latent {
+            Latent::Draw => posterior.rsample()?,
+            Latent::Given(z) => z.shallow_clone(),
+            Latent::Noise(eps) => posterior.reparameterise(eps)?,
         };
         let logits = self.fcomb.forward(&features, &z)?.f_to_kind(Kind::Float)?;
-        let reconstruction = self.reconstruction(&logits, mask)?;
-        let kl = posterior.kl(&prior)?.f_mean(Kind::Float)?;
+        let part = image.size()[0];
+        let reconstruction = self.share_of(self.reconstruction(&logits, mask)?, part, share)?;
+        let kl = share.of_mean(posterior.kl(&prior)?.f_mean(Kind::Float)?, part)?;
         let elbo = reconstruction
             .f_add(&kl.f_mul_scalar(self.config.beta)?)?
             .f_neg()?;
-        let reg = self.reg()?;
+        let reg = if share.with_reg {
+            self.reg()?
+        } else {
+            Tensor::f_zeros([], (Kind::Float, image.device()))?
+        };
         let loss = reg.f_mul_scalar(self.config.l2_weight)?.f_sub(&elbo)?;
         Ok(ElboTerms {
             loss,
@@ -276,6 +334,15 @@ impl ProbUNet {
             posterior,
             logits,
         })
+    }
+
+    /// A part's reconstruction term as its share of the batch's: a sum over the batch is
+    /// already shared; a mean over it is weighted by the part's size.
+    fn share_of(&self, term: Tensor, part: i64, share: Share) -> Result<Tensor, TchError> {
+        match self.config.reconstruction {
+            Reduction::Sum => Ok(term),
+            Reduction::BatchMean => share.of_mean(term, part),
+        }
     }
 
     /// The binary cross-entropy of `logits` against `mask`, reduced as the config says.

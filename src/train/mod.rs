@@ -8,6 +8,7 @@
 mod adam;
 pub mod board;
 pub mod events;
+pub mod parts;
 pub mod sinks;
 mod step;
 
@@ -312,8 +313,10 @@ impl Trainer {
         let shape = store.manifest.shape;
         let (h, w) = (shape.height as u64, shape.width as u64);
         if device == Device::Cpu {
+            let batch = train.batch as u64;
+            let part = parts::part_images(&experiment.model, batch, h, w, device);
             (experiment.model)
-                .check_training(train.batch as u64, h, w)
+                .check_training(batch, part, h, w)
                 .map_err(ModelError::from)?;
         }
         let val_batch = validation_batch(train.batch);
