@@ -146,7 +146,7 @@ pub fn check_room(batch: i64, samples: i64, device: Device) -> Result<()> {
     let side = SIDE as u64;
     let (batch, samples) = (batch.max(0) as u64, samples.max(0) as u64);
     if !device.is_cuda() {
-        let part = crate::train::parts::part_images(&config, batch, side, side, device);
+        let part = crate::model::parts::part_images(&config, batch, side, side, device);
         config
             .check_training(batch, part, side, side)
             .with_context(|| format!("bench --batches {batch}"))?;

@@ -121,7 +121,7 @@ fn time_steps(
     anyhow::ensure!(batch > 0, "--batch must be positive, got {batch}");
     if !device.is_cuda() {
         let (batch, side) = (batch as u64, SIDE as u64);
-        let part = crate::train::parts::part_images(model.config(), batch, side, side, device);
+        let part = crate::model::parts::part_images(model.config(), batch, side, side, device);
         (model.config())
             .check_training(batch, part, side, side)
             .with_context(|| format!("doctor --batch {batch}"))?;

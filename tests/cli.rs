@@ -131,9 +131,9 @@ fn the_cpu_allocator_is_chosen_by_the_environment_and_bad_values_are_named() {
         stderr(&out)
     );
     // And so is the most images a CPU training step takes through at once.
-    let out = common::expect_failure(&mut doctor(&[("PROBUNET_CPU_TRAIN_PART", "0")]));
+    let out = common::expect_failure(&mut doctor(&[("PROBUNET_CPU_PART", "0")]));
     assert!(
-        stderr(&out).contains("PROBUNET_CPU_TRAIN_PART=\"0\""),
+        stderr(&out).contains("PROBUNET_CPU_PART=\"0\""),
         "{}",
         stderr(&out)
     );

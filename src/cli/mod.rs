@@ -66,8 +66,8 @@ pub fn run(cli: Cli) -> Result<()> {
     probunet::model::layout::install(
         probunet::model::layout::from_env().map_err(anyhow::Error::msg)?,
     );
-    probunet::train::parts::install(
-        probunet::train::parts::from_env().map_err(anyhow::Error::msg)?,
+    probunet::model::parts::install(
+        probunet::model::parts::from_env().map_err(anyhow::Error::msg)?,
     );
     match cli.command {
         Command::Prepare(args) => prepare::run(args),

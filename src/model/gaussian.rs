@@ -26,6 +26,16 @@ impl DiagonalGaussian {
         }
     }
 
+    /// The Gaussians of several batches as one batch, in order.
+    pub fn cat(batches: &[DiagonalGaussian]) -> Result<Self, TchError> {
+        let (mu, log_sigma): (Vec<&Tensor>, Vec<&Tensor>) =
+            batches.iter().map(|g| (&g.mu, &g.log_sigma)).unzip();
+        Ok(Self {
+            mu: Tensor::f_cat(&mu, 0)?,
+            log_sigma: Tensor::f_cat(&log_sigma, 0)?,
+        })
+    }
+
     /// `n` reparameterised samples per image, `[B, n, L]`.
     pub fn rsample_n(&self, n: i64) -> Result<Tensor, TchError> {
         let (b, l) = (self.mu.size()[0], self.mu.size()[1]);

@@ -2,6 +2,7 @@
 use super::fcomb::Fcomb;
 use super::gaussian::{AxisAlignedConvGaussian, DiagonalGaussian};
 use super::layout::{self, Layout, Layouts};
+use super::parts;
 use super::unet::UNet;
 use super::{ModelConfig, ModelError, Reduction};
 use crate::device::Precision;
@@ -401,18 +402,47 @@ impl ProbUNet {
         })
     }
 
+    /// Prior and U-Net go through the images in parts ([`parts::part_images`]), as
+    /// training does on the CPU; the latents are drawn for the whole batch at once, so a
+    /// sample does not depend on the parts.
     fn sample_latents(
         &self,
         image: &Tensor,
         z: impl FnOnce(&DiagonalGaussian) -> Result<Tensor, TchError>,
     ) -> Result<Tensor, ModelError> {
         self.check_image(image)?;
-        let prior = self.latent(&self.prior, image, Pass::Sample)?;
-        let features = self.features(image, Pass::Sample)?;
-        Ok(self
-            .fcomb
-            .forward_samples(&features, &z(&prior)?)?
-            .f_to_kind(Kind::Float)?)
+        let (b, _, h, w) = image.size4()?;
+        let most = parts::part_images(&self.config, b as u64, h as u64, w as u64, image.device());
+        self.sample_in_parts(image, z, most as i64)
+    }
+
+    /// [`ProbUNet::sample_latents`] in parts of at most `most` images.
+    fn sample_in_parts(
+        &self,
+        image: &Tensor,
+        z: impl FnOnce(&DiagonalGaussian) -> Result<Tensor, TchError>,
+        most: i64,
+    ) -> Result<Tensor, ModelError> {
+        let parts = parts::split(image.size()[0], most);
+        let images = parts
+            .iter()
+            .map(|&(first, n)| image.f_narrow(0, first, n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let priors = images
+            .iter()
+            .map(|part| self.latent(&self.prior, part, Pass::Sample))
+            .collect::<Result<Vec<_>, _>>()?;
+        let z = z(&DiagonalGaussian::cat(&priors)?)?;
+        let logits = images
+            .iter()
+            .zip(&parts)
+            .map(|(part, &(first, n))| {
+                let features = self.features(part, Pass::Sample)?;
+                self.fcomb
+                    .forward_samples(&features, &z.f_narrow(0, first, n)?)
+            })
+            .collect::<Result<Vec<_>, TchError>>()?;
+        Ok(Tensor::f_cat(&logits, 0)?.f_to_kind(Kind::Float)?)
     }
 }
 
@@ -432,6 +462,31 @@ mod tests {
         ModelConfig {
             filters: vec![8, 16, 32],
             ..ModelConfig::default()
+        }
+    }
+
+    #[test]
+    fn samples_in_parts_are_the_samples_of_the_whole_batch() {
+        let (_vs, model) = build(small());
+        let image = Tensor::from_slice(
+            &(0..5 * 32 * 32)
+                .map(|i| (i % 17) as f32 / 17.0)
+                .collect::<Vec<_>>(),
+        )
+        .view([5, 1, 32, 32]);
+        let eps = Tensor::from_slice(
+            &(0..5 * 3 * 2)
+                .map(|i| (i % 7) as f32 - 3.0)
+                .collect::<Vec<_>>(),
+        )
+        .view([5, 3, 2]);
+        let noise = |prior: &DiagonalGaussian| prior.reparameterise(&eps);
+        let whole = model.sample_in_parts(&image, noise, 5).unwrap();
+        assert_eq!(whole.size(), [5, 3, 1, 32, 32]);
+        for most in [1, 2, 3] {
+            let parts = model.sample_in_parts(&image, noise, most).unwrap();
+            let diff = (&whole - &parts).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "parts of {most}: {diff}");
         }
     }
 

@@ -8,7 +8,6 @@
 mod adam;
 pub mod board;
 pub mod events;
-pub mod parts;
 pub mod sinks;
 mod step;
 
@@ -314,7 +313,7 @@ impl Trainer {
         let (h, w) = (shape.height as u64, shape.width as u64);
         if device == Device::Cpu {
             let batch = train.batch as u64;
-            let part = parts::part_images(&experiment.model, batch, h, w, device);
+            let part = crate::model::parts::part_images(&experiment.model, batch, h, w, device);
             (experiment.model)
                 .check_training(batch, part, h, w)
                 .map_err(ModelError::from)?;

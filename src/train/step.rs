@@ -1,8 +1,8 @@
 //! One optimisation step's arithmetic: the ELBO with z from the posterior, its
 //! gradients, and the logged terms read back in one transfer.
 use super::events::StepStats;
-use super::parts;
 use super::Adam;
+use crate::model::parts;
 use crate::model::{ElboTerms, ModelError, ProbUNet, Share};
 use tch::{nn, Device, Kind, TchError, Tensor};
 
