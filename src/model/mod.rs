@@ -11,6 +11,7 @@ mod footprint;
 mod gaussian;
 mod layers;
 pub mod layout;
+pub mod parts;
 mod probunet;
 mod unet;
 
@@ -69,7 +70,8 @@ pub struct ModelConfig {
     /// Weight of the KL term in the ELBO.
     pub beta: f64,
     pub reconstruction: Reduction,
-    /// When set, log sigma of prior and posterior is clamped to [-c, c] (off in the seed).
+    /// When set, log sigma of prior and posterior is clamped to [-c, c], keeping its gradient
+    /// so a head pushed past the bound is pulled back (off in the seed).
     pub log_sigma_clamp: Option<f64>,
     /// Weight of the L2 term (sum of parameter norms of prior, posterior, fcomb hidden layers).
     pub l2_weight: f64,
