@@ -124,14 +124,36 @@ fn hparams_session(
     session
 }
 
-/// The optimiser steps a run of `experiment` takes when its training split holds
-/// `train_items` items: `train.steps`, or `train.epochs` full batches per epoch.
+/// Refuses, before anything is allocated, a training step (on the CPU: a GPU's memory is
+/// not the host's) or a validation pass that memory cannot hold on `h` x `w` images.
+fn check_memory(experiment: &Experiment, device: Device, h: u64, w: u64) -> Result<(), TrainError> {
+    let train = &experiment.train;
+    if device == Device::Cpu {
+        let batch = train.batch as u64;
+        let part = crate::model::parts::part_images(&experiment.model, batch, h, w, device);
+        (experiment.model)
+            .check_training(batch, part, h, w)
+            .map_err(ModelError::from)?;
+    }
+    let val_batch = validation_batch(train.batch);
+    let what = format!(
+        "validation with train.val_samples = {} (batches of {val_batch})",
+        train.val_samples
+    );
+    (experiment.model)
+        .check_sampling(what, val_batch as u64, train.val_samples as u64, h, w)
+        .map_err(ModelError::from)?;
+    Ok(())
+}
+
 /// Images per validation forward pass: the training batch, at least 8 (the scores do not
 /// depend on it).
 fn validation_batch(train_batch: usize) -> usize {
     train_batch.max(8)
 }
 
+/// The optimiser steps a run of `experiment` takes when its training split holds
+/// `train_items` items: `train.steps`, or `train.epochs` full batches per epoch.
 pub fn planned_steps(experiment: &Experiment, train_items: usize) -> Option<u64> {
     let train = &experiment.train;
     match (train.steps, train.epochs) {
@@ -310,22 +332,7 @@ impl Trainer {
             )));
         }
         let shape = store.manifest.shape;
-        let (h, w) = (shape.height as u64, shape.width as u64);
-        if device == Device::Cpu {
-            let batch = train.batch as u64;
-            let part = crate::model::parts::part_images(&experiment.model, batch, h, w, device);
-            (experiment.model)
-                .check_training(batch, part, h, w)
-                .map_err(ModelError::from)?;
-        }
-        let val_batch = validation_batch(train.batch);
-        let what = format!(
-            "validation with train.val_samples = {} (batches of {val_batch})",
-            train.val_samples
-        );
-        (experiment.model)
-            .check_sampling(what, val_batch as u64, train.val_samples as u64, h, w)
-            .map_err(ModelError::from)?;
+        check_memory(&experiment, device, shape.height as u64, shape.width as u64)?;
         tch::manual_seed(step_seed(train.seed, 0, 0));
         let vs = nn::VarStore::new(device);
         let mut model = ProbUNet::new(&vs.root(), experiment.model.clone())?;
