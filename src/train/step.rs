@@ -171,17 +171,23 @@ mod tests {
             };
             let vs = nn::VarStore::new(Device::Cpu);
             let model = ProbUNet::new(&vs.root(), config).unwrap();
-            tch::manual_seed(3);
-            let images = Tensor::randn([5, 1, 32, 32], (Kind::Float, Device::Cpu));
-            let masks = Tensor::rand([5, 1, 32, 32], (Kind::Float, Device::Cpu)).round();
+            // Fixed inputs, not the global generator's, which other tests share.
+            let pixels: Vec<f32> = (0..5 * 32 * 32)
+                .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let images = Tensor::from_slice(&pixels).view([5, 1, 32, 32]);
+            let masks = images.gt(0.2).to_kind(Kind::Float);
             let (whole, whole_stats) = in_parts(&model, &vs, &images, &masks, 5);
             for most in [1, 2, 3] {
                 let (parts, stats) = in_parts(&model, &vs, &images, &masks, most);
+                // Float32 gradients of a deep net through other kernels (batches of 1
+                // against 5) differ by up to ~1e-3 of their largest element; a part
+                // weighted wrongly is off by its whole share. The terms below are tighter.
                 for (a, b) in whole.iter().zip(&parts) {
                     let scale = a.abs().max().double_value(&[]).max(1e-12);
                     let diff = (a - b).abs().max().double_value(&[]);
                     assert!(
-                        diff <= 1e-4 * scale,
+                        diff <= 1e-2 * scale,
                         "{reconstruction:?} most {most}: {diff} of {scale}"
                     );
                 }
