@@ -327,8 +327,9 @@ fn bench_doctor_and_bench_eval_refuse_counts_out_of_range_by_flag() {
 fn bench_doctor_and_bench_eval_refuse_what_memory_cannot_hold_by_flag() {
     let dir = tempfile::tempdir().unwrap();
     let (bench, bench_eval, doctor) = (&BENCH[..], &BENCH_EVAL[..], &DOCTOR[..]);
+    // The batch's images and masks: on the CPU only a part of 2 images holds activations.
     let training = "training model.filters = [32, 64, 128, 192] on batches of 1000000000000 \
-                    images of 128x128 needs about 95.0 EiB";
+                    images of 128x128 needs about 116.4 PiB";
     for (command, flags, says) in [
         (
             doctor,
