@@ -410,10 +410,17 @@ impl ProbUNet {
         image: &Tensor,
         z: impl FnOnce(&DiagonalGaussian) -> Result<Tensor, TchError>,
     ) -> Result<Tensor, ModelError> {
+        let most = self.part_images(image)?;
+        self.sample_in_parts(image, z, most)
+    }
+
+    /// The most of `image`'s batch that goes through at once ([`parts::part_images`]),
+    /// after checking the image's shape.
+    pub fn part_images(&self, image: &Tensor) -> Result<i64, ModelError> {
         self.check_image(image)?;
         let (b, _, h, w) = image.size4()?;
         let most = parts::part_images(&self.config, b as u64, h as u64, w as u64, image.device());
-        self.sample_in_parts(image, z, most as i64)
+        Ok(most as i64)
     }
 
     /// [`ProbUNet::sample_latents`] in parts of at most `most` images.

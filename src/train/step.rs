@@ -9,7 +9,7 @@ use tch::{nn, Device, Kind, TchError, Tensor};
 /// The ELBO of one batch, its gradients, and the logged terms (loss, elbo, kl,
 /// reconstruction, reg, gradient norm) read back in one transfer; the caller decides
 /// whether to apply the update. On the CPU the batch goes through in parts
-/// ([`parts::part_images`]); the terms returned are each part's, for [`diagnose`],
+/// ([`ProbUNet::part_images`]); the terms returned are each part's, for [`diagnose`],
 /// and the logged values the whole batch's.
 pub fn forward_backward(
     model: &ProbUNet,
@@ -17,21 +17,15 @@ pub fn forward_backward(
     images: &Tensor,
     masks: &Tensor,
 ) -> Result<(Vec<ElboTerms>, StepStats), ModelError> {
-    let (b, _, h, w) = images.size4()?;
-    let most = parts::part_images(
-        model.config(),
-        b.max(0) as u64,
-        h.max(0) as u64,
-        w.max(0) as u64,
-        images.device(),
-    );
+    let most = model.part_images(images)?;
+    let b = images.size()[0];
     // Drawn for the whole batch first, as one unsplit ELBO draws it, so the parts' latents
     // are the ones the whole batch would have had.
     let eps = Tensor::f_randn(
         [b, model.config().latent_dim],
         (Kind::Float, images.device()),
     )?;
-    forward_backward_in_parts(model, adam, images, masks, &eps, most as i64)
+    forward_backward_in_parts(model, adam, images, masks, &eps, most)
 }
 
 /// [`forward_backward`] in parts of at most `most` images, with the posterior's noise
