@@ -69,9 +69,10 @@ fn python_version(text: &str) -> Option<String> {
     Some(value.trim_matches(|c| c == '\'' || c == '"').to_string())
 }
 
-/// The widest x86 vector ISA this CPU offers, as oneDNN would use it: "AVX512" when
-/// /proc/cpuinfo lists avx512f (with bw, vl and dq, oneDNN's AVX-512 core), else "AVX2",
-/// else "other".
+/// The widest x86 vector ISA oneDNN uses here: "AVX512" when /proc/cpuinfo lists avx512f
+/// (with bw, vl and dq, oneDNN's AVX-512 core), else "AVX2", else "other"; lowered to what
+/// `ONEDNN_MAX_CPU_ISA` (or its old name `DNNL_MAX_CPU_ISA`) allows, since oneDNN obeys
+/// that cap and a capped AVX-512 machine runs the AVX2 kernels.
 pub fn cpu_capability() -> String {
     let flags = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -81,22 +82,61 @@ pub fn cpu_capability() -> String {
                 .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
         })
         .unwrap_or_default();
+    let cap = std::env::var("ONEDNN_MAX_CPU_ISA")
+        .or_else(|_| std::env::var("DNNL_MAX_CPU_ISA"))
+        .ok();
+    capability(&flags, cap.as_deref()).into()
+}
+
+/// [`cpu_capability`] for a CPU with `flags` under the oneDNN ISA cap `cap`.
+fn capability(flags: &[String], cap: Option<&str>) -> &'static str {
     let has = |flag: &str| flags.iter().any(|f| f == flag);
-    if ["avx512f", "avx512bw", "avx512vl", "avx512dq"]
+    let offered = if ["avx512f", "avx512bw", "avx512vl", "avx512dq"]
         .iter()
         .all(|f| has(f))
     {
-        "AVX512".into()
+        "AVX512"
     } else if has("avx2") {
-        "AVX2".into()
+        "AVX2"
     } else {
-        "other".into()
+        "other"
+    };
+    // oneDNN's names: ALL, DEFAULT, AVX10_*, AVX512_CORE*, AVX2*, AVX, SSE41.
+    let allowed = match cap.map(|c| c.trim().to_ascii_uppercase()) {
+        None => "AVX512",
+        Some(c) if c.is_empty() || c == "ALL" || c == "DEFAULT" => "AVX512",
+        Some(c) if c.starts_with("AVX512") || c.starts_with("AVX10") => "AVX512",
+        Some(c) if c.starts_with("AVX2") => "AVX2",
+        Some(_) => "other",
+    };
+    let rank = |isa: &str| ["other", "AVX2", "AVX512"].iter().position(|i| *i == isa);
+    if rank(allowed) < rank(offered) {
+        allowed
+    } else {
+        offered
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_isa_is_what_the_cpu_offers_lowered_to_onednns_cap() {
+        let flags = |f: &str| f.split(' ').map(String::from).collect::<Vec<_>>();
+        let zen5 = flags("fpu avx2 avx512f avx512bw avx512vl avx512dq avx512_bf16");
+        let zen3 = flags("fpu avx avx2 fma");
+        assert_eq!(capability(&zen5, None), "AVX512");
+        assert_eq!(capability(&zen5, Some("ALL")), "AVX512");
+        assert_eq!(capability(&zen5, Some("avx512_core_bf16")), "AVX512");
+        assert_eq!(capability(&zen5, Some("AVX2")), "AVX2");
+        assert_eq!(capability(&zen5, Some("AVX2_VNNI")), "AVX2");
+        assert_eq!(capability(&zen5, Some("SSE41")), "other");
+        // A cap above what the CPU has changes nothing.
+        assert_eq!(capability(&zen3, Some("AVX512_CORE")), "AVX2");
+        assert_eq!(capability(&zen3, None), "AVX2");
+        assert_eq!(capability(&flags("fpu sse4_1"), None), "other");
+    }
 
     #[test]
     fn libtorch_is_found_where_this_process_loaded_it() {
