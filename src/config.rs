@@ -36,6 +36,9 @@
 //!
 //! Relative paths (`data.store`, `log.runs_dir`) are relative to the working directory.
 //! Each run folder gets the resolved spec, with the origin of every value as a comment.
+mod resume;
+pub use resume::{load_recorded, Change};
+
 use crate::data::loader::Augment;
 use crate::data::synthetic::SyntheticConfig;
 use crate::device::{DeviceSpec, Precision};
@@ -619,7 +622,7 @@ fn resolve_layers(
         .validate()
         .map_err(|e| with_origin(&figment, e))?;
     let mut provenance = BTreeMap::new();
-    leaves(&toml::Table::try_from(&experiment)?, "", &mut |key| {
+    leaves(&toml::Table::try_from(&experiment)?, "", &mut |key, _| {
         let origin = origin(&figment, &key).unwrap_or_else(|| "default".into());
         provenance.insert(key, origin);
     });
@@ -882,11 +885,11 @@ fn keep_later_alternatives(experiment: &mut Experiment, layers: &[Layer]) {
 }
 
 /// Calls `visit` with the dotted key of every non-table value under `table`.
-fn leaves(table: &toml::Table, prefix: &str, visit: &mut impl FnMut(String)) {
+fn leaves(table: &toml::Table, prefix: &str, visit: &mut impl FnMut(String, &toml::Value)) {
     for (key, value) in table {
         match value {
             toml::Value::Table(inner) => leaves(inner, &format!("{prefix}{key}."), visit),
-            _ => visit(format!("{prefix}{key}")),
+            leaf => visit(format!("{prefix}{key}"), leaf),
         }
     }
 }
@@ -904,7 +907,7 @@ pub fn known_keys() -> Vec<String> {
     #[expect(clippy::expect_used, reason = "a fixed struct of plain fields")]
     let table = toml::Table::try_from(&full).expect("the experiment serialises to a table");
     let mut keys = std::collections::BTreeSet::new();
-    leaves(&table, "", &mut |key| {
+    leaves(&table, "", &mut |key, _| {
         let mut prefix = String::new();
         for segment in key.split('.') {
             if !prefix.is_empty() {

@@ -69,6 +69,45 @@ fn python_version(text: &str) -> Option<String> {
     Some(value.trim_matches(|c| c == '\'' || c == '"').to_string())
 }
 
+/// Whether `name` is the temporary of a process that has ended: `<name><marker><pid>` whose
+/// pid is neither this process nor one alive. Without /proc nothing counts as ended.
+fn is_dead_temporary(name: &str, marker: &str) -> bool {
+    let proc = std::path::Path::new("/proc");
+    name.rsplit_once(marker)
+        .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        .is_some_and(|pid| {
+            pid != std::process::id()
+                && proc.join("self").exists()
+                && !proc.join(pid.to_string()).exists()
+        })
+}
+
+/// Removes from `dir` the temporaries (files or folders) that ended processes left,
+/// named `<name><marker><pid>`: what a killed write leaves before its rename. Those of live
+/// processes, which may be writing now, stay. Returns the paths removed.
+pub fn remove_dead_temporaries(
+    dir: &std::path::Path,
+    marker: &str,
+) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let dead = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| is_dead_temporary(name, marker));
+        if dead {
+            let path = entry.path();
+            match entry.file_type()?.is_dir() {
+                true => std::fs::remove_dir_all(&path)?,
+                false => std::fs::remove_file(&path)?,
+            }
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
 /// The widest x86 vector ISA oneDNN uses here: "AVX512" when /proc/cpuinfo lists avx512f
 /// (with bw, vl and dq, oneDNN's AVX-512 core), else "AVX2", else "other"; lowered to what
 /// `ONEDNN_MAX_CPU_ISA` (or its old name `DNNL_MAX_CPU_ISA`) allows, since oneDNN obeys
@@ -120,6 +159,34 @@ fn capability(flags: &[String], cap: Option<&str>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_temporaries_of_ended_processes_are_removed() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let ended = child.id();
+        child.wait().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: String| dir.path().join(name);
+        std::fs::create_dir(path(format!(".a.partial-{ended}"))).unwrap();
+        std::fs::write(path(format!(".a.partial-{ended}/samples.npy")), "x").unwrap();
+        std::fs::write(path(format!("spec.tmp-{ended}")), "x").unwrap();
+        // This process's own, a name without a pid, and another marker's stay.
+        std::fs::create_dir(path(format!(".b.partial-{}", std::process::id()))).unwrap();
+        std::fs::write(path(".c.partial-x".into()), "x").unwrap();
+        std::fs::write(path("notes.partial".into()), "x").unwrap();
+        let mut removed = remove_dead_temporaries(dir.path(), ".partial-").unwrap();
+        removed.sort();
+        assert_eq!(removed, [path(format!(".a.partial-{ended}"))]);
+        let removed = remove_dead_temporaries(dir.path(), ".tmp-").unwrap();
+        assert_eq!(removed, [path(format!("spec.tmp-{ended}"))]);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let own = format!(".b.partial-{}", std::process::id());
+        assert_eq!(left, [own.as_str(), ".c.partial-x", "notes.partial"]);
+    }
 
     #[test]
     fn the_isa_is_what_the_cpu_offers_lowered_to_onednns_cap() {

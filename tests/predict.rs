@@ -210,6 +210,15 @@ fn bad_inputs_are_named_the_rest_go_through_and_nothing_is_half_written() {
     let index = common::read_json(&out.join("index.json"));
     assert_eq!(index["failed"].as_array().unwrap().len(), 3);
 
+    // What a killed predict left half-written goes; a live process's stays.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let killed = out.join(format!(".odd.partial-{}", child.id()));
+    child.wait().unwrap();
+    std::fs::create_dir(&killed).unwrap();
+    std::fs::write(killed.join("samples.npy"), "half").unwrap();
+    let live = out.join(format!(".odd.partial-{}", std::process::id()));
+    std::fs::create_dir(&live).unwrap();
+
     // --pad takes the odd size, and the outputs have the input's.
     let odd = images.join("odd.png");
     let args = [
@@ -224,6 +233,8 @@ fn bad_inputs_are_named_the_rest_go_through_and_nothing_is_half_written() {
     ];
     run_ok(dir.path(), &args);
     assert_eq!(npy_f32(&out.join("odd/samples.npy")).0, [2, 31, 33]);
+    assert!(!killed.exists() && live.is_dir());
+    std::fs::remove_dir(&live).unwrap();
 
     // A folder predict did not write is never replaced; nor is a foreign index.json.
     std::fs::remove_dir_all(out.join("good")).unwrap();

@@ -137,6 +137,63 @@ fn a_run_is_evaluated_and_resumed_from_another_working_folder() {
     );
 }
 
+/// A resume may train longer or otherwise, and the run's spec.toml then says so (which
+/// `runs` and the next resume read); what would make the checkpoint mean something else is
+/// refused, and the spec stays as it was.
+#[test]
+fn a_resume_records_what_it_changes_and_refuses_what_it_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = common::trained_run(dir.path());
+    let run_arg = run.to_str().unwrap();
+    let spec_path = run.join("spec.toml");
+    let before = std::fs::read_to_string(&spec_path).unwrap();
+
+    let err = stderr(&run_err(
+        dir.path(),
+        &["train", "--resume", run_arg, "--set", "model.latent_dim=3"],
+    ));
+    assert!(
+        err.contains("model.latent_dim: cannot change when a run resumes")
+            && err.contains("the run has 2, --set model.latent_dim=3 asks for 3"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&spec_path).unwrap(), before);
+
+    // A write killed before its rename left its temporary; the resume removes it.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let leftover = run.join(format!("meta.tmp-{}", child.id()));
+    child.wait().unwrap();
+    std::fs::write(&leftover, "{").unwrap();
+    let out = stdout(&run_ok(
+        dir.path(),
+        &["train", "--resume", run_arg, "--set", "train.steps=15"],
+    ));
+    assert!(!leftover.exists());
+    assert!(
+        out.contains("train.steps = 15 (was 10; --set train.steps=15)"),
+        "{out}"
+    );
+    assert!(out.contains("trained 15 steps"), "{out}");
+    let after = std::fs::read_to_string(&spec_path).unwrap();
+    assert!(
+        after.contains("steps = 15  # --set train.steps=15 (from the resume at step 10)"),
+        "{after}"
+    );
+    // What the resume left alone keeps the origin the first run recorded.
+    let line = |text: &str, key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .map(String::from)
+    };
+    assert_eq!(line(&after, "lr"), line(&before, "lr"));
+    let csv = stdout(&run_ok(dir.path(), &["runs", "--csv"]));
+    let rows = common::csv_maps(csv::Reader::from_reader(csv.as_bytes()));
+    let steps = |row: &std::collections::BTreeMap<String, String>| {
+        (row["steps"].clone(), row["total_steps"].clone())
+    };
+    assert_eq!(steps(&rows[0]), ("15".into(), "15".into()), "{csv}");
+}
+
 #[cfg(unix)]
 #[test]
 fn two_processes_never_train_one_run() {

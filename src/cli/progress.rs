@@ -80,6 +80,7 @@ impl EventSink for TrainProgress {
                 step,
                 total_steps,
                 resumed,
+                changes,
                 ..
             } => {
                 let line = match resumed {
@@ -87,6 +88,10 @@ impl EventSink for TrainProgress {
                     false => format!("run folder: {}", run.display()),
                 };
                 super::train::say(self.stdout_taken, &line);
+                for c in changes {
+                    let line = format!("  {} = {} (was {}; {})", c.key, c.now, c.was, c.origin);
+                    super::train::say(self.stdout_taken, &line);
+                }
                 self.start(*total_steps, *step);
             }
             TrainEvent::Step { step, .. } => {

@@ -124,6 +124,9 @@ pub fn predict(
     };
     let sources = input::expand(&options.inputs, store.as_ref()).map_err(PredictError::Options)?;
     std::fs::create_dir_all(&out).map_err(|e| crate::run::RunError::io(&out, e))?;
+    // What a killed predict left half-written (see output::write_image).
+    crate::sys::remove_dead_temporaries(&out, output::PARTIAL)
+        .map_err(|e| crate::run::RunError::io(&out, e))?;
     observe(&PredictEvent::Started {
         images: sources.len(),
         checkpoint: trained.checkpoint().to_path_buf(),

@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 
 pub const RECORD_FILE: &str = "prediction.json";
 
+/// What names an image's folder while it is written: `.<name><PARTIAL><pid>`.
+pub const PARTIAL: &str = ".partial-";
+
 /// Which files to write besides the overview and the record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Formats {
@@ -107,7 +110,7 @@ pub fn write_image(
             target.display()
         ));
     }
-    let partial = out.join(format!(".{name}.partial-{}", std::process::id()));
+    let partial = out.join(format!(".{name}{PARTIAL}{}", std::process::id()));
     let _ = fs::remove_dir_all(&partial);
     fs::create_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
     record.output = target.clone();

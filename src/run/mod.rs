@@ -28,6 +28,8 @@ use std::path::{Path, PathBuf};
 
 /// The resolved spec, each value annotated with where it came from.
 pub const SPEC_FILE: &str = "spec.toml";
+/// What names a file while [`write_atomic`] writes it: `spec.toml` is `spec<TEMPORARY><pid>`.
+pub const TEMPORARY: &str = ".tmp-";
 /// Provenance: version, commit, command, device, the store read.
 pub const META_FILE: &str = "meta.json";
 pub const METRICS_FILE: &str = "metrics.csv";
@@ -77,7 +79,7 @@ impl RunError {
 /// and a sync of the folder, so a reader, a crash or a power cut sees the old contents or
 /// the new, never a mix or an empty file.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), RunError> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let tmp = path.with_extension(format!("{}{}", &TEMPORARY[1..], std::process::id()));
     let written = crate::sys::write_synced(&tmp, contents).map_err(|e| RunError::io(&tmp, e));
     let renamed = written.and_then(|()| fs::rename(&tmp, path).map_err(|e| RunError::io(path, e)));
     if renamed.is_err() {

@@ -58,6 +58,9 @@ pub enum TrainEvent {
         step: u64,
         total_steps: u64,
         resumed: bool,
+        /// The spec keys this resume changed (recorded in the run's spec.toml).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        changes: Vec<crate::config::Change>,
         /// The ideal-model GED of the validation split, for a synthetic store.
         ideal_ged: Option<f64>,
         /// The lowest val GED before a resume.

@@ -201,6 +201,9 @@ pub fn resume(
     resolved: &Resolved,
     options: TrainOptions,
 ) -> Result<Outcome, TrainError> {
+    // What a killed write left before its rename.
+    crate::sys::remove_dead_temporaries(&run.path, crate::run::TEMPORARY)
+        .map_err(|e| RunError::io(&run.path, e))?;
     let checkpoints = run.checkpoints(resolved.experiment.train.keep_last);
     checkpoints.repair()?;
     let latest = checkpoints
@@ -209,11 +212,37 @@ pub fn resume(
             path: run.path.clone(),
             why: "the run has no checkpoint to resume from".into(),
         })?;
+    let (changes, spec) = respec(&run, resolved, latest.state.step)?;
     let (store, prepared) = run.open_store(&resolved.experiment)?;
     let mut trainer = Trainer::new(resolved, run, lock, store, options)?;
     trainer.prepared = prepared;
     trainer.restore(&latest)?;
+    if let Some(spec) = spec {
+        trainer
+            .run
+            .write_atomic(crate::run::SPEC_FILE, spec.as_bytes())?;
+    }
+    trainer.changes = changes;
     trainer.train_logged()
+}
+
+/// What `resolved` changes in `run`'s recorded spec for a resume at `step`, refusing
+/// what may not change ([`Resolved::changes_from`]); and, when it changes anything, the
+/// spec.toml that records it, which the caller writes once the checkpoint is restored.
+fn respec(
+    run: &RunDir,
+    resolved: &Resolved,
+    step: u64,
+) -> Result<(Vec<crate::config::Change>, Option<String>), TrainError> {
+    let path = run.spec_path();
+    let text = std::fs::read_to_string(&path).map_err(|e| RunError::io(&path, e))?;
+    let recorded = crate::config::load_recorded(&text, &path)?;
+    let changes = resolved.changes_from(&recorded.experiment)?;
+    let spec = match changes.is_empty() {
+        true => None,
+        false => Some(resolved.to_toml_resumed(&text, &changes, step)?),
+    };
+    Ok((changes, spec))
 }
 
 /// Opens the run at `path`, takes its lock and resumes it: `probunet train --resume`.
@@ -291,6 +320,8 @@ struct Trainer {
     total_steps: u64,
     step: u64,
     resumed: bool,
+    /// What the resume changed in the run's spec, for the `Started` event.
+    changes: Vec<crate::config::Change>,
     interval: IntervalSums,
     best_val_ged: Option<f64>,
     last_val: Option<(f64, f64)>,
@@ -376,6 +407,7 @@ impl Trainer {
             total_steps,
             step: 0,
             resumed: false,
+            changes: Vec::new(),
             interval: IntervalSums::new(),
             best_val_ged: None,
             last_val: None,
@@ -468,11 +500,13 @@ impl Trainer {
                 summary: summary.to_string(),
             })?;
         }
+        let changes = std::mem::take(&mut self.changes);
         self.emit(TrainEvent::Started {
             run: self.run.path.clone(),
             step: self.step,
             total_steps: self.total_steps,
             resumed: self.resumed,
+            changes,
             ideal_ged,
             best_val_ged: self.best_val_ged,
         })?;
