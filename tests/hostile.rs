@@ -142,6 +142,26 @@ fn tampered_checkpoints_are_refused_by_name() {
         error.contains("says step 1000000000000, but its folder is step 10"),
         "{error}"
     );
+    // A data cursor past the split would index outside it. The refused resume leaves no
+    // event file of its own beside the run's.
+    let event_files = || {
+        entries(&run)
+            .into_iter()
+            .filter(|e| e.starts_with("events.out.tfevents"))
+            .count()
+    };
+    let before = event_files();
+    let at = honest.find("\"cursor\": ").unwrap() + "\"cursor\": ".len();
+    let end = at + honest[at..].find(',').unwrap();
+    let lying = format!("{}18446744073709551615{}", &honest[..at], &honest[end..]);
+    std::fs::write(&state_path, lying).unwrap();
+    let error = refused(&run_err(dir.path(), &["train", "--resume", run_arg]));
+    assert!(error.contains(&state_path.display().to_string()), "{error}");
+    assert!(
+        error.contains("data cursor 18446744073709551615 is not a whole number of batches"),
+        "{error}"
+    );
+    assert_eq!(event_files(), before);
     std::fs::write(&state_path, honest).unwrap();
 
     let model = step_checkpoint(&run).join("model.safetensors");

@@ -129,9 +129,21 @@ impl Loader {
         &self.state
     }
 
-    pub fn restore(&mut self, state: LoaderState) {
+    /// Continues from a checkpoint's `state`, which must be one this loader could have
+    /// reached: a cursor a whole number of batches into this split (a tampered one would
+    /// index past the split).
+    pub fn restore(&mut self, state: LoaderState) -> Result<(), String> {
+        if state.cursor > self.order.len() || state.cursor % self.batch != 0 {
+            return Err(format!(
+                "data cursor {} is not a whole number of batches of {} within the {}                  training items: not a checkpoint of this run's data",
+                state.cursor,
+                self.batch,
+                self.order.len()
+            ));
+        }
         self.state = state;
         self.shuffle();
+        Ok(())
     }
 
     /// Full batches per epoch (the last partial batch is dropped, so shapes stay fixed).
@@ -311,10 +323,19 @@ mod tests {
         let json = serde_json::to_string(&saved).unwrap();
         let expected: Vec<Batch> = (0..20).map(|_| a.next_batch().unwrap()).collect();
         let mut b = Loader::new(&store, SplitName::Train, 3, augment, 999, Device::Cpu).unwrap();
-        b.restore(serde_json::from_str(&json).unwrap());
+        b.restore(serde_json::from_str(&json).unwrap()).unwrap();
         for e in expected {
             let got = b.next_batch().unwrap();
             assert!(got.images.equal(&e.images) && got.masks.equal(&e.masks));
+        }
+        // A cursor this loader cannot have reached is refused, not indexed with.
+        for cursor in [usize::MAX, 4, 3 * 1024 * 1024] {
+            let bad = LoaderState {
+                cursor,
+                ..saved.clone()
+            };
+            let err = b.restore(bad).unwrap_err();
+            assert!(err.contains(&format!("data cursor {cursor} ")), "{err}");
         }
     }
 

@@ -11,7 +11,7 @@ pub mod safetensors;
 
 pub use checkpoint::{
     check_finite, first_non_finite, shape_mismatch, Checkpoint, Checkpoints, OpenInterval,
-    TrainState, MODEL_FILE,
+    TrainState, MODEL_FILE, STATE_FILE,
 };
 pub use curves::{write_curves, CURVES_FILE};
 pub use lock::RunLock;

@@ -69,6 +69,10 @@ pub struct EventWriter {
     /// Whether records were written since the last successful flush, so that
     /// repeated flushes and the one on drop skip needless fsyncs.
     dirty: bool,
+    /// Whether an event besides the header was written: a writer dropped without one (a
+    /// resume or eval that failed before logging) removes its file rather than leave an
+    /// empty event file beside the run's real ones.
+    logged: bool,
 }
 
 impl EventWriter {
@@ -93,6 +97,7 @@ impl EventWriter {
             path,
             out: BufWriter::new(file),
             dirty: false,
+            logged: false,
         };
         let header = writer
             .write_event(0, proto::event::What::FileVersion(FILE_VERSION.into()))
@@ -339,6 +344,7 @@ impl EventWriter {
             step,
             what: Some(what),
         };
+        self.logged |= !matches!(event.what, Some(proto::event::What::FileVersion(_)));
         self.dirty = true;
         record::write_record(&mut self.out, &event.encode_to_vec())
             .map_err(|source| io_error("write", &self.path, source))
@@ -346,10 +352,14 @@ impl EventWriter {
 }
 
 impl Drop for EventWriter {
-    /// Flushes so that events logged just before exit are not lost; errors
-    /// cannot be reported here, call [`EventWriter::close`] to see them.
+    /// Flushes so that events logged just before exit are not lost (errors cannot be
+    /// reported here, call [`EventWriter::close`] to see them); a file that holds only
+    /// its header is removed.
     fn drop(&mut self) {
-        let _ = self.flush();
+        match self.logged {
+            true => drop(self.flush()),
+            false => drop(fs::remove_file(&self.path)),
+        }
     }
 }
 
@@ -895,6 +905,23 @@ mod tests {
         assert_eq!((info.height, info.width), (2, 3));
         assert_eq!(info.color_type, png::ColorType::Rgb);
         assert_eq!(&buf[..info.buffer_size()], pixels);
+    }
+
+    #[test]
+    fn a_writer_that_logged_nothing_leaves_no_file() {
+        let dir = temp_dir("unused");
+        let unused = EventWriter::create(&dir).unwrap();
+        let path = unused.path().to_path_buf();
+        // TensorBoard sees the file while the writer lives.
+        assert!(path.is_file());
+        drop(unused);
+        assert!(!path.exists());
+        let mut used = EventWriter::create(&dir).unwrap();
+        used.add_scalar("loss", 1.0, 0).unwrap();
+        let path = used.path().to_path_buf();
+        used.close().unwrap();
+        assert_eq!(records(&fs::read(&path).unwrap()).len(), 2);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -442,7 +442,12 @@ impl Trainer {
                 path: ckpt.dir.clone(),
                 why,
             })?;
-        self.loader.restore(ckpt.state.loader.clone());
+        self.loader
+            .restore(ckpt.state.loader.clone())
+            .map_err(|why| TrainError::Checkpoint {
+                path: ckpt.dir.join(crate::run::STATE_FILE),
+                why,
+            })?;
         self.step = ckpt.state.step;
         self.best_val_ged = ckpt.state.best_val_ged;
         self.interval = ckpt
