@@ -165,10 +165,22 @@ fn tampered_checkpoints_are_refused_by_name() {
     std::fs::write(&state_path, honest).unwrap();
 
     let model = step_checkpoint(&run).join("model.safetensors");
+    let honest_model = std::fs::read(&model).unwrap();
     poison_first_weight(&model);
     let error = refused(&run_err(dir.path(), &["train", "--resume", run_arg]));
     assert!(
         error.contains(&format!("checkpoint {}: variable", model.display())),
+        "{error}"
+    );
+    assert!(error.contains("holds NaN or infinite values"), "{error}");
+    // Adam's moments too: a NaN there would turn every later step NaN and be blamed on
+    // the spec.
+    std::fs::write(&model, honest_model).unwrap();
+    let optimizer = step_checkpoint(&run).join("optimizer.safetensors");
+    poison_first_weight(&optimizer);
+    let error = refused(&run_err(dir.path(), &["train", "--resume", run_arg]));
+    assert!(
+        error.contains(&format!("checkpoint {}: optimizer tensor", optimizer.display())),
         "{error}"
     );
     assert!(error.contains("holds NaN or infinite values"), "{error}");

@@ -55,12 +55,15 @@ impl Checkpoint {
         self.dir.join(MODEL_FILE)
     }
 
+    /// The Adam moments, refused when one holds NaN or infinity (a damaged file: a
+    /// training step never writes those, and they would turn every later step NaN).
     pub fn optimizer_tensors(&self) -> Result<HashMap<String, Tensor>, RunError> {
         let path = self.dir.join(OPTIMIZER_FILE);
         let tensors = Tensor::read_safetensors(&path).map_err(|e| RunError::Checkpoint {
-            path,
+            path: path.clone(),
             why: super::safetensors::read_error(&e),
         })?;
+        let tensors = finite_or_damaged(tensors, "optimizer tensor", &path)?;
         Ok(tensors.into_iter().collect())
     }
 
@@ -132,18 +135,28 @@ pub fn first_non_finite(variables: &[(String, Tensor)]) -> Result<Option<&str>, 
 /// Refuses weights that hold NaN or infinity, naming the first such variable: training
 /// never writes them, so they were damaged or written by something else.
 pub fn check_finite(vs: &nn::VarStore, model_file: &Path) -> Result<(), RunError> {
-    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    let variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    finite_or_damaged(variables, "variable", model_file).map(drop)
+}
+
+/// `tensors` read from `file`, sorted by name, or an error naming the first that holds
+/// NaN or infinity (a `what`, such as "variable").
+fn finite_or_damaged(
+    mut tensors: Vec<(String, Tensor)>,
+    what: &str,
+    file: &Path,
+) -> Result<Vec<(String, Tensor)>, RunError> {
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let bad = |why: String| RunError::Checkpoint {
-        path: model_file.to_path_buf(),
+        path: file.to_path_buf(),
         why,
     };
-    match first_non_finite(&variables).map_err(|e| bad(e.to_string()))? {
+    match first_non_finite(&tensors).map_err(|e| bad(e.to_string()))? {
         Some(name) => Err(bad(format!(
-            "variable {name} holds NaN or infinite values; training never writes those, so \
+            "{what} {name} holds NaN or infinite values; training never writes those, so \
              this checkpoint is damaged"
         ))),
-        None => Ok(()),
+        None => Ok(tensors),
     }
 }
 
