@@ -106,7 +106,7 @@ fn row(name: String, path: &Path) -> RunRow {
     RunRow {
         name,
         started_at: meta.as_ref().map(|m| m.started_at),
-        status: status(path, curves.steps, total_steps),
+        status: status(path, total_steps),
         steps: curves.steps,
         total_steps,
         best_val_ged: curves.best.map(|b| b.0),
@@ -172,16 +172,21 @@ fn planned_steps(experiment: &Experiment, store: Option<&Path>) -> Option<u64> {
 }
 
 /// A trial's own state; for a plain run, running while its lock is held, else finished
-/// when it reached its planned steps and stopped when not.
-fn status(path: &Path, steps: u64, total: Option<u64>) -> String {
+/// when its last checkpoint is at its planned steps and stopped when not. (The metrics
+/// are not enough: a run that fails on its last step, a non-finite weight say, has
+/// logged that step but saved nothing.)
+fn status(path: &Path, total: Option<u64>) -> String {
     if let Some(status) = Status::read(path) {
         return status.state.as_str().into();
     }
     if RunLock::is_held(path) {
         return "running".into();
     }
-    match total {
-        Some(total) if steps >= total => "finished".into(),
+    let saved = RunDir::open(path)
+        .ok()
+        .and_then(|run| run.checkpoint_step());
+    match (saved, total) {
+        (Some(saved), Some(total)) if saved >= total => "finished".into(),
         _ => "stopped".into(),
     }
 }
@@ -190,6 +195,19 @@ fn status(path: &Path, steps: u64, total: Option<u64>) -> String {
 mod tests {
     use super::*;
     use crate::run::MetricsRow;
+
+    #[test]
+    fn a_plain_run_is_finished_only_once_its_last_step_is_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create_in(&dir.path().join("r")).unwrap();
+        std::fs::write(run.spec_path(), "").unwrap();
+        assert_eq!(status(&run.path, Some(4)), "stopped");
+        std::fs::create_dir_all(run.path.join("checkpoints/step-00000002")).unwrap();
+        assert_eq!(status(&run.path, Some(4)), "stopped");
+        std::fs::create_dir_all(run.path.join("checkpoints/step-00000004")).unwrap();
+        assert_eq!(status(&run.path, Some(4)), "finished");
+        assert_eq!(status(&run.path, None), "stopped");
+    }
 
     fn val(step: u64, ged: f64) -> MetricsRow {
         let mut row = MetricsRow::new(step, 0, Phase::Val);

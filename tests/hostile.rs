@@ -180,7 +180,10 @@ fn tampered_checkpoints_are_refused_by_name() {
     poison_first_weight(&optimizer);
     let error = refused(&run_err(dir.path(), &["train", "--resume", run_arg]));
     assert!(
-        error.contains(&format!("checkpoint {}: optimizer tensor", optimizer.display())),
+        error.contains(&format!(
+            "checkpoint {}: optimizer tensor",
+            optimizer.display()
+        )),
         "{error}"
     );
     assert!(error.contains("holds NaN or infinite values"), "{error}");

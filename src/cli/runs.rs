@@ -92,8 +92,26 @@ const HEADER: [&str; 14] = [
 ];
 
 /// The rows as aligned text, with a footnote per row that could not be read whole.
+/// A spec value as it is usually typed (`0.001`, `3e-4`): in scientific notation once
+/// plain digits would pass 12 characters, so `lr = 1e300` is not 301 digits wide.
+fn number(v: f64) -> String {
+    let plain = v.to_string();
+    match plain.len() <= 12 {
+        true => plain,
+        false => format!("{v:e}"),
+    }
+}
+
+/// A measured value to `digits` decimals, in scientific notation from 1e9 on.
+fn fixed(v: f64, digits: usize) -> String {
+    match v.abs() < 1e9 {
+        true => format!("{v:.digits$}"),
+        false => format!("{v:.3e}"),
+    }
+}
+
 fn table(rows: &[RunRow]) -> Vec<String> {
-    let f = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+    let f = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| fixed(v, digits));
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -112,9 +130,9 @@ fn table(rows: &[RunRow]) -> Vec<String> {
                 f(r.final_val_hm_iou, 4),
                 f(r.elbo, 1),
                 f(r.kl, 3),
-                r.beta.map_or("-".into(), |b| b.to_string()),
+                r.beta.map_or("-".into(), number),
                 r.latent_dim.map_or("-".into(), |d| d.to_string()),
-                r.lr.map_or("-".into(), |lr| lr.to_string()),
+                r.lr.map_or("-".into(), number),
                 r.data.clone().unwrap_or_else(|| "-".into()),
             ]
         })
@@ -143,4 +161,21 @@ fn table(rows: &[RunRow]) -> Vec<String> {
         }
     }
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_and_tiny_values_keep_their_columns_narrow() {
+        assert_eq!(number(1e-3), "0.001");
+        assert_eq!(number(3e-4), "0.0003");
+        assert_eq!(number(1e300), "1e300");
+        assert_eq!(number(2.5e-12), "2.5e-12");
+        assert_eq!(number(10.0), "10");
+        assert_eq!(fixed(-2744.19, 1), "-2744.2");
+        assert_eq!(fixed(-3.2e30, 1), "-3.200e30");
+        assert_eq!(fixed(f64::NAN, 3), "NaN");
+    }
 }
