@@ -34,17 +34,24 @@ fn sizes_no_machine_holds_are_refused_before_anything_is_allocated() {
     for (set, says) in [
         (
             "model.filters=[8,100000000]",
-            "model.filters = [8, 100000000] on batches of 8 images of 32x32 needs about",
+            "model.filters = [8, 100000000], model.latent_dim = 2 on batches of 8 images of \
+             32x32 needs about",
         ),
         (
             "data.synthetic.size=65536",
-            "one item of 65536x65536 pixels with 4 annotators needs about 32.0 GiB",
+            "data.synthetic (size = 65536, annotators = 4): one item of 65536x65536 pixels \
+             with 4 annotators needs about 32.0 GiB",
         ),
         (
             "data.synthetic.annotators=100000",
-            "one item of 32x32 pixels with 100000 annotators needs about",
+            "data.synthetic (size = 32, annotators = 100000): one item of 32x32 pixels with \
+             100000 annotators needs about",
         ),
         ("train.batch=100000000", "on batches of 100000000 images"),
+        (
+            "model.latent_dim=1000000000",
+            "model.latent_dim = 1000000000 on batches of 8 images",
+        ),
         (
             "train.val_samples=100000000",
             "validation with train.val_samples = 100000000",
@@ -61,17 +68,29 @@ fn sizes_no_machine_holds_are_refused_before_anything_is_allocated() {
     for (flags, says) in [
         (
             ["--items", "18446744073709551615"],
-            "a store of 18446744073709551615 items of 128x128 pixels with 4 annotators needs about",
+            "prepare --synthetic --items 18446744073709551615 --size 128 --annotators 4: a store \
+             of 18446744073709551615 items of 128x128 pixels with 4 annotators needs about",
         ),
         (
             ["--size", "1000000"],
-            "one item of 1000000x1000000 pixels with 4 annotators needs about 7.3 TiB",
+            "--size 1000000 --annotators 4: one item of 1000000x1000000 pixels with 4 \
+             annotators needs about 7.3 TiB",
         ),
     ] {
         let mut args = vec!["prepare", "--synthetic", "--out", "data/big"];
         args.extend(flags);
         let error = refused(&limited(dir.path(), &args));
         assert!(error.contains(says), "{flags:?}: {error}");
+    }
+    // Own-data flags say they do not apply to the synthetic data, rather than being ignored.
+    for flag in [&["--patient-regex", "x"][..], &["--missing", "empty"]] {
+        let mut args = vec!["prepare", "--synthetic"];
+        args.extend(flag);
+        let error = stderr(&run_err(dir.path(), &args));
+        assert!(
+            error.contains("cannot be used with") && error.contains(flag[0]),
+            "{error}"
+        );
     }
     assert_eq!(entries(&dir.path().join("runs")), Vec::<String>::new());
     // The spec's own store may have been built before the model was refused; no half
@@ -363,8 +382,8 @@ fn bench_doctor_and_bench_eval_refuse_what_memory_cannot_hold_by_flag() {
     let dir = tempfile::tempdir().unwrap();
     let (bench, bench_eval, doctor) = (&BENCH[..], &BENCH_EVAL[..], &DOCTOR[..]);
     // The batch's images and masks: on the CPU only a part of 2 images holds activations.
-    let training = "training model.filters = [32, 64, 128, 192] on batches of 1000000000000 \
-                    images of 128x128 needs about 116.4 PiB";
+    let training = "training model.filters = [32, 64, 128, 192], model.latent_dim = 2 on \
+                    batches of 1000000000000 images of 128x128 needs about 116.4 PiB";
     for (command, flags, says) in [
         (
             doctor,

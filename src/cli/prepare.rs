@@ -5,6 +5,7 @@ use probunet::data::images::Missing;
 use probunet::data::prepare::{self as prep, Outcome, PrepareOptions};
 use probunet::data::split::SplitFractions;
 use probunet::data::synthetic::SyntheticConfig;
+use probunet::data::DataError;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -26,10 +27,15 @@ pub struct PrepareArgs {
     /// Your own data: the patient of each image from its id (file stem), the regex's first
     /// group or its whole match; without it (and a CSV patient column) each image is its own
     /// patient.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "synthetic")]
     patient_regex: Option<String>,
     /// Your own data: a missing mask is an error (`error`) or an all-background mask (`empty`).
-    #[arg(long, value_enum, default_value = "error")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "error",
+        conflicts_with = "synthetic"
+    )]
     missing: MissingArg,
     /// Masks per item that the pickle must hold.
     #[arg(long, default_value_t = 4)]
@@ -104,7 +110,14 @@ pub fn run(args: PrepareArgs) -> Result<()> {
                 annotators: args.annotators,
                 seed: args.seed,
             };
-            prep::prepare_synthetic(config, &options)?
+            let asked = format!(
+                "prepare --synthetic --items {} --size {} --annotators {}",
+                args.items, args.size, args.annotators
+            );
+            prep::prepare_synthetic(config, &options).map_err(|e| match e {
+                DataError::TooLarge(t) => DataError::TooLarge(t.asked_by(&asked)),
+                e => e,
+            })?
         }
     };
     match outcome {

@@ -63,7 +63,14 @@ impl DataSource {
                     split: Default::default(),
                     split_seed: 0,
                 };
-                match prepare_synthetic(config.clone(), &options)? {
+                let by_key = |e| match e {
+                    DataError::TooLarge(t) => DataError::TooLarge(t.asked_by(&format!(
+                        "data.synthetic (size = {}, annotators = {})",
+                        config.size, config.annotators
+                    ))),
+                    e => e,
+                };
+                match prepare_synthetic(config.clone(), &options).map_err(by_key)? {
                     Outcome::Prepared(summary) => Some(summary),
                     Outcome::AlreadyPrepared(_) => None,
                 }

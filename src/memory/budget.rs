@@ -90,6 +90,13 @@ impl TooLarge {
     pub fn refusal(&self) -> &Refusal {
         &self.0
     }
+
+    /// The same refusal, said as asked for by `who` (a spec key or a flag), which the
+    /// caller knows and the size check does not.
+    pub fn asked_by(mut self, who: &str) -> TooLarge {
+        self.0.need.what = format!("{who}: {}", self.0.need.what);
+        self
+    }
 }
 
 impl Need {

@@ -102,9 +102,9 @@ impl ModelConfig {
             .saturating_mul(2 * FLOAT);
         Need::new(
             format!(
-                "training model.filters = {:?} on batches of {batch} images of \
-                 {height}x{width}",
-                self.filters
+                "training model.filters = {:?}, model.latent_dim = {} on batches of \
+                 {batch} images of {height}x{width}",
+                self.filters, self.latent_dim
             ),
             state.saturating_add(inputs).saturating_add(activations),
         )
