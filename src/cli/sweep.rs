@@ -62,7 +62,7 @@ pub struct SweepArgs {
     /// --emit slurm: the account to charge (sweep.slurm.account).
     #[arg(long, requires = "emit")]
     account: Option<String>,
-    /// --emit slurm: GPUs per trial; 0 trains on CPUs (sweep.slurm.gpus) [default: 0].
+    /// --emit slurm: GPUs per trial, 0 (train on CPUs) or 1 (sweep.slurm.gpus) [default: 0].
     #[arg(long, requires = "emit")]
     gpus: Option<u32>,
     /// --emit slurm: CPU cores per trial (sweep.slurm.cpus) [default: 2].

@@ -52,6 +52,12 @@ pub fn check(options: &SlurmOptions) -> Result<(), String> {
             "account {a:?}: expected an account name (letters, digits, '_', '.', '-')"
         ));
     }
+    if let Some(gpus) = options.gpus.filter(|&g| g > 1) {
+        return Err(format!(
+            "gpus: a trial trains on one device, so 0 (the CPU) or 1, got {gpus}; more \
+             trials at once is `concurrency`"
+        ));
+    }
     if options.cpus == Some(0) {
         return Err("cpus: must be at least 1, got 0".into());
     }
@@ -332,6 +338,13 @@ mod tests {
                     ..Default::default()
                 },
                 "concurrency: must be at least 1",
+            ),
+            (
+                SlurmOptions {
+                    gpus: Some(100000),
+                    ..Default::default()
+                },
+                "gpus: a trial trains on one device, so 0 (the CPU) or 1, got 100000",
             ),
             (
                 SlurmOptions {

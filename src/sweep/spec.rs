@@ -99,7 +99,8 @@ pub struct SlurmOptions {
     pub partition: Option<String>,
     /// `--account`.
     pub account: Option<String>,
-    /// GPUs per trial (`--gres=gpu:N`); 0 or unset asks for none and trains on the CPU.
+    /// GPUs per trial (`--gres=gpu:1`): 0 or unset asks for none and trains on the CPU, 1
+    /// trains on it (a trial uses one device, so more is refused).
     pub gpus: Option<u32>,
     /// CPU cores per trial (`--cpus-per-task`), also its thread count; default 2.
     pub cpus: Option<u32>,
