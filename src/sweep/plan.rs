@@ -482,7 +482,16 @@ impl Plan {
 
     /// Makes `folder` this sweep's folder, or checks that it already is: an existing plan
     /// that differs is refused rather than mixed with this one. Returns the folder's plan.
+    ///
+    /// The plan is written first: it is what marks the folder as a sweep's, so a sweep
+    /// killed while making the folder leaves either a folder the next one repairs (the
+    /// base copy and the HParams description written again) or one holding only the dead
+    /// process's temporary, which is removed.
     pub fn create_or_check(&self, folder: &Path) -> Result<Plan, SweepError> {
+        let io = |e: std::io::Error| SweepError::Folder {
+            path: folder.to_path_buf(),
+            why: e.to_string(),
+        };
         if folder.join(PLAN_FILE).exists() {
             let existing = Plan::load(folder)?;
             if let Some(why) = self.difference(&existing) {
@@ -491,12 +500,14 @@ impl Plan {
             if !folder.join(BASE_FILE).exists() {
                 existing.write_base(folder)?;
             }
+            if !has_event_file(folder).map_err(io)? {
+                existing.write_hparams_experiment(folder)?;
+            }
             return Ok(existing);
         }
-        let io = |e: std::io::Error| SweepError::Folder {
-            path: folder.to_path_buf(),
-            why: e.to_string(),
-        };
+        if folder.is_dir() {
+            crate::sys::remove_dead_temporaries(folder, crate::run::TEMPORARY).map_err(io)?;
+        }
         if folder.exists() && std::fs::read_dir(folder).map_err(io)?.next().is_some() {
             return Err(SweepError::Folder {
                 path: folder.to_path_buf(),
@@ -506,11 +517,11 @@ impl Plan {
             });
         }
         std::fs::create_dir_all(folder).map_err(io)?;
-        self.write_base(folder)?;
         let json = serde_json::to_vec_pretty(self)
             .map_err(std::io::Error::other)
             .map_err(io)?;
         write_atomic(&folder.join(PLAN_FILE), &json)?;
+        self.write_base(folder)?;
         self.write_hparams_experiment(folder)?;
         Ok(self.clone())
     }
@@ -526,6 +537,7 @@ impl Plan {
     }
 
     /// The HParams dashboard's description of the sweep, in the sweep folder itself.
+    /// (Only the sweep folder's own event file: the trials' are in their folders.)
     fn write_hparams_experiment(&self, folder: &Path) -> Result<(), SweepError> {
         let mut specs: Vec<HParamSpec> = self
             .axes
@@ -627,6 +639,20 @@ fn domain(values: &[toml::Value]) -> HParamDomain {
         Some(strings) => HParamDomain::StringValues(strings),
         None => HParamDomain::String,
     }
+}
+
+/// Whether `folder` itself holds a TensorBoard event file.
+fn has_event_file(folder: &Path) -> std::io::Result<bool> {
+    for entry in std::fs::read_dir(folder)? {
+        if entry?
+            .file_name()
+            .to_string_lossy()
+            .starts_with("events.out.tfevents.")
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -734,6 +760,43 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_folder_left_by_a_killed_sweep_is_repaired_or_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("runs/s");
+        let plan = Plan::build(&spec(dir.path(), "[sweep.grid]\nbeta = [1, 10]\n")).unwrap();
+        let listing = || {
+            let mut names: Vec<String> = std::fs::read_dir(&folder)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        // Killed inside the plan's write: only its temporary, whose process has ended.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join(format!("sweep.tmp-{dead}")), "{").unwrap();
+        plan.create_or_check(&folder).unwrap();
+        let complete = |names: &[String]| {
+            // Sorted: base.toml, events.out.tfevents.*, sweep.json.
+            names.len() == 3
+                && names[0] == BASE_FILE
+                && names[1].starts_with("events.out.tfevents.")
+                && names[2] == PLAN_FILE
+        };
+        let made = listing();
+        assert!(complete(&made), "{made:?}");
+        // Killed after the plan: the base copy and the HParams description come back.
+        std::fs::remove_file(folder.join(BASE_FILE)).unwrap();
+        std::fs::remove_file(folder.join(&made[1])).unwrap();
+        assert_eq!(plan.create_or_check(&folder).unwrap(), plan);
+        let repaired = listing();
+        assert!(complete(&repaired), "{repaired:?}");
     }
 
     #[test]
