@@ -462,6 +462,27 @@ fn a_failing_trial_is_marked_failed_and_the_others_go_on() {
     ));
     assert!(text(&out).contains("3 to run"), "{}", text(&out));
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+
+    // A trial whose process cannot start (here: its log cannot be opened) is failed for
+    // this run, but keeps what its earlier attempts recorded.
+    let status = trial.join("status.json");
+    let before = common::read_json(&status);
+    let log = trial.join("train.log");
+    std::fs::remove_file(&log).unwrap();
+    std::fs::create_dir(&log).unwrap();
+    let out = common::output(&mut probunet(
+        dir.path(),
+        &["sweep", spec.to_str().unwrap(), "--retry-failed"],
+    ));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let after = common::read_json(&status);
+    assert_eq!(after["state"], "failed");
+    let error = after["error"].as_str().unwrap();
+    let named = format!("cannot open runs/bad/{}/train.log", rows[1]["id"]);
+    assert!(error.starts_with(&named), "{error}");
+    for key in ["started_at", "attempts", "steps", "total_steps"] {
+        assert_eq!(after[key], before[key], "{key}");
+    }
 }
 
 /// The last `step S/T` a trial's log reports.

@@ -433,11 +433,16 @@ fn run_one(ctx: &Ctx, slot: usize, index: usize) {
         Ok(followed) => settle(ctx, &dir, followed, launched, device),
         Err(why) => {
             let _ = std::fs::create_dir_all(&dir);
-            let mut status = fallback_status(State::Failed, launched, device, ctx.options.threads);
+            // What an earlier attempt recorded (its steps, start, attempts) stays true:
+            // this one never ran.
+            let mut status = Status::read(&dir).unwrap_or_else(|| {
+                fallback_status(State::Failed, launched, device, ctx.options.threads)
+            });
+            status.state = State::Failed;
             status.error = Some(why.clone());
             status.ended_at = Some(Utc::now());
             let _ = status.write(&dir);
-            (State::Failed, Some(why), None)
+            (State::Failed, Some(why), status.steps)
         }
     };
     let steps = end_step.unwrap_or(start_step).saturating_sub(start_step);
