@@ -208,7 +208,7 @@ pub fn plan_text(target: &Target) -> Result<String, SweepError> {
         let mut line = vec![trial.index.to_string(), trial.id.clone()];
         line.extend(trial.values.iter().map(plan::value_display));
         let state = match exists {
-            true => summary::trial_state(&target.folder, &plan, trial.index),
+            true => summary::reported_state(&target.folder, &plan, trial.index),
             false => TrialState::Pending,
         };
         line.push(state.as_str().into());

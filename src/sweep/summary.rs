@@ -36,18 +36,40 @@ impl TrialState {
     }
 }
 
-/// The state of trial `index`: its status file, corrected by its lock (a "running"
-/// trial whose process is gone was interrupted).
+/// The state of trial `index` for deciding what to run: its status file, corrected by its
+/// lock (a "running" trial whose process is gone was interrupted).
 pub fn trial_state(folder: &Path, plan: &Plan, index: usize) -> TrialState {
-    let dir = plan.trial_dir(folder, index);
-    if RunLock::is_held(&dir) {
+    state_in(&plan.trial_dir(folder, index))
+}
+
+/// The state of trial `index` as summaries report it: [`trial_state`], except that a
+/// "running" status written on another host is reported running. Its lock lives in that
+/// host's kernel, so from here (a login node reading a Slurm node's trial through a
+/// shared file system) it looks interrupted. What to run still counts it interrupted, so
+/// a trial whose node died is not stuck.
+pub fn reported_state(folder: &Path, plan: &Plan, index: usize) -> TrialState {
+    reported_in(&plan.trial_dir(folder, index))
+}
+
+fn reported_in(dir: &Path) -> TrialState {
+    let elsewhere = |s: &Status| s.state == State::Running && s.host != crate::sys::hostname();
+    match state_in(dir) {
+        TrialState::Interrupted if Status::read(dir).is_some_and(|s| elsewhere(&s)) => {
+            TrialState::Running
+        }
+        state => state,
+    }
+}
+
+fn state_in(dir: &Path) -> TrialState {
+    if RunLock::is_held(dir) {
         return TrialState::Running;
     }
-    match Status::read(&dir).map(|s| s.state) {
+    match Status::read(dir).map(|s| s.state) {
         Some(State::Finished) => TrialState::Finished,
         Some(State::Failed) => TrialState::Failed,
         Some(State::Running | State::Interrupted) => TrialState::Interrupted,
-        None if dir.join(STATUS_FILE).exists() || checkpoint_step(&dir).is_some() => {
+        None if dir.join(STATUS_FILE).exists() || checkpoint_step(dir).is_some() => {
             TrialState::Interrupted
         }
         None => TrialState::Pending,
@@ -117,7 +139,7 @@ pub fn collect(folder: &Path, plan: &Plan) -> Vec<Row> {
                 index: trial.index,
                 id: trial.id.clone(),
                 values: trial.values.iter().map(value_display).collect(),
-                state: trial_state(folder, plan, trial.index),
+                state: reported_state(folder, plan, trial.index),
                 error: status.as_ref().and_then(|s| s.error.clone()),
                 steps: status
                     .as_ref()
@@ -446,6 +468,34 @@ mod tests {
         ];
         let order: Vec<usize> = ranked(&rows).iter().map(|r| r.index).collect();
         assert_eq!(order, [3, 0, 1, 2]);
+    }
+
+    #[test]
+    fn a_running_trial_on_another_host_is_reported_running_and_one_here_without_its_lock_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = chrono::Utc::now();
+        let status = |host: String| Status {
+            state: State::Running,
+            error: None,
+            steps: Some(3),
+            total_steps: Some(10),
+            attempts: 1,
+            wall_s: 0.0,
+            started_at: now,
+            attempt_started_at: now,
+            ended_at: None,
+            host,
+            pid: 1,
+            device: None,
+            threads: Some(2),
+        };
+        assert_eq!(reported_in(dir.path()), TrialState::Pending);
+        status("node-17".into()).write(dir.path()).unwrap();
+        assert_eq!(reported_in(dir.path()), TrialState::Running);
+        // What to run still counts it interrupted: its node may have died.
+        assert_eq!(state_in(dir.path()), TrialState::Interrupted);
+        status(crate::sys::hostname()).write(dir.path()).unwrap();
+        assert_eq!(reported_in(dir.path()), TrialState::Interrupted);
     }
 
     #[test]
