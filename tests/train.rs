@@ -5,6 +5,48 @@ mod common;
 use common::{metrics, only_run, probunet, run_err, run_ok, scalars, stderr, stdout, Running};
 use probunet::run::Phase;
 
+/// A store prepared without a val split says so, and a run on it trains without
+/// validating instead of logging NaN GEDs.
+#[test]
+fn an_empty_val_split_is_said_and_training_goes_on_without_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let prepared = stdout(&run_ok(
+        dir.path(),
+        &[
+            "prepare",
+            "--synthetic",
+            "--items",
+            "24",
+            "--size",
+            "32",
+            "--out",
+            "data/noval",
+            "--split",
+            "90,0,10",
+        ],
+    ));
+    assert!(
+        prepared.contains("note: the val split is empty: training on this store cannot validate"),
+        "{prepared}"
+    );
+    assert!(!prepared.contains("the test split is empty"), "{prepared}");
+    let spec = common::tiny_spec(4, 2, "").replace(
+        "[data.synthetic]\nitems = 120\nsize = 32\nseed = 1\n",
+        "[data]\nstore = \"data/noval\"\n",
+    );
+    assert!(spec.contains("data/noval"), "{spec}");
+    std::fs::write(dir.path().join("noval.toml"), spec).unwrap();
+    let out = stdout(&run_ok(dir.path(), &["train", "noval.toml"]));
+    assert!(
+        out.contains("note: the store's val split is empty, so this run does not validate"),
+        "{out}"
+    );
+    assert!(!out.lines().any(|l| l.starts_with("val GED")), "{out}");
+    let run = only_run(dir.path());
+    assert!(metrics(&run, Phase::Val).is_empty());
+    assert_eq!(metrics(&run, Phase::Train).last().unwrap().step, 4);
+}
+
 #[test]
 fn a_run_logs_every_tag_and_checkpoints_as_configured() {
     let dir = tempfile::tempdir().unwrap();

@@ -81,6 +81,7 @@ impl EventSink for TrainProgress {
                 total_steps,
                 resumed,
                 changes,
+                empty_val_split,
                 ..
             } => {
                 let line = match resumed {
@@ -91,6 +92,14 @@ impl EventSink for TrainProgress {
                 for c in changes {
                     let line = format!("  {} = {} (was {}; {})", c.key, c.now, c.was, c.origin);
                     super::train::say(self.stdout_taken, &line);
+                }
+                if *empty_val_split {
+                    super::train::say(
+                        self.stdout_taken,
+                        "note: the store's val split is empty, so this run does not validate \
+                         (no val GED, no best checkpoint); prepare the store with a val share \
+                         (--split 80,10,10) to validate",
+                    );
                 }
                 self.start(*total_steps, *step);
             }

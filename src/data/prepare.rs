@@ -61,6 +61,17 @@ impl fmt::Display for Summary {
         for (part, items, patients) in &self.parts {
             writeln!(f, "  {part:>5}: {items} items, {patients} patients")?;
         }
+        for (part, _, _) in self.parts.iter().filter(|(_, items, _)| *items == 0) {
+            writeln!(
+                f,
+                "  note: the {part} split is empty: {}; --split gives it a share",
+                match part {
+                    SplitName::Train => "training on this store has nothing to train on",
+                    SplitName::Val => "training on this store cannot validate",
+                    SplitName::Test => "eval --split test has nothing to score",
+                }
+            )?;
+        }
         writeln!(
             f,
             "  image values: [{}, {}]",

@@ -61,6 +61,9 @@ pub enum TrainEvent {
         /// The spec keys this resume changed (recorded in the run's spec.toml).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         changes: Vec<crate::config::Change>,
+        /// The store's val split is empty, so the run does not validate.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        empty_val_split: bool,
         /// The ideal-model GED of the validation split, for a synthetic store.
         ideal_ged: Option<f64>,
         /// The lowest val GED before a resume.

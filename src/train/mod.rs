@@ -512,13 +512,14 @@ impl Trainer {
             total_steps: self.total_steps,
             resumed: self.resumed,
             changes,
+            empty_val_split: !self.validates(),
             ideal_ged,
             best_val_ged: self.best_val_ged,
         })?;
         if !self.resumed {
             self.interval = IntervalSums::new();
             // The untrained model's scores: where every curve starts from.
-            if self.experiment.train.val_every > 0 {
+            if self.experiment.train.val_every > 0 && self.validates() {
                 self.validate()?;
             }
         }
@@ -601,7 +602,7 @@ impl Trainer {
             self.log_interval()?;
         }
         let mut val_ged = None;
-        if val_now {
+        if val_now && self.validates() {
             let ged = self.validate()?;
             val_ged = Some(ged);
             if ged.is_finite() && self.best_val_ged.is_none_or(|best| ged < best) {
@@ -613,6 +614,12 @@ impl Trainer {
             self.checkpoint(false, val_ged)?;
         }
         Ok(())
+    }
+
+    /// Whether there is a val split to validate on: a store prepared without one trains
+    /// without validation (the `Started` event says so) rather than logging NaN GEDs.
+    fn validates(&self) -> bool {
+        !self.store.split(SplitName::Val).is_empty()
     }
 
     fn log_interval(&mut self) -> Result<(), TrainError> {
