@@ -406,6 +406,18 @@ impl Experiment {
 impl DataSpec {
     /// Exactly one of `store` and `synthetic`: layers may leave both or neither set.
     fn check_source(&self) -> Result<(), ConfigError> {
+        if self
+            .store
+            .as_ref()
+            .is_some_and(|s| s.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                "data.store",
+                "is empty: give the folder of a store made by `probunet prepare`, or set \
+                 data.synthetic instead"
+                    .into(),
+            ));
+        }
         match (&self.store, &self.synthetic) {
             (Some(store), Some(_)) => Err(invalid(
                 "data",
@@ -801,7 +813,25 @@ fn in_words(expected: &str) -> &str {
         "f64" | "f32" => "a number",
         "u64" | "u32" | "usize" => "a whole number, 0 or more",
         "i64" | "i32" | "isize" => "a whole number",
+        "a sequence" | "sequence" => "a list, such as [1, 2]",
+        "a map" | "map" => "a table",
         other => other,
+    }
+}
+
+/// A value of the wrong type as TOML calls it, rather than serde's type names
+/// ("signed int", "sequence").
+fn found_in_words(found: &figment::error::Actual) -> String {
+    use figment::error::Actual;
+    match found {
+        Actual::Bool(b) => format!("the boolean {b}"),
+        Actual::Unsigned(n) => format!("the whole number {n}"),
+        Actual::Signed(n) => format!("the whole number {n}"),
+        Actual::Float(x) => format!("the number {x}"),
+        Actual::Str(text) => format!("the string {text:?}"),
+        Actual::Seq => "a list".into(),
+        Actual::Map => "a table".into(),
+        other => other.to_string(),
     }
 }
 
@@ -839,7 +869,11 @@ fn key_error(figment: &Figment, error: figment::Error) -> ConfigError {
         }
         figment::error::Kind::InvalidType(found, expected)
         | figment::error::Kind::InvalidValue(found, expected) => {
-            format!("found {found}, expected {}", in_words(expected))
+            format!(
+                "found {}, expected {}",
+                found_in_words(found),
+                in_words(expected)
+            )
         }
         kind => kind.to_string(),
     };
@@ -1163,7 +1197,7 @@ mod tests {
         let err = error(&format!("{STORE}[train]\nbatch = \"many\"\n"), &[]);
         assert!(
             err.contains(
-                "spec.toml: train.batch: found string \"many\", expected a whole number, 0 or more"
+                "spec.toml: train.batch: found the string \"many\", expected a whole number, 0 or more"
             ),
             "{err}"
         );
@@ -1177,6 +1211,27 @@ mod tests {
         let err = error(STORE, &["train.device=gpu"]);
         assert!(err.contains("train.device"), "{err}");
         assert!(err.contains("\"gpu\""), "{err}");
+
+        // Said in TOML's words, not serde's ("signed int", "sequence").
+        for (set, says) in [
+            (
+                "model.filters=3",
+                "model.filters: found the whole number 3, expected a list, such as [1, 2]",
+            ),
+            ("train.lr=[1]", "train.lr: found a list, expected a number"),
+            (
+                "log.images=3",
+                "log.images: found the whole number 3, expected a boolean",
+            ),
+        ] {
+            let err = error(STORE, &[set]);
+            assert!(err.ends_with(says), "{err}");
+        }
+        let err = error("[data]\nstore = \"\"\n", &[]);
+        assert!(
+            err.contains("data.store: is empty: give the folder of a store"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -436,7 +436,7 @@ fn bad_specs_and_flags_name_the_file_and_key() {
     for (set, says) in [
         (
             "train.lr=abc",
-            "train.lr: found string \"abc\", expected a number",
+            "train.lr: found the string \"abc\", expected a number",
         ),
         ("train.steps=-3", "expected a whole number, 0 or more"),
         (
