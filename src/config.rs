@@ -1718,6 +1718,16 @@ mod tests {
             }
         }
 
+        /// `integer ≥ 1` for a count that `validate` refuses at 0 (it calls `positive`
+        /// with the key).
+        fn at_least_one(key: &str, ty: String) -> String {
+            let positive = SOURCES[0].contains(&format!("positive(\"{key}\""));
+            match positive {
+                true => ty.replace("integer ≥ 0", "integer ≥ 1"),
+                false => ty,
+            }
+        }
+
         fn spec_type(ty: &str) -> String {
             if let Some(inner) = ty.strip_prefix("Option<").and_then(|t| t.strip_suffix('>')) {
                 return format!("{}, optional", spec_type(inner));
@@ -1790,7 +1800,7 @@ mod tests {
                     lookup(defaults, &key).map_or_else(|| "unset".into(), |v| format!("`{v}`"));
                 out.push_str(&format!(
                     "| `{key}` | {} | {default} | {text} |\n",
-                    spec_type(&ty)
+                    at_least_one(&key, spec_type(&ty))
                 ));
                 if inner == "Schedule" {
                     for param in entries(inner).into_iter().filter(|e| e.variant.is_some()) {
@@ -1798,7 +1808,7 @@ mod tests {
                         let key = format!("{key}.{}", param.name);
                         out.push_str(&format!(
                             "| `{key}` | {} | required | kind `{variant}`: {} |\n",
-                            spec_type(param.ty.as_deref().unwrap_or_default()),
+                            at_least_one(&key, spec_type(param.ty.as_deref().unwrap_or_default())),
                             meaning(&key, param.doc)
                         ));
                     }
