@@ -50,6 +50,31 @@ struct StopInner {
     children: BTreeMap<usize, u32>,
 }
 
+/// Blocks until our child `pid` has exited, without reaping it: as a zombie it keeps its
+/// pid, so signalling that pid still reaches nobody else. Returns at once on an error
+/// (the reaping `wait` then reports it).
+fn wait_exited(pid: u32) {
+    loop {
+        // SAFETY: an all-zero siginfo_t is a valid out-value for waitid to fill.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid with WNOWAIT only observes the state of our own child, writing
+        // into `info`, which lives for the call.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        let interrupted =
+            rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR);
+        if !interrupted {
+            return;
+        }
+    }
+}
+
 fn interrupt(pid: u32) {
     // SAFETY: kill(2) with a pid this process spawned and has not reaped yet.
     unsafe {
@@ -568,8 +593,11 @@ fn spawn_and_follow(
         .map_err(|e| format!("cannot start {}: {e}", ctx.exe.display()))?;
     ctx.stop.register(index, child.id());
     let (last_step, error) = follow(ctx, index, device, &mut child, &mut log);
-    let exit = child.wait();
+    // Forgotten by Stop before it is reaped: once reaped, its pid may name another
+    // process, which a Ctrl-C in between would have interrupted.
+    wait_exited(child.id());
     ctx.stop.unregister(index);
+    let exit = child.wait();
     let exit = exit.map_err(|e| format!("waiting for the trial's process: {e}"))?;
     let _ = writeln!(log, "=== {}", describe_exit(&exit));
     Ok(Followed {
@@ -636,4 +664,23 @@ fn follow(
         // A process that failed before training started said why only on stderr.
         (last_step, error.or(error_line))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exited_trial_is_observed_without_being_reaped() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "exit 3"])
+            .spawn()
+            .unwrap();
+        wait_exited(child.id());
+        // Still a zombie: its pid is not free for another process yet.
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+        let state = stat.rsplit_once(") ").unwrap().1.chars().next();
+        assert_eq!(state, Some('Z'), "{stat}");
+        assert_eq!(child.wait().unwrap().code(), Some(3));
+    }
 }
