@@ -91,7 +91,6 @@ const HEADER: [&str; 14] = [
     "data",
 ];
 
-/// The rows as aligned text, with a footnote per row that could not be read whole.
 /// A spec value as it is usually typed (`0.001`, `3e-4`): in scientific notation once
 /// plain digits would pass 12 characters, so `lr = 1e300` is not 301 digits wide.
 fn number(v: f64) -> String {
@@ -110,6 +109,7 @@ fn fixed(v: f64, digits: usize) -> String {
     }
 }
 
+/// The rows as aligned text, with a footnote per row that could not be read whole.
 fn table(rows: &[RunRow]) -> Vec<String> {
     let f = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| fixed(v, digits));
     let cells: Vec<Vec<String>> = rows
