@@ -5,7 +5,6 @@ use probunet::data::images::Missing;
 use probunet::data::prepare::{self as prep, Outcome, PrepareOptions};
 use probunet::data::split::SplitFractions;
 use probunet::data::synthetic::SyntheticConfig;
-use probunet::data::DataError;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -114,10 +113,7 @@ pub fn run(args: PrepareArgs) -> Result<()> {
                 "prepare --synthetic --items {} --size {} --annotators {}",
                 args.items, args.size, args.annotators
             );
-            prep::prepare_synthetic(config, &options).map_err(|e| match e {
-                DataError::TooLarge(t) => DataError::TooLarge(t.asked_by(&asked)),
-                e => e,
-            })?
+            prep::prepare_synthetic(config, &options).map_err(|e| e.asked_by(&asked))?
         }
     };
     match outcome {

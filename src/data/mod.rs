@@ -39,4 +39,13 @@ impl DataError {
             source,
         }
     }
+
+    /// A size refusal said as asked for by `who` (a spec key or flags, which the size
+    /// check does not know); other errors as they are.
+    pub fn asked_by(self, who: &str) -> Self {
+        match self {
+            DataError::TooLarge(t) => DataError::TooLarge(t.asked_by(who)),
+            other => other,
+        }
+    }
 }

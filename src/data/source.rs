@@ -63,14 +63,11 @@ impl DataSource {
                     split: Default::default(),
                     split_seed: 0,
                 };
-                let by_key = |e| match e {
-                    DataError::TooLarge(t) => DataError::TooLarge(t.asked_by(&format!(
-                        "data.synthetic (size = {}, annotators = {})",
-                        config.size, config.annotators
-                    ))),
-                    e => e,
-                };
-                match prepare_synthetic(config.clone(), &options).map_err(by_key)? {
+                let key = format!(
+                    "data.synthetic (size = {}, annotators = {})",
+                    config.size, config.annotators
+                );
+                match prepare_synthetic(config.clone(), &options).map_err(|e| e.asked_by(&key))? {
                     Outcome::Prepared(summary) => Some(summary),
                     Outcome::AlreadyPrepared(_) => None,
                 }
