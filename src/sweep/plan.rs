@@ -500,7 +500,7 @@ impl Plan {
             if !folder.join(BASE_FILE).exists() {
                 existing.write_base(folder)?;
             }
-            if !has_event_file(folder).map_err(io)? {
+            if !crate::tensorboard::holds_event_file(folder).map_err(io)? {
                 existing.write_hparams_experiment(folder)?;
             }
             return Ok(existing);
@@ -639,20 +639,6 @@ fn domain(values: &[toml::Value]) -> HParamDomain {
         Some(strings) => HParamDomain::StringValues(strings),
         None => HParamDomain::String,
     }
-}
-
-/// Whether `folder` itself holds a TensorBoard event file.
-fn has_event_file(folder: &Path) -> std::io::Result<bool> {
-    for entry in std::fs::read_dir(folder)? {
-        if entry?
-            .file_name()
-            .to_string_lossy()
-            .starts_with("events.out.tfevents.")
-        {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 #[cfg(test)]

@@ -49,6 +49,23 @@ pub enum TensorboardError {
     Png(#[from] png::EncodingError),
 }
 
+/// How every event file's name starts, the mark TensorBoard finds them by.
+const EVENT_FILE_PREFIX: &str = "events.out.tfevents.";
+
+/// Whether `dir` itself (not its subfolders) holds an event file.
+pub fn holds_event_file(dir: &Path) -> io::Result<bool> {
+    for entry in fs::read_dir(dir)? {
+        if entry?
+            .file_name()
+            .to_string_lossy()
+            .starts_with(EVENT_FILE_PREFIX)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 fn io_error(action: &'static str, path: &Path, source: io::Error) -> TensorboardError {
     TensorboardError::Io {
         action,
@@ -85,7 +102,7 @@ impl EventWriter {
         let dir = dir.as_ref();
         fs::create_dir_all(dir).map_err(|source| io_error("create folder", dir, source))?;
         let prefix = format!(
-            "events.out.tfevents.{}.{}.{}",
+            "{EVENT_FILE_PREFIX}{}.{}.{}",
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
