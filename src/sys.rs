@@ -70,15 +70,13 @@ fn python_version(text: &str) -> Option<String> {
 }
 
 /// Whether `name` is the temporary of a process that has ended: `<name><marker><pid>` whose
-/// pid is neither this process nor one alive. Without /proc nothing counts as ended.
+/// pid is neither this process nor one alive in `/proc`.
 fn is_dead_temporary(name: &str, marker: &str) -> bool {
-    let proc = std::path::Path::new("/proc");
     name.rsplit_once(marker)
         .and_then(|(_, pid)| pid.parse::<u32>().ok())
         .is_some_and(|pid| {
             pid != std::process::id()
-                && proc.join("self").exists()
-                && !proc.join(pid.to_string()).exists()
+                && !std::path::Path::new("/proc").join(pid.to_string()).exists()
         })
 }
 
@@ -90,6 +88,10 @@ pub fn remove_dead_temporaries(
     marker: &str,
 ) -> std::io::Result<Vec<std::path::PathBuf>> {
     let mut removed = Vec::new();
+    // Without /proc no process can be told ended, so nothing is removed.
+    if !std::path::Path::new("/proc/self").exists() {
+        return Ok(removed);
+    }
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let dead = entry

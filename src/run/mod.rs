@@ -79,7 +79,9 @@ impl RunError {
 /// and a sync of the folder, so a reader, a crash or a power cut sees the old contents or
 /// the new, never a mix or an empty file.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), RunError> {
-    let tmp = path.with_extension(format!("{}{}", &TEMPORARY[1..], std::process::id()));
+    let mut tmp = path.with_extension("").into_os_string();
+    tmp.push(format!("{TEMPORARY}{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
     let written = crate::sys::write_synced(&tmp, contents).map_err(|e| RunError::io(&tmp, e));
     let renamed = written.and_then(|()| fs::rename(&tmp, path).map_err(|e| RunError::io(path, e)));
     if renamed.is_err() {
