@@ -389,7 +389,7 @@ impl Experiment {
         positive("data.synthetic.items", synthetic.items as u64)?;
         positive("data.synthetic.annotators", synthetic.annotators as u64)?;
         let divisor = self.model.size_divisor() as usize;
-        if synthetic.size == 0 || synthetic.size % divisor != 0 {
+        if synthetic.size == 0 || !synthetic.size.is_multiple_of(divisor) {
             return Err(invalid(
                 "data.synthetic.size",
                 format!(

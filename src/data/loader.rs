@@ -133,7 +133,7 @@ impl Loader {
     /// reached: a cursor a whole number of batches into this split (a tampered one would
     /// index past the split).
     pub fn restore(&mut self, state: LoaderState) -> Result<(), String> {
-        if state.cursor > self.order.len() || state.cursor % self.batch != 0 {
+        if state.cursor > self.order.len() || !state.cursor.is_multiple_of(self.batch) {
             return Err(format!(
                 "data cursor {} is not a whole number of batches of {} within the {}                  training items: not a checkpoint of this run's data",
                 state.cursor,

@@ -208,7 +208,7 @@ fn manifest(options: &PrepareOptions, plan: Plan, split: Split, stats: Stats) ->
 
 /// What the generator needs: an image size it can halve three times, and positive counts.
 fn check_synthetic(config: &SyntheticConfig) -> Result<(), String> {
-    if config.size < 8 || config.size % 8 != 0 {
+    if config.size < 8 || !config.size.is_multiple_of(8) {
         return Err(format!(
             "synthetic size {} must be a positive multiple of 8",
             config.size

@@ -399,7 +399,7 @@ pub fn write_arrays(
     // safetensors allows trailing spaces in the header; they align the data to a block.
     header.resize((8 + header.len()).next_multiple_of(BLOCK) - 8, b' ');
     let data_start = 8 + header.len();
-    let (file, direct) = create_output(path, (data_start + image_bytes) % BLOCK == 0)?;
+    let (file, direct) = create_output(path, (data_start + image_bytes).is_multiple_of(BLOCK))?;
     let mut first = AlignedBuf::new(data_start);
     first.raw[first.start..first.start + 8].copy_from_slice(&(header.len() as u64).to_le_bytes());
     first.raw[first.start + 8..first.start + data_start].copy_from_slice(&header);

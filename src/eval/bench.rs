@@ -96,7 +96,7 @@ impl BenchEvalOptions {
         let config = self.model();
         config.validate().map_err(name_flag)?;
         let divisor = config.size_divisor() as usize;
-        if self.size == 0 || self.size % divisor != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(divisor) {
             return Err(EvalError::Options(format!(
                 "--size must be a positive multiple of {divisor} for {} model levels, got {}",
                 config.filters.len(),

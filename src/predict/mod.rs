@@ -307,7 +307,7 @@ fn room(
 
 /// The image if the model takes its size, or with `--pad` anyway; otherwise why not.
 fn fit(image: InputImage, divisor: usize, pad: bool) -> Result<InputImage, (String, String)> {
-    if pad || (image.height % divisor == 0 && image.width % divisor == 0) {
+    if pad || (image.height.is_multiple_of(divisor) && image.width.is_multiple_of(divisor)) {
         return Ok(image);
     }
     let (h, w) = padded(image.height, image.width, divisor);
