@@ -19,6 +19,7 @@ fn main() {
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     build_memory_shim(&lib);
+    build_intraop_shim(&lib);
     let cuda = lib.join("libtorch_cuda.so");
     if cuda.exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
@@ -44,6 +45,24 @@ fn build_memory_shim(lib: &std::path::Path) {
         .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi())
         .flag_if_supported("-Wno-unused-parameter")
         .compile("probunet_memory");
+}
+
+/// src/model/intraop.cpp: `at::parallel_for` for probunet's own CPU kernels. It is
+/// OpenMP code, as libtorch's is, and links the `libgomp.so.1` that libtorch loads (the
+/// rpath finds libtorch's own), so both share one thread pool.
+fn build_intraop_shim(lib: &std::path::Path) {
+    let source = "src/model/intraop.cpp";
+    println!("cargo:rerun-if-changed={source}");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file(source)
+        .include(lib.with_file_name("include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi())
+        .flag("-fopenmp")
+        .flag_if_supported("-Wno-unused-parameter")
+        .compile("probunet_intraop");
+    println!("cargo:rustc-link-lib=gomp");
 }
 
 /// The C++ ABI libtorch was built with, as torch-sys decides it: asked of the python that

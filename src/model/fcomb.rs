@@ -1,6 +1,7 @@
 //! Fcomb: combines a latent sample with the U-Net features into logits through 1x1 convs.
+use super::fcomb_kernel::{self, Isa};
 use super::layers::{Conv2d, ConvInit};
-use tch::{nn, TchError, Tensor};
+use tch::{nn, Device, Kind, TchError, Tensor};
 
 /// About how many bytes of activations fcomb's 1x1 convs take per chunk of samples: two
 /// such tensors live at once, and 2 x 8 MiB sit in a 32 MiB L3 cache.
@@ -108,6 +109,9 @@ impl Fcomb {
             .f_matmul(&w_z.f_tr()?)?
             .f_add(&first.bias)?
             .f_to_kind(features.kind())?;
+        if let Some(logits) = self.decode_fused(&feature_part, &latent_part)? {
+            return Ok(logits);
+        }
         let row_bytes = self.features * h * w * features.kind().elt_size_in_bytes() as i64;
         let rows = CHUNK_BYTES / row_bytes.max(1);
         let mut chunks = chunk_plan(b, n, rows)
@@ -148,6 +152,63 @@ impl Fcomb {
         self.last.forward(&xs)
     }
 
+    /// [`Fcomb::forward_samples`]'s decoding through [`fcomb_kernel`] where it applies:
+    /// float32 on an AVX2 or AVX-512 CPU, outside autograd, at most
+    /// [`fcomb_kernel::MAX_LANES`] lanes of channels. `None` leaves it to libtorch.
+    fn decode_fused(
+        &self,
+        feature_part: &Tensor,
+        latent_part: &Tensor,
+    ) -> Result<Option<Tensor>, TchError> {
+        let fits = feature_part.device() == Device::Cpu
+            && feature_part.kind() == Kind::Float
+            && !feature_part.requires_grad()
+            && !latent_part.requires_grad();
+        let Some(isa) = Isa::available().filter(|_| fits) else {
+            return Ok(None);
+        };
+        let Ok(layers) = self.kernel_layers()? else {
+            return Ok(None);
+        };
+        let (m, f, h, w) = feature_part.size4()?;
+        let n = latent_part.size()[1];
+        let classes = self.last.weight.size()[0];
+        // Channels-last features are pixel-major already: no copy.
+        let pixel_major = feature_part.f_permute([0, 2, 3, 1])?.f_contiguous()?;
+        let latent = floats(latent_part)?;
+        let logits = Tensor::f_empty([m, n, classes, h, w], (Kind::Float, Device::Cpu))?;
+        // SAFETY: both are contiguous float32 CPU tensors of `numel` elements, held here
+        // for the whole call: `pixel_major` is only read, and `logits`, made above, is
+        // written by this call alone.
+        let (features, out) = unsafe {
+            (
+                std::slice::from_raw_parts(
+                    pixel_major.data_ptr() as *const f32,
+                    pixel_major.numel(),
+                ),
+                std::slice::from_raw_parts_mut(logits.data_ptr() as *mut f32, logits.numel()),
+            )
+        };
+        let dims = (m as usize, n as usize, (h * w) as usize);
+        fcomb_kernel::decode(isa, &layers, features, &latent, dims, out)
+            .map_err(|e| TchError::Shape(format!("fused fcomb on {f} channels: {e}")))?;
+        Ok(Some(logits))
+    }
+
+    /// The layers after the first for [`fcomb_kernel`]; `Err` inside when they do not fit it.
+    fn kernel_layers(&self) -> Result<Result<fcomb_kernel::Layers, fcomb_kernel::Unfit>, TchError> {
+        let hidden = self.hidden[1..]
+            .iter()
+            .map(|conv| Ok((floats(&conv.weight)?, floats(&conv.bias)?)))
+            .collect::<Result<Vec<_>, TchError>>()?;
+        let (weight, bias) = (floats(&self.last.weight)?, floats(&self.last.bias)?);
+        Ok(fcomb_kernel::Layers::new(
+            self.features as usize,
+            &hidden,
+            (&weight, &bias),
+        ))
+    }
+
     /// Parameters of the hidden layers only: the seed's l2 term skips the last layer.
     pub fn hidden_parameters(&self) -> impl Iterator<Item = &Tensor> {
         self.hidden.iter().flat_map(Conv2d::parameters)
@@ -158,10 +219,19 @@ impl Fcomb {
     }
 }
 
+/// A float32 copy of `t`'s values in row-major order of its logical shape.
+fn floats(t: &Tensor) -> Result<Vec<f32>, TchError> {
+    let flat = t
+        .f_detach()?
+        .f_to_kind(Kind::Float)?
+        .f_contiguous()?
+        .f_view(-1)?;
+    Vec::<f32>::try_from(&flat)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind};
 
     /// The seed's fcomb for one z per image: z tiled over the image and concatenated with
     /// the features, then every conv whole.
@@ -214,5 +284,26 @@ mod tests {
                 assert!(diff < 1e-5, "b {b}, sample {j}: {diff}");
             }
         }
+    }
+
+    #[test]
+    fn sampling_takes_the_fused_kernel_and_training_keeps_autograd() {
+        tch::manual_seed(4);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let fcomb = Fcomb::new(vs.root(), 32, 2, 4, 1).unwrap();
+        // Channels-last, as the U-Net hands features over on AVX-512.
+        let features =
+            Tensor::rand([2, 16, 16, 32], (Kind::Float, Device::Cpu)).permute([0, 3, 1, 2]);
+        let latent = Tensor::rand([2, 3, 32], (Kind::Float, Device::Cpu));
+        let fused = tch::no_grad(|| fcomb.decode_fused(&features, &latent)).unwrap();
+        assert_eq!(fused.is_some(), Isa::available().is_some());
+        let training = features.set_requires_grad(true);
+        assert!(fcomb.decode_fused(&training, &latent).unwrap().is_none());
+        let z = Tensor::randn([2, 3, 2], (Kind::Float, Device::Cpu));
+        let logits = fcomb.forward_samples(&training, &z).unwrap();
+        assert!(logits.requires_grad());
+        let sampled = tch::no_grad(|| fcomb.forward_samples(&features, &z)).unwrap();
+        let diff = (logits.detach() - sampled).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "fused against libtorch: {diff}");
     }
 }

@@ -7,6 +7,7 @@
 //! libtorch call goes through its fallible `f_` variant, so an allocation that fails (a
 //! full GPU, say) comes back as a [`ModelError::Torch`] rather than a panic.
 mod fcomb;
+mod fcomb_kernel;
 mod footprint;
 mod gaussian;
 mod layers;
