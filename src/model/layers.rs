@@ -97,6 +97,30 @@ impl Conv2d {
     }
 
     /// The weight and bias, in that order (for the l2 term and parameter counts).
+    /// [`Conv2d::forward`] over `a` and `b` concatenated along channels, without the
+    /// concatenation: the sum of a conv over each with its slice of the weight.
+    pub fn forward_split(&self, a: &Tensor, b: &Tensor) -> Result<Tensor, TchError> {
+        let a_channels = a.size()[1];
+        let b_channels = self.weight.size()[1] - a_channels;
+        let conv = |xs: &Tensor, first: i64, channels: i64, bias: Option<&Tensor>| {
+            let weight = self
+                .weight
+                .f_narrow(1, first, channels)?
+                .f_to_kind(xs.kind())?;
+            let bias = bias.map(|b| b.f_to_kind(xs.kind())).transpose()?;
+            xs.f_conv2d(
+                &weight,
+                bias.as_ref(),
+                [1, 1],
+                [self.padding, self.padding],
+                [1, 1],
+                1,
+            )
+        };
+        // In place: the sum's backward needs neither operand.
+        conv(a, 0, a_channels, Some(&self.bias))?.f_add_(&conv(b, a_channels, b_channels, None)?)
+    }
+
     pub fn parameters(&self) -> [&Tensor; 2] {
         [&self.weight, &self.bias]
     }
@@ -152,5 +176,31 @@ mod tests {
         let gram = w.matmul(&w.tr());
         let identity = Tensor::eye(32, (Kind::Float, Device::Cpu));
         assert!((gram - identity).abs().max().double_value(&[]) < 1e-5);
+    }
+
+    #[test]
+    fn a_split_conv_is_the_conv_of_the_concatenation_with_its_gradients() {
+        tch::manual_seed(5);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let conv = Conv2d::new(vs.root(), 6 + 4, 5, 3, ConvInit::KaimingTruncated).unwrap();
+        let _ = tch::no_grad(|| conv.bias.shallow_clone().normal_(0.0, 1.0));
+        let a = Tensor::randn([2, 6, 9, 7], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let b = Tensor::randn([2, 4, 9, 7], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let grads = |out: Tensor| {
+            let out = out.relu();
+            let inputs = [&a, &b, &conv.weight, &conv.bias];
+            let grads = Tensor::run_backward(&[out.sum(Kind::Float)], &inputs, false, false);
+            (out.detach(), grads)
+        };
+        let (split, split_grads) = grads(conv.forward_split(&a, &b).unwrap());
+        let (whole, whole_grads) = grads(conv.forward(&Tensor::cat(&[&a, &b], 1)).unwrap());
+        assert!((split - whole).abs().max().double_value(&[]) < 1e-5);
+        for (name, (s, w)) in ["a", "b", "weight", "bias"]
+            .iter()
+            .zip(split_grads.iter().zip(&whole_grads))
+        {
+            let diff = (s - w).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "gradient of {name}: {diff}");
+        }
     }
 }
