@@ -192,19 +192,23 @@ fn decode_sample(isa: Isa, layers: &Layers, features: &[f32], latent: &[f32], lo
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (isa, layers, features, latent, logits);
     #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: `Isa::available` offers Avx512 only where the CPU has AVX-512F and FMA.
-        Isa::Avx512 => unsafe { decode_avx512(layers, features, latent, logits) },
-        // SAFETY: `Isa::available` offers Avx2 only where the CPU has AVX2 and FMA.
-        Isa::Avx2 => unsafe { decode_avx2(layers, features, latent, logits) },
+    match isa.0 {
+        // SAFETY: an `Isa` of Avx512 exists only where the CPU has AVX-512F and FMA.
+        Unit::Avx512 => unsafe { decode_avx512(layers, features, latent, logits) },
+        // SAFETY: an `Isa` of Avx2 exists only where the CPU has AVX2 and FMA.
+        Unit::Avx2 => unsafe { decode_avx2(layers, features, latent, logits) },
     }
 }
 
 /// The vector unit the kernel runs on: the widest this CPU offers and oneDNN is allowed
 /// (`ONEDNN_MAX_CPU_ISA` caps both alike, so a capped machine measures as the CPU it
-/// stands in for).
+/// stands in for). Only [`Isa::available`] makes one, so holding an `Isa` proves the CPU
+/// has that unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
+pub struct Isa(Unit);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
     Avx512,
     Avx2,
 }
@@ -222,9 +226,9 @@ fn detect() -> Option<Isa> {
     let allowed = crate::sys::cpu_capability();
     let fma = is_x86_feature_detected!("fma");
     if allowed == "AVX512" && fma && is_x86_feature_detected!("avx512f") {
-        Some(Isa::Avx512)
+        Some(Isa(Unit::Avx512))
     } else if allowed != "other" && fma && is_x86_feature_detected!("avx2") {
-        Some(Isa::Avx2)
+        Some(Isa(Unit::Avx2))
     } else {
         None
     }
@@ -238,14 +242,15 @@ fn detect() -> Option<Isa> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn decode_avx512(layers: &Layers, features: &[f32], latent: &[f32], logits: &mut [f32]) {
-    // Four pixels of up to four 16-float lanes: 16 of the 32 registers accumulate.
+    // Eight pixels: at the default 32 channels (two lanes) 16 of the 32 registers
+    // accumulate.
     decode_tiles::<x86::Zmm, 8>(layers, features, latent, logits)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn decode_avx2(layers: &Layers, features: &[f32], latent: &[f32], logits: &mut [f32]) {
-    // Two pixels: a lane takes two of the 16 registers.
+    // Two pixels: a lane takes two of the 16 registers, so 32 channels take 8.
     decode_tiles::<x86::Ymm2, 2>(layers, features, latent, logits)
 }
 
@@ -486,10 +491,10 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx512f") {
-                units.push(Isa::Avx512);
+                units.push(Isa(Unit::Avx512));
             }
             if is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx2") {
-                units.push(Isa::Avx2);
+                units.push(Isa(Unit::Avx2));
             }
         }
         units
