@@ -78,17 +78,40 @@ impl Conv2d {
     /// Runs in the input's precision: a bfloat16 input casts the float32 weights, as
     /// autocast does, while the parameters and their gradients stay float32.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
-        let (weight, bias) = if xs.kind() == self.weight.kind() {
-            (self.weight.shallow_clone(), self.bias.shallow_clone())
-        } else {
-            (
-                self.weight.f_to_kind(xs.kind())?,
-                self.bias.f_to_kind(xs.kind())?,
-            )
+        self.convolve(xs, &self.weight, Some(&self.bias))
+    }
+
+    /// [`Conv2d::forward`] over `a` and `b` concatenated along channels, without the
+    /// concatenation: the sum of a conv over each with its slice of the weight.
+    pub fn forward_split(&self, a: &Tensor, b: &Tensor) -> Result<Tensor, TchError> {
+        let a_channels = a.size()[1];
+        let b_channels = self.weight.size()[1] - a_channels;
+        let a_weight = self.weight.f_narrow(1, 0, a_channels)?;
+        let b_weight = self.weight.f_narrow(1, a_channels, b_channels)?;
+        // In place: the sum's backward needs neither operand.
+        self.convolve(a, &a_weight, Some(&self.bias))?
+            .f_add_(&self.convolve(b, &b_weight, None)?)
+    }
+
+    /// `xs` convolved with `weight` (and `bias`) at this layer's padding, the parameters
+    /// cast to `xs`'s kind where they differ (bf16 autocast on CUDA).
+    fn convolve(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor, TchError> {
+        let cast = |t: &Tensor| {
+            if t.kind() == xs.kind() {
+                Ok(t.shallow_clone())
+            } else {
+                t.f_to_kind(xs.kind())
+            }
         };
+        let bias = bias.map(cast).transpose()?;
         xs.f_conv2d(
-            &weight,
-            Some(&bias),
+            &cast(weight)?,
+            bias.as_ref(),
             [1, 1],
             [self.padding, self.padding],
             [1, 1],
@@ -97,30 +120,6 @@ impl Conv2d {
     }
 
     /// The weight and bias, in that order (for the l2 term and parameter counts).
-    /// [`Conv2d::forward`] over `a` and `b` concatenated along channels, without the
-    /// concatenation: the sum of a conv over each with its slice of the weight.
-    pub fn forward_split(&self, a: &Tensor, b: &Tensor) -> Result<Tensor, TchError> {
-        let a_channels = a.size()[1];
-        let b_channels = self.weight.size()[1] - a_channels;
-        let conv = |xs: &Tensor, first: i64, channels: i64, bias: Option<&Tensor>| {
-            let weight = self
-                .weight
-                .f_narrow(1, first, channels)?
-                .f_to_kind(xs.kind())?;
-            let bias = bias.map(|b| b.f_to_kind(xs.kind())).transpose()?;
-            xs.f_conv2d(
-                &weight,
-                bias.as_ref(),
-                [1, 1],
-                [self.padding, self.padding],
-                [1, 1],
-                1,
-            )
-        };
-        // In place: the sum's backward needs neither operand.
-        conv(a, 0, a_channels, Some(&self.bias))?.f_add_(&conv(b, a_channels, b_channels, None)?)
-    }
-
     pub fn parameters(&self) -> [&Tensor; 2] {
         [&self.weight, &self.bias]
     }
