@@ -1,6 +1,7 @@
 //! Fcomb: combines a latent sample with the U-Net features into logits through 1x1 convs.
-use super::fcomb_kernel::{self, Isa};
+use super::fcomb_kernel;
 use super::layers::{Conv2d, ConvInit};
+use super::simd::Isa;
 use tch::{nn, Device, Kind, TchError, Tensor};
 
 /// About how many bytes of activations fcomb's 1x1 convs take per chunk of samples: two

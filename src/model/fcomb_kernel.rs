@@ -6,11 +6,9 @@
 //! through every layer while it sits in registers and L1: the same sums in another order.
 //! It serves inference only (no autograd) in float32; [`Fcomb`](super::Fcomb) falls back
 //! to libtorch for anything else.
-use std::ffi::c_void;
-
-/// Channels go in lanes of 16 floats: one AVX-512 register, two AVX2 ones.
-const LANES: usize = 16;
-type Lane = [f32; LANES];
+#[cfg(target_arch = "x86_64")]
+use super::simd::x86;
+use super::simd::{parallel_for, Isa, Lane, SharedOut, Unit, Vector, LANES};
 
 /// Pixels per tile: a tile's activations stay in L1 between layers.
 const TILE: usize = 32;
@@ -40,43 +38,6 @@ pub enum Unfit {
     Shape { got: usize, expected: usize },
     #[error("libtorch's thread pool failed to run the fused fcomb")]
     Threads,
-}
-
-/// `out`'s buffer, written by the threads of [`parallel_for`] in disjoint ranges.
-struct SharedOut(*mut f32);
-// SAFETY: the threads write disjoint ranges (see `decode`).
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The `i`th float; a method, so closures capture the whole (Sync) wrapper.
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
-/// What intraop.cpp calls back: a context and a range.
-type Body = extern "C" fn(*mut c_void, i64, i64);
-
-extern "C" {
-    fn probunet_parallel_for(n: i64, body: Body, context: *mut c_void) -> i32;
-}
-
-/// Runs `body` over ranges covering `0..n` on libtorch's intra-op threads (intraop.cpp),
-/// so it takes the cores those threads hold rather than competing with them.
-fn parallel_for(n: usize, body: &(dyn Fn(usize, usize) + Sync)) -> Result<(), ()> {
-    extern "C" fn call(context: *mut c_void, begin: i64, end: i64) {
-        // SAFETY: `context` is the `&&dyn Fn` passed below, alive for the whole call.
-        let body = unsafe { &*(context as *const &(dyn Fn(usize, usize) + Sync)) };
-        body(begin as usize, end as usize);
-    }
-    let mut body = body;
-    let context = &mut body as *mut &(dyn Fn(usize, usize) + Sync) as *mut c_void;
-    // SAFETY: plain FFI; `call` matches the callback's type and catches nothing, but a
-    // panic in an `extern "C"` function aborts rather than unwinding into C++.
-    match unsafe { probunet_parallel_for(n as i64, call, context) } {
-        0 => Ok(()),
-        _ => Err(()),
-    }
 }
 
 fn lanes_for(features: usize) -> usize {
@@ -198,45 +159,6 @@ fn decode_sample(isa: Isa, layers: &Layers, features: &[f32], latent: &[f32], lo
         // SAFETY: an `Isa` of Avx2 exists only where the CPU has AVX2 and FMA.
         Unit::Avx2 => unsafe { decode_avx2(layers, features, latent, logits) },
     }
-}
-
-/// The vector unit the kernel runs on: the widest this CPU offers and oneDNN is allowed
-/// (`ONEDNN_MAX_CPU_ISA` caps both alike, so a capped machine measures as the CPU it
-/// stands in for). Only [`Isa::available`] makes one, so holding an `Isa` proves the CPU
-/// has that unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Isa(Unit);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Unit {
-    Avx512,
-    Avx2,
-}
-
-impl Isa {
-    /// `None` where the CPU has neither (fcomb then stays with libtorch).
-    pub fn available() -> Option<Isa> {
-        static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
-        *ISA.get_or_init(detect)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn detect() -> Option<Isa> {
-    let allowed = crate::sys::cpu_capability();
-    let fma = is_x86_feature_detected!("fma");
-    if allowed == "AVX512" && fma && is_x86_feature_detected!("avx512f") {
-        Some(Isa(Unit::Avx512))
-    } else if allowed != "other" && fma && is_x86_feature_detected!("avx2") {
-        Some(Isa(Unit::Avx2))
-    } else {
-        None
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn detect() -> Option<Isa> {
-    None
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -379,126 +301,10 @@ unsafe fn dot<V: Vector, const NB: usize>(x: &[Lane; NB], w: &[Lane]) -> f32 {
     acc.sum()
 }
 
-/// Sixteen floats in the registers of one vector unit. Every method is `unsafe`: it may
-/// only run on a CPU with that unit (inside the matching `#[target_feature]` function).
-trait Vector: Copy {
-    unsafe fn load(lane: &Lane) -> Self;
-    unsafe fn splat(x: f32) -> Self;
-    /// `self * x + acc`
-    unsafe fn mul_add(self, x: Self, acc: Self) -> Self;
-    unsafe fn add(self, other: Self) -> Self;
-    unsafe fn relu(self) -> Self;
-    unsafe fn store(self, lane: &mut Lane);
-    unsafe fn sum(self) -> f32;
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{Lane, Vector};
-    use std::arch::x86_64::*;
-
-    /// One AVX-512 register.
-    #[derive(Clone, Copy)]
-    pub struct Zmm(__m512);
-
-    impl Vector for Zmm {
-        #[inline(always)]
-        unsafe fn load(lane: &Lane) -> Self {
-            Zmm(_mm512_loadu_ps(lane.as_ptr()))
-        }
-        #[inline(always)]
-        unsafe fn splat(x: f32) -> Self {
-            Zmm(_mm512_set1_ps(x))
-        }
-        #[inline(always)]
-        unsafe fn mul_add(self, x: Self, acc: Self) -> Self {
-            Zmm(_mm512_fmadd_ps(self.0, x.0, acc.0))
-        }
-        #[inline(always)]
-        unsafe fn add(self, other: Self) -> Self {
-            Zmm(_mm512_add_ps(self.0, other.0))
-        }
-        #[inline(always)]
-        unsafe fn relu(self) -> Self {
-            Zmm(_mm512_max_ps(self.0, _mm512_setzero_ps()))
-        }
-        #[inline(always)]
-        unsafe fn store(self, lane: &mut Lane) {
-            _mm512_storeu_ps(lane.as_mut_ptr(), self.0)
-        }
-        #[inline(always)]
-        unsafe fn sum(self) -> f32 {
-            _mm512_reduce_add_ps(self.0)
-        }
-    }
-
-    /// Two AVX2 registers.
-    #[derive(Clone, Copy)]
-    pub struct Ymm2(__m256, __m256);
-
-    impl Vector for Ymm2 {
-        #[inline(always)]
-        unsafe fn load(lane: &Lane) -> Self {
-            Ymm2(
-                _mm256_loadu_ps(lane.as_ptr()),
-                _mm256_loadu_ps(lane.as_ptr().add(8)),
-            )
-        }
-        #[inline(always)]
-        unsafe fn splat(x: f32) -> Self {
-            Ymm2(_mm256_set1_ps(x), _mm256_set1_ps(x))
-        }
-        #[inline(always)]
-        unsafe fn mul_add(self, x: Self, acc: Self) -> Self {
-            Ymm2(
-                _mm256_fmadd_ps(self.0, x.0, acc.0),
-                _mm256_fmadd_ps(self.1, x.1, acc.1),
-            )
-        }
-        #[inline(always)]
-        unsafe fn add(self, other: Self) -> Self {
-            Ymm2(
-                _mm256_add_ps(self.0, other.0),
-                _mm256_add_ps(self.1, other.1),
-            )
-        }
-        #[inline(always)]
-        unsafe fn relu(self) -> Self {
-            let zero = _mm256_setzero_ps();
-            Ymm2(_mm256_max_ps(self.0, zero), _mm256_max_ps(self.1, zero))
-        }
-        #[inline(always)]
-        unsafe fn store(self, lane: &mut Lane) {
-            _mm256_storeu_ps(lane.as_mut_ptr(), self.0);
-            _mm256_storeu_ps(lane.as_mut_ptr().add(8), self.1);
-        }
-        #[inline(always)]
-        unsafe fn sum(self) -> f32 {
-            let mut v = [0.0f32; 8];
-            _mm256_storeu_ps(v.as_mut_ptr(), _mm256_add_ps(self.0, self.1));
-            v.iter().sum()
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::simd::units;
     use super::*;
-
-    /// Every vector unit this CPU has, whatever `ONEDNN_MAX_CPU_ISA` says.
-    fn units() -> Vec<Isa> {
-        let mut units = vec![];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx512f") {
-                units.push(Isa(Unit::Avx512));
-            }
-            if is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx2") {
-                units.push(Isa(Unit::Avx2));
-            }
-        }
-        units
-    }
 
     /// Small, varied values, the same on every run.
     fn values(len: usize, seed: usize) -> Vec<f32> {

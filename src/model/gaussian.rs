@@ -119,6 +119,11 @@ impl AxisAlignedConvGaussian {
         Ok(DiagonalGaussian { mu, log_sigma })
     }
 
+    /// The encoder's convolutions (the 1x1 head is not one [`Prepared`](super::layers::Prepared) takes).
+    pub fn convs(&self) -> impl Iterator<Item = &Conv2d> {
+        self.encoder.convs()
+    }
+
     pub fn parameters(&self) -> impl Iterator<Item = &Tensor> {
         self.encoder.parameters().chain(self.head.parameters())
     }

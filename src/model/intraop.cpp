@@ -18,3 +18,9 @@ extern "C" int probunet_parallel_for(int64_t n, void (*body)(void *, int64_t, in
     return 1;
   }
 }
+
+// Whether autograd records operations now (false inside tch::no_grad): probunet's own
+// kernels record nothing, so they serve only where nothing is recorded.
+#include <ATen/core/grad_mode.h>
+
+extern "C" int probunet_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }

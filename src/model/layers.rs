@@ -4,8 +4,11 @@
 //! specific schemes (Kaiming-normal weights with tiny truncated-normal biases, a unit-normal
 //! bias on the latent head, orthogonal 1x1 weights in fcomb), so the layers here create
 //! their variables through the `Path` with exactly those values.
+use super::simd::{grad_enabled, Isa};
+use super::winograd::{self, Filter, Source};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tch::nn::{self, Init};
-use tch::{Kind, TchError, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 /// How a convolution's weight and bias are initialised (spec/model.md, "Initialisation").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +30,9 @@ pub struct Conv2d {
     pub weight: Tensor,
     pub bias: Tensor,
     padding: i64,
+    /// The weight transformed for [`winograd`] while a sampling pass holds it
+    /// ([`Prepared`]).
+    prepared: Mutex<Option<Arc<Filter>>>,
 }
 
 impl Conv2d {
@@ -72,7 +78,26 @@ impl Conv2d {
             weight,
             bias,
             padding: kernel / 2,
+            prepared: Mutex::new(None),
         })
+    }
+
+    /// `relu(forward(xs))`, by [`winograd`] where a sampling pass prepared this layer and
+    /// `xs` fits it.
+    pub fn forward_relu(&self, xs: &Tensor) -> Result<Tensor, TchError> {
+        match self.winograd_relu(&[xs])? {
+            Some(out) => Ok(out),
+            None => self.forward(xs)?.f_relu_(),
+        }
+    }
+
+    /// `relu(forward_split(a, b))`, by [`winograd`] where it applies (see
+    /// [`Conv2d::forward_relu`]).
+    pub fn forward_split_relu(&self, a: &Tensor, b: &Tensor) -> Result<Tensor, TchError> {
+        match self.winograd_relu(&[a, b])? {
+            Some(out) => Ok(out),
+            None => self.forward_split(a, b)?.f_relu_(),
+        }
     }
 
     /// Runs in the input's precision: a bfloat16 input casts the float32 weights, as
@@ -122,6 +147,111 @@ impl Conv2d {
     /// The weight and bias, in that order (for the l2 term and parameter counts).
     pub fn parameters(&self) -> [&Tensor; 2] {
         [&self.weight, &self.bias]
+    }
+
+    pub(super) fn prepared(&self) -> MutexGuard<'_, Option<Arc<Filter>>> {
+        // The guarded value is a plain cache, whole at every moment: a panic elsewhere
+        // while it was held leaves nothing half-written.
+        self.prepared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Transforms the weight for [`winograd`] where this layer fits it: 3x3, float32 on a
+    /// CPU with a vector unit for it, channels in whole lanes.
+    fn prepare(&self) -> Result<(), TchError> {
+        let size = self.weight.size();
+        let fits = Isa::available().is_some()
+            && self.weight.device() == Device::Cpu
+            && self.weight.kind() == Kind::Float
+            && size.get(2..) == Some(&[3, 3][..]);
+        if !fits {
+            return Ok(());
+        }
+        let weight = Vec::<f32>::try_from(&self.weight.f_contiguous()?.f_flatten(0, -1)?)?;
+        let bias = Vec::<f32>::try_from(&self.bias.f_contiguous()?)?;
+        *self.prepared() = match Filter::new(&weight, &bias, size[1] as usize) {
+            Ok(filter) => Some(Arc::new(filter)),
+            Err(winograd::Unfit::Channels { .. }) => None,
+            Err(e) => return Err(TchError::Shape(format!("winograd filter: {e}"))),
+        };
+        Ok(())
+    }
+
+    /// `relu(conv(cat(inputs)))` by [`winograd`]; `None` where this layer is not prepared,
+    /// autograd records, or an input is not a channels-last float32 CPU tensor in whole
+    /// lanes of channels.
+    fn winograd_relu(&self, inputs: &[&Tensor]) -> Result<Option<Tensor>, TchError> {
+        let Some(filter) = self.prepared().clone() else {
+            return Ok(None);
+        };
+        let Some(isa) = Isa::available() else {
+            return Ok(None);
+        };
+        let Some(first) = inputs.first() else {
+            return Ok(None);
+        };
+        let (n, _, h, w) = first.size4()?;
+        if grad_enabled() || !inputs.iter().all(|x| winograd_input(x, (n, h, w))) {
+            return Ok(None);
+        }
+        let outputs = self.bias.size()[0];
+        let out = Tensor::f_empty([n, h, w, outputs], (Kind::Float, Device::Cpu))?;
+        // SAFETY: `winograd_input` checked that every input is a dense channels-last
+        // float32 CPU tensor of `numel` floats from `data_ptr`; `out` is a new contiguous
+        // one. All are held here for the whole call, and only `out` is written.
+        let (sources, out_floats) = unsafe {
+            let sources: Vec<Source> = inputs
+                .iter()
+                .map(|x| Source {
+                    pixels: std::slice::from_raw_parts(x.data_ptr() as *const f32, x.numel()),
+                    channels: x.size()[1] as usize,
+                })
+                .collect();
+            let floats = std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, out.numel());
+            (sources, floats)
+        };
+        let dims = (n as usize, h as usize, w as usize);
+        winograd::conv3x3(isa, &filter, &sources, dims, true, out_floats)
+            .map_err(|e| TchError::Shape(format!("winograd convolution: {e}")))?;
+        Ok(Some(out.f_permute([0, 3, 1, 2])?))
+    }
+}
+
+/// Whether `x` can be read as `[n, h, w, channels]` floats for [`winograd`].
+fn winograd_input(x: &Tensor, (n, h, w): (i64, i64, i64)) -> bool {
+    let size = x.size();
+    let [xn, c, xh, xw] = size[..] else {
+        return false;
+    };
+    (xn, xh, xw) == (n, h, w)
+        && c % winograd::LANES as i64 == 0
+        && x.kind() == Kind::Float
+        && x.device() == Device::Cpu
+        && !x.requires_grad()
+        && x.stride() == [h * w * c, 1, w * c, c]
+}
+
+/// Convolutions prepared for [`winograd`] while this lives: a sampling pass holds one, so
+/// the weights are transformed once per pass rather than once per part, and released
+/// after it, so a later optimiser step never meets a stale transform.
+pub struct Prepared<'a>(Vec<&'a Conv2d>);
+
+impl<'a> Prepared<'a> {
+    pub fn new(convs: impl IntoIterator<Item = &'a Conv2d>) -> Result<Self, TchError> {
+        let prepared = Self(convs.into_iter().collect());
+        for conv in &prepared.0 {
+            conv.prepare()?;
+        }
+        Ok(prepared)
+    }
+}
+
+impl Drop for Prepared<'_> {
+    fn drop(&mut self) {
+        for conv in &self.0 {
+            *conv.prepared() = None;
+        }
     }
 }
 
@@ -201,5 +331,46 @@ mod tests {
             let diff = (s - w).abs().max().double_value(&[]);
             assert!(diff < 1e-4, "gradient of {name}: {diff}");
         }
+    }
+
+    /// `[n, c, h, w]` values with channels-last strides, as the model's passes hold them.
+    fn channels_last(n: i64, c: i64, h: i64, w: i64) -> Tensor {
+        Tensor::randn([n, h, w, c], (Kind::Float, Device::Cpu)).permute([0, 3, 1, 2])
+    }
+
+    #[test]
+    fn prepared_convs_take_the_winograd_path_only_where_it_applies() {
+        if Isa::available().is_none() {
+            return;
+        }
+        tch::manual_seed(6);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let conv = Conv2d::new(vs.root(), 32 + 16, 32, 3, ConvInit::KaimingTruncated).unwrap();
+        let (a, b) = (channels_last(2, 32, 9, 6), channels_last(2, 16, 9, 6));
+        let whole = Tensor::cat(&[&a, &b], 1).contiguous();
+        let expected = tch::no_grad(|| conv.forward(&whole).unwrap().relu());
+        let close = |got: &Tensor| {
+            let diff = (got - &expected).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "off by {diff}");
+        };
+        tch::no_grad(|| assert!(conv.winograd_relu(&[&a, &b]).unwrap().is_none()));
+        {
+            let _prepared = Prepared::new([&conv]).unwrap();
+            tch::no_grad(|| {
+                close(&conv.winograd_relu(&[&a, &b]).unwrap().unwrap());
+                close(&conv.forward_split_relu(&a, &b).unwrap());
+                // NCHW input, or channels outside whole lanes: libtorch's path.
+                assert!(conv.winograd_relu(&[&whole]).unwrap().is_none());
+            });
+            // Autograd recording: libtorch's path, with its gradients.
+            assert!(conv.winograd_relu(&[&a, &b]).unwrap().is_none());
+            let out = conv.forward_split_relu(&a, &b).unwrap();
+            assert!(out.requires_grad());
+        }
+        tch::no_grad(|| assert!(conv.winograd_relu(&[&a, &b]).unwrap().is_none()));
+        let unfit = Conv2d::new(vs.root() / "u", 16, 24, 3, ConvInit::KaimingTruncated).unwrap();
+        let _prepared = Prepared::new([&unfit]).unwrap();
+        let x = channels_last(1, 16, 4, 4);
+        tch::no_grad(|| assert!(unfit.winograd_relu(&[&x]).unwrap().is_none()));
     }
 }

@@ -14,7 +14,9 @@ mod layers;
 pub mod layout;
 pub mod parts;
 mod probunet;
+mod simd;
 mod unet;
+mod winograd;
 
 pub use unet::CONVS_PER_BLOCK;
 

@@ -1,8 +1,10 @@
 //! The whole model: U-Net, prior, posterior and fcomb, the ELBO and prior sampling.
 use super::fcomb::Fcomb;
 use super::gaussian::{AxisAlignedConvGaussian, DiagonalGaussian};
+use super::layers::Prepared;
 use super::layout::{self, Layout, Layouts};
 use super::parts;
+use super::simd;
 use super::unet::UNet;
 use super::{ModelConfig, ModelError, Reduction};
 use crate::device::Precision;
@@ -414,6 +416,19 @@ impl ProbUNet {
         self.sample_in_parts(image, z, most)
     }
 
+    /// The U-Net's and the prior's 3x3 convolutions prepared for the Winograd path for one
+    /// sampling pass, where it runs: float32, channels-last, on the CPU, outside autograd.
+    fn prepare_winograd(&self, device: tch::Device) -> Result<Prepared<'_>, TchError> {
+        let applies = device == tch::Device::Cpu
+            && self.compute_kind == Kind::Float
+            && self.layouts(device).sample == Layout::ChannelsLast
+            && !simd::grad_enabled();
+        if !applies {
+            return Prepared::new([]);
+        }
+        Prepared::new(self.unet.convs().chain(self.prior.convs()))
+    }
+
     /// The most of `image`'s batch that goes through at once ([`parts::part_images`]),
     /// after checking the image's shape.
     pub fn part_images(&self, image: &Tensor) -> Result<i64, ModelError> {
@@ -430,6 +445,7 @@ impl ProbUNet {
         z: impl FnOnce(&DiagonalGaussian) -> Result<Tensor, TchError>,
         most: i64,
     ) -> Result<Tensor, ModelError> {
+        let _prepared = self.prepare_winograd(image.device())?;
         let parts = parts::split(image.size()[0], most);
         let images = parts
             .iter()
@@ -495,6 +511,27 @@ mod tests {
             let scale = whole.abs().max().double_value(&[]).max(1.0);
             let diff = (&whole - &parts).abs().max().double_value(&[]);
             assert!(diff < 1e-4 * scale, "parts of {most}: {diff} of {scale}");
+        }
+    }
+
+    #[test]
+    fn sampling_by_winograd_matches_libtorch() {
+        tch::manual_seed(3);
+        let (_vs, model) = build(ModelConfig {
+            filters: vec![16, 32, 48],
+            ..small()
+        });
+        // 28x20 halves to 14x10 and then 7x5: partial tiles at the coarsest level.
+        let image = Tensor::rand([3, 1, 28, 20], (Kind::Float, Device::Cpu));
+        let eps = Tensor::randn([3, 4, 2], (Kind::Float, Device::Cpu));
+        // Autograd recording keeps every convolution with libtorch.
+        let expected = model.sample_with_noise(&image, &eps).unwrap().detach();
+        let got = tch::no_grad(|| model.sample_with_noise(&image, &eps)).unwrap();
+        let scale = expected.abs().max().double_value(&[]).max(1.0);
+        let diff = (&expected - &got).abs().max().double_value(&[]);
+        assert!(diff < 1e-4 * scale, "{diff} of {scale}");
+        for conv in model.unet.convs().chain(model.prior.convs()) {
+            assert!(conv.prepared().is_none(), "released after the pass");
         }
     }
 

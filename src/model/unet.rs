@@ -38,7 +38,7 @@ impl DownBlock {
         for conv in &self.convs[first..] {
             // In place: a convolution's backward needs its input, not its output, and
             // ReLU's needs only its result, so no fresh tensor is wanted here.
-            xs = conv.forward(&xs)?.f_relu_()?;
+            xs = conv.forward_relu(&xs)?;
         }
         Ok(xs)
     }
@@ -92,6 +92,10 @@ impl Encoder {
     pub fn parameters(&self) -> impl Iterator<Item = &Tensor> {
         self.blocks.iter().flat_map(DownBlock::parameters)
     }
+
+    pub fn convs(&self) -> impl Iterator<Item = &Conv2d> {
+        self.blocks.iter().flat_map(|b| &b.convs)
+    }
 }
 
 /// Bilinear x2 upsampling (align_corners), concatenation with the skip, then a `DownBlock`
@@ -124,7 +128,7 @@ impl UpBlock {
                 .block
                 .forward(&Tensor::f_cat(&[up, skip.shallow_clone()], 1)?);
         }
-        let first = self.block.convs[0].forward_split(&up, skip)?.f_relu_()?;
+        let first = self.block.convs[0].forward_split_relu(&up, skip)?;
         self.block.forward_from(first, 1)
     }
 }
@@ -162,5 +166,11 @@ impl UNet {
         self.encoder
             .parameters()
             .chain(self.up.iter().flat_map(|u| u.block.parameters()))
+    }
+
+    pub fn convs(&self) -> impl Iterator<Item = &Conv2d> {
+        self.encoder
+            .convs()
+            .chain(self.up.iter().flat_map(|u| &u.block.convs))
     }
 }

@@ -1,0 +1,650 @@
+//! 3x3 convolutions (stride 1, padding 1) by Winograd's minimal filtering F(2x2, 3x3)
+//! (Lavin & Gray 2016), for inference on the CPU.
+//!
+//! A direct 3x3 convolution spends 36 multiplications on a 2x2 patch of outputs per pair
+//! of channels; F(2x2, 3x3) spends 16: the 4x4 input patch and the filter are each
+//! transformed (additions only, and halves for the filter), multiplied point by point,
+//! summed over input channels (sixteen small matrix products), and transformed back.
+//! oneDNN 3.x has no float32 Winograd on x86, and its direct kernels already run these
+//! layers near the FMA peak, so fewer multiplications is what is left to win. The
+//! transforms use only 0, ±1 and ±1/2, so the sums differ from a direct convolution's by
+//! rounding alone. Inference only (no autograd), float32, channels in whole lanes of 16;
+//! [`Conv2d`](super::Conv2d) keeps libtorch's path for everything else.
+#[cfg(target_arch = "x86_64")]
+use super::simd::x86;
+pub use super::simd::LANES;
+use super::simd::{parallel_for, Isa, Lane, SharedOut, Unit, Vector};
+
+/// Points of a transformed 4x4 tile.
+const POINTS: usize = 16;
+
+/// Tiles (of 2x2 outputs) per block: a block's transformed inputs and products, up to
+/// 2 x 16 x 24 x 192 floats (590 KB), stay in a core's L2 between the three steps.
+const BLOCK: usize = 24;
+
+/// Why a convolution cannot take the Winograd path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unfit {
+    #[error("{channels} channels: the Winograd path takes whole lanes of {LANES}")]
+    Channels { channels: usize },
+    #[error("{got} values where {expected} were expected")]
+    Shape { got: usize, expected: usize },
+    #[error("libtorch's thread pool failed to run the Winograd convolution")]
+    Threads,
+}
+
+/// A 3x3 filter bank transformed for F(2x2, 3x3): `U = G g Gᵀ` for every pair of
+/// channels, laid out `[point][input channel][output lanes]`, and the bias in lanes.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    inputs: usize,
+    output_lanes: usize,
+    u: Vec<Lane>,
+    bias: Vec<Lane>,
+}
+
+fn check_len(got: usize, expected: usize) -> Result<(), Unfit> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(Unfit::Shape { got, expected })
+    }
+}
+
+fn whole_lanes(channels: usize) -> Result<usize, Unfit> {
+    if channels == 0 || !channels.is_multiple_of(LANES) {
+        return Err(Unfit::Channels { channels });
+    }
+    Ok(channels / LANES)
+}
+
+/// `G g Gᵀ` for one 3x3 filter `g` (row-major), with
+/// `G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]`.
+fn transform_filter(g: &[f32]) -> [f32; POINTS] {
+    let rows = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+    let mut gg = [[0.0f32; 3]; 4];
+    for j in 0..3 {
+        let column = rows(g[j], g[3 + j], g[6 + j]);
+        for i in 0..4 {
+            gg[i][j] = column[i];
+        }
+    }
+    let mut u = [0.0; POINTS];
+    for (i, row) in gg.iter().enumerate() {
+        u[i * 4..i * 4 + 4].copy_from_slice(&rows(row[0], row[1], row[2]));
+    }
+    u
+}
+
+impl Filter {
+    /// `weight` `[outputs, inputs, 3, 3]` and `bias` `[outputs]`, as libtorch holds them.
+    pub fn new(weight: &[f32], bias: &[f32], inputs: usize) -> Result<Self, Unfit> {
+        let outputs = bias.len();
+        let output_lanes = whole_lanes(outputs)?;
+        whole_lanes(inputs)?;
+        check_len(weight.len(), outputs * inputs * 9)?;
+        let mut u = vec![[0.0; LANES]; POINTS * inputs * output_lanes];
+        let base = SharedLanes(u.as_mut_ptr());
+        // A lane of outputs per job: it reads its 16 filters' rows (in cache) and writes
+        // whole lanes.
+        parallel_for(output_lanes, &|begin, end| {
+            for lane in begin..end {
+                for i in 0..inputs {
+                    let mut points = [[0.0; LANES]; POINTS];
+                    for k in 0..LANES {
+                        let g = &weight[((lane * LANES + k) * inputs + i) * 9..][..9];
+                        for (point, value) in transform_filter(g).into_iter().enumerate() {
+                            points[point][k] = value;
+                        }
+                    }
+                    for (point, values) in points.into_iter().enumerate() {
+                        // SAFETY: `u` holds POINTS * inputs * output_lanes lanes, and this
+                        // job alone writes the lanes of output lane `lane`.
+                        unsafe { *base.at((point * inputs + i) * output_lanes + lane) = values };
+                    }
+                }
+            }
+        })
+        .map_err(|()| Unfit::Threads)?;
+        let mut lanes = vec![[0.0; LANES]; output_lanes];
+        lanes.as_flattened_mut().copy_from_slice(bias);
+        Ok(Self {
+            inputs,
+            output_lanes,
+            u,
+            bias: lanes,
+        })
+    }
+
+    fn outputs(&self) -> usize {
+        self.output_lanes * LANES
+    }
+}
+
+/// `u`'s lanes, written by the threads of [`parallel_for`] in disjoint sets.
+struct SharedLanes(*mut Lane);
+// SAFETY: each thread writes lanes no other writes (see `Filter::new`).
+unsafe impl Sync for SharedLanes {}
+
+impl SharedLanes {
+    /// The `i`th lane; a method, so closures capture the whole (Sync) wrapper.
+    fn at(&self, i: usize) -> *mut Lane {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// Images `(n, h, w)` and their tiling into 2x2 output tiles and blocks of tiles.
+#[derive(Debug, Clone, Copy)]
+struct Grid {
+    h: usize,
+    w: usize,
+    tiles_wide: usize,
+    tiles: usize,
+    blocks: usize,
+}
+
+impl Grid {
+    fn new(h: usize, w: usize) -> Self {
+        let tiles_wide = w.div_ceil(2);
+        let tiles = h.div_ceil(2) * tiles_wide;
+        Self {
+            h,
+            w,
+            tiles_wide,
+            tiles,
+            blocks: tiles.div_ceil(BLOCK),
+        }
+    }
+
+    /// The top-left output pixel of tile `t`.
+    fn origin(&self, t: usize) -> (usize, usize) {
+        (2 * (t / self.tiles_wide), 2 * (t % self.tiles_wide))
+    }
+}
+
+/// Channels-last images `[n, h, w, channels]`: one of the inputs whose concatenation
+/// along channels a convolution takes.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    pub pixels: &'a [f32],
+    pub channels: usize,
+}
+
+/// `out = conv3x3(input) + bias`, then ReLU if `relu`, with stride 1 and padding 1, on
+/// channels-last images: `input` is the concatenation of `sources` along channels (never
+/// built), `out` is `[n, h, w, outputs]`. Runs on libtorch's intra-op threads.
+pub fn conv3x3(
+    isa: Isa,
+    filter: &Filter,
+    sources: &[Source],
+    (n, h, w): (usize, usize, usize),
+    relu: bool,
+    out: &mut [f32],
+) -> Result<(), Unfit> {
+    for source in sources {
+        whole_lanes(source.channels)?;
+        check_len(source.pixels.len(), n * h * w * source.channels)?;
+    }
+    check_len(sources.iter().map(|s| s.channels).sum(), filter.inputs)?;
+    check_len(out.len(), n * h * w * filter.outputs())?;
+    let grid = Grid::new(h, w);
+    if grid.tiles == 0 {
+        return Ok(());
+    }
+    let base = SharedOut(out.as_mut_ptr());
+    parallel_for(n * grid.blocks, &|begin, end| {
+        let mut scratch = Scratch::new(filter);
+        let mut images = Vec::with_capacity(sources.len());
+        for job in begin..end {
+            let (image, block) = (job / grid.blocks, job % grid.blocks);
+            let first = block * BLOCK;
+            let count = BLOCK.min(grid.tiles - first);
+            images.clear();
+            images.extend(sources.iter().map(|source| {
+                let len = h * w * source.channels;
+                Source {
+                    pixels: &source.pixels[image * len..(image + 1) * len],
+                    channels: source.channels,
+                }
+            }));
+            let image_out = base.at(image * h * w * filter.outputs());
+            // SAFETY: `out` holds n images of h * w * outputs floats; this block writes
+            // only the pixels of its own tiles of its own image, which no other job
+            // writes, and `isa` proves the CPU runs its kernels.
+            unsafe {
+                block_on(
+                    isa,
+                    filter,
+                    &grid,
+                    &images,
+                    (first, count),
+                    relu,
+                    &mut scratch,
+                    image_out,
+                )
+            };
+        }
+    })
+    .map_err(|()| Unfit::Threads)
+}
+
+/// One thread's transformed inputs `[point][tile][inputs]` and products
+/// `[point][tile][output lanes]` for a block.
+struct Scratch {
+    v: Vec<Lane>,
+    m: Vec<Lane>,
+}
+
+impl Scratch {
+    fn new(filter: &Filter) -> Self {
+        Self {
+            v: vec![[0.0; LANES]; POINTS * BLOCK * filter.inputs / LANES],
+            m: vec![[0.0; LANES]; POINTS * BLOCK * filter.output_lanes],
+        }
+    }
+}
+
+/// The three steps for the `count` tiles from `first` of one image.
+///
+/// # Safety
+/// `out` points at that image's `h * w * outputs` floats, and the CPU has `isa`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_on(
+    isa: Isa,
+    filter: &Filter,
+    grid: &Grid,
+    images: &[Source],
+    tiles: (usize, usize),
+    relu: bool,
+    scratch: &mut Scratch,
+    out: *mut f32,
+) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (isa, filter, grid, images, tiles, relu, scratch, out);
+    #[cfg(target_arch = "x86_64")]
+    match isa.0 {
+        Unit::Avx512 => block_avx512(filter, grid, images, tiles, relu, scratch, out),
+        Unit::Avx2 => block_avx2(filter, grid, images, tiles, relu, scratch, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn block_avx512(
+    filter: &Filter,
+    grid: &Grid,
+    images: &[Source],
+    tiles: (usize, usize),
+    relu: bool,
+    scratch: &mut Scratch,
+    out: *mut f32,
+) {
+    input_transform::<x86::Zmm>(filter, grid, images, tiles, &mut scratch.v);
+    // 24 of the 32 registers accumulate: 6 tiles x 4 lanes, 12 x 2 or 24 x 1.
+    match filter.output_lanes {
+        l if l % 4 == 0 => products::<x86::Zmm, 4, 6>(filter, scratch),
+        l if l % 2 == 0 => products::<x86::Zmm, 2, 12>(filter, scratch),
+        _ => products::<x86::Zmm, 1, 24>(filter, scratch),
+    }
+    output_transform::<x86::Zmm>(filter, grid, tiles, relu, &scratch.m, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_avx2(
+    filter: &Filter,
+    grid: &Grid,
+    images: &[Source],
+    tiles: (usize, usize),
+    relu: bool,
+    scratch: &mut Scratch,
+    out: *mut f32,
+) {
+    input_transform::<x86::Ymm2>(filter, grid, images, tiles, &mut scratch.v);
+    // 12 of the 16 registers accumulate: 6 tiles x one lane of two registers.
+    products::<x86::Ymm2, 1, 6>(filter, scratch);
+    output_transform::<x86::Ymm2>(filter, grid, tiles, relu, &scratch.m, out);
+}
+
+/// `(a0 - a2, a1 + a2, a2 - a1, a1 - a3)`: one dimension of `Bᵀ d B`.
+#[inline(always)]
+unsafe fn forward_1d<V: Vector>(a: [V; 4]) -> [V; 4] {
+    [
+        a[0].sub(a[2]),
+        a[1].add(a[2]),
+        a[2].sub(a[1]),
+        a[1].sub(a[3]),
+    ]
+}
+
+/// `(a0 + a1 + a2, a1 - a2 - a3)`: one dimension of `Aᵀ m A`.
+#[inline(always)]
+unsafe fn inverse_1d<V: Vector>(a: [V; 4]) -> [V; 2] {
+    [a[0].add(a[1]).add(a[2]), a[1].sub(a[2]).sub(a[3])]
+}
+
+/// `V = Bᵀ d B` for each tile's 4x4 input patch `d` (zeros outside the image), lane by
+/// lane of input channels, source after source, into `v` `[point][tile][inputs]`.
+#[inline(always)]
+unsafe fn input_transform<V: Vector>(
+    filter: &Filter,
+    grid: &Grid,
+    images: &[Source],
+    (first, count): (usize, usize),
+    v: &mut [Lane],
+) {
+    let inputs = filter.inputs;
+    let zero = [0.0f32; LANES];
+    for t in 0..count {
+        let (y, x) = grid.origin(first + t);
+        let mut offset = 0;
+        for &Source {
+            pixels,
+            channels: c,
+        } in images
+        {
+            // Whole lanes: every lane starts at a multiple of LANES.
+            let pixels = pixels.as_chunks::<LANES>().0;
+            for lane in 0..c / LANES {
+                let mut d = [[V::splat(0.0); 4]; 4];
+                for (i, row) in d.iter_mut().enumerate() {
+                    for (j, value) in row.iter_mut().enumerate() {
+                        let (py, px) = ((y + i).wrapping_sub(1), (x + j).wrapping_sub(1));
+                        let at = if py < grid.h && px < grid.w {
+                            &pixels[(py * grid.w + px) * c / LANES + lane]
+                        } else {
+                            &zero
+                        };
+                        *value = V::load(at);
+                    }
+                }
+                let lane = (offset + lane * LANES) / LANES;
+                store_transformed(transform_patch(d), t, inputs / LANES, lane, v);
+            }
+            offset += c;
+        }
+    }
+}
+
+/// `Bᵀ d B` for one 4x4 patch of a lane.
+#[inline(always)]
+unsafe fn transform_patch<V: Vector>(d: [[V; 4]; 4]) -> [[V; 4]; 4] {
+    let mut columns = d;
+    for j in 0..4 {
+        let column = forward_1d([d[0][j], d[1][j], d[2][j], d[3][j]]);
+        for i in 0..4 {
+            columns[i][j] = column[i];
+        }
+    }
+    // A loop, not `map`: a closure would not inherit the caller's target features.
+    let mut patch = columns;
+    for (out, row) in patch.iter_mut().zip(columns) {
+        *out = forward_1d(row);
+    }
+    patch
+}
+
+/// Stores a transformed patch of tile `t` at `lane` of `v` `[point][tile][input lanes]`.
+#[inline(always)]
+unsafe fn store_transformed<V: Vector>(
+    patch: [[V; 4]; 4],
+    t: usize,
+    input_lanes: usize,
+    lane: usize,
+    v: &mut [Lane],
+) {
+    for (i, row) in patch.into_iter().enumerate() {
+        for (j, value) in row.into_iter().enumerate() {
+            value.store(&mut v[((i * 4 + j) * BLOCK + t) * input_lanes + lane]);
+        }
+    }
+}
+
+/// `m[point] = v[point] . u[point]` for every point: sixteen `[BLOCK, inputs] x
+/// [inputs, outputs]` products, `R` tiles by `NB` lanes of outputs at a time.
+#[inline(always)]
+unsafe fn products<V: Vector, const NB: usize, const R: usize>(
+    filter: &Filter,
+    scratch: &mut Scratch,
+) {
+    let (c, lanes) = (filter.inputs, filter.output_lanes);
+    for point in 0..POINTS {
+        let v = &scratch.v.as_flattened()[point * BLOCK * c..(point + 1) * BLOCK * c];
+        let u = &filter.u[point * c * lanes..(point + 1) * c * lanes];
+        let m = &mut scratch.m[point * BLOCK * lanes..(point + 1) * BLOCK * lanes];
+        for lane in (0..lanes).step_by(NB) {
+            for t in (0..BLOCK).step_by(R) {
+                tile_product::<V, NB, R>(
+                    &v[t * c..(t + R) * c],
+                    c,
+                    &u[lane..],
+                    lanes,
+                    &mut m[t * lanes + lane..],
+                );
+            }
+        }
+    }
+}
+
+/// `R` rows of `v` (`c` floats each) times `u` (`c` rows of `lanes` lanes, from the
+/// first of `NB`), into `R` rows of `m` (`lanes` lanes each, from the first of `NB`).
+#[inline(always)]
+unsafe fn tile_product<V: Vector, const NB: usize, const R: usize>(
+    v: &[f32],
+    c: usize,
+    u: &[Lane],
+    lanes: usize,
+    m: &mut [Lane],
+) {
+    // The bounds, checked once: the loop below indexes without checks.
+    if v.len() < R * c || u.len() < (c.max(1) - 1) * lanes + NB || m.len() < (R - 1) * lanes + NB {
+        return;
+    }
+    let mut acc = [[V::splat(0.0); NB]; R];
+    for k in 0..c {
+        let mut w = [V::splat(0.0); NB];
+        for (j, wj) in w.iter_mut().enumerate() {
+            // SAFETY: k * lanes + j < (c - 1) * lanes + NB <= u.len(), checked above.
+            *wj = V::load(u.get_unchecked(k * lanes + j));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            // SAFETY: r * c + k < R * c <= v.len(), checked above.
+            let x = V::splat(*v.get_unchecked(r * c + k));
+            for (a, wj) in row.iter_mut().zip(&w) {
+                *a = wj.mul_add(x, *a);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (j, a) in row.iter().enumerate() {
+            a.store(&mut m[r * lanes + j]);
+        }
+    }
+}
+
+/// `Y = Aᵀ m A + bias` (then ReLU) for each tile, written to the image's pixels that
+/// lie inside it.
+#[inline(always)]
+unsafe fn output_transform<V: Vector>(
+    filter: &Filter,
+    grid: &Grid,
+    (first, count): (usize, usize),
+    relu: bool,
+    m: &[Lane],
+    out: *mut f32,
+) {
+    let lanes = filter.output_lanes;
+    let outputs = filter.outputs();
+    for t in 0..count {
+        let (y, x) = grid.origin(first + t);
+        for lane in 0..lanes {
+            // An index, not a load: a closure would not inherit the target features.
+            let at = |point: usize| (point * BLOCK + t) * lanes + lane;
+            let mut rows = [[V::splat(0.0); 4]; 2];
+            let [top, bottom] = &mut rows;
+            for (j, (top, bottom)) in top.iter_mut().zip(bottom).enumerate() {
+                [*top, *bottom] = inverse_1d([
+                    V::load(&m[at(j)]),
+                    V::load(&m[at(4 + j)]),
+                    V::load(&m[at(8 + j)]),
+                    V::load(&m[at(12 + j)]),
+                ]);
+            }
+            let bias = V::load(&filter.bias[lane]);
+            for (a, row) in rows.into_iter().enumerate() {
+                for (b, value) in inverse_1d(row).into_iter().enumerate() {
+                    let (py, px) = (y + a, x + b);
+                    if py >= grid.h || px >= grid.w {
+                        continue;
+                    }
+                    let value = value.add(bias);
+                    let value = if relu { value.relu() } else { value };
+                    let start = (py * grid.w + px) * outputs + lane * LANES;
+                    // SAFETY: (py, px) lies inside the image, so `start + LANES` is
+                    // within its h * w * outputs floats (the caller's promise).
+                    value.store(&mut *(out.add(start) as *mut Lane));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::simd::units;
+    use super::*;
+
+    /// Small, varied values, the same on every run.
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + seed * 104_729) % 211) as f32 / 211.0 - 0.45)
+            .collect()
+    }
+
+    /// The direct convolution, one float at a time: `input` `[n, h, w, inputs]`,
+    /// `weight` `[outputs, inputs, 3, 3]`.
+    fn reference(
+        input: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        (n, h, w, inputs): (usize, usize, usize, usize),
+        relu: bool,
+    ) -> Vec<f32> {
+        let outputs = bias.len();
+        let mut out = vec![0.0; n * h * w * outputs];
+        for (pixel, out) in out.chunks_mut(outputs).enumerate() {
+            let (image, y, x) = (pixel / (h * w), pixel / w % h, pixel % w);
+            for (o, value) in out.iter_mut().enumerate() {
+                let mut sum = bias[o];
+                for (dy, dx) in (0..3).flat_map(|dy| (0..3).map(move |dx| (dy, dx))) {
+                    let (py, px) = ((y + dy).wrapping_sub(1), (x + dx).wrapping_sub(1));
+                    if py >= h || px >= w {
+                        continue;
+                    }
+                    let at = ((image * h + py) * w + px) * inputs;
+                    for i in 0..inputs {
+                        sum += input[at + i] * weight[((o * inputs + i) * 3 + dy) * 3 + dx];
+                    }
+                }
+                *value = if relu { sum.max(0.0) } else { sum };
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn winograd_matches_the_direct_convolution() {
+        // Odd sizes (partial tiles), more tiles than a block and fewer, one and two
+        // sources, each micro-kernel shape (4, 2 and 1 lanes of outputs), with and
+        // without ReLU.
+        for (n, h, w, sources, outputs, relu) in [
+            (2, 9, 7, vec![16], 64, true),
+            (1, 13, 12, vec![32, 16], 32, false),
+            (3, 4, 5, vec![16], 16, true),
+            (1, 1, 1, vec![48], 48, false),
+        ] {
+            let inputs: usize = sources.iter().sum();
+            let parts: Vec<Vec<f32>> = sources
+                .iter()
+                .enumerate()
+                .map(|(k, &c)| values(n * h * w * c, k))
+                .collect();
+            // The concatenation the reference convolves.
+            let mut whole = vec![];
+            for pixel in 0..n * h * w {
+                for (part, &c) in parts.iter().zip(&sources) {
+                    whole.extend_from_slice(&part[pixel * c..(pixel + 1) * c]);
+                }
+            }
+            let weight = values(outputs * inputs * 9, 7);
+            let bias = values(outputs, 8);
+            let expected = reference(&whole, &weight, &bias, (n, h, w, inputs), relu);
+            let filter = Filter::new(&weight, &bias, inputs).unwrap();
+            let sources: Vec<Source> = parts
+                .iter()
+                .zip(&sources)
+                .map(|(pixels, &channels)| Source { pixels, channels })
+                .collect();
+            for isa in units() {
+                let mut out = vec![f32::NAN; expected.len()];
+                conv3x3(isa, &filter, &sources, (n, h, w), relu, &mut out).unwrap();
+                let worst = out
+                    .iter()
+                    .zip(&expected)
+                    .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    worst < 1e-5,
+                    "{isa:?}, {h}x{w}, {inputs}->{outputs}: off by {worst}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn channels_outside_whole_lanes_and_wrong_sizes_are_refused() {
+        assert_eq!(
+            Filter::new(&[0.0; 9 * 16 * 8], &[0.0; 8], 16).unwrap_err(),
+            Unfit::Channels { channels: 8 }
+        );
+        assert_eq!(
+            Filter::new(&[0.0; 9 * 16 * 3], &[0.0; 16], 3).unwrap_err(),
+            Unfit::Channels { channels: 3 }
+        );
+        assert_eq!(
+            Filter::new(&[0.0; 100], &[0.0; 16], 16).unwrap_err(),
+            Unfit::Shape {
+                got: 100,
+                expected: 16 * 16 * 9
+            }
+        );
+        let filter = Filter::new(&[0.0; 9 * 16 * 16], &[0.0; 16], 16).unwrap();
+        for isa in units() {
+            let mut out = vec![0.0; 2 * 2 * 16];
+            let short = [Source {
+                pixels: &[0.0; 2 * 2 * 16 - 1],
+                channels: 16,
+            }];
+            let err = conv3x3(isa, &filter, &short, (1, 2, 2), true, &mut out).unwrap_err();
+            assert_eq!(
+                err,
+                Unfit::Shape {
+                    got: 63,
+                    expected: 64
+                }
+            );
+            let wide = [Source {
+                pixels: &[0.0; 2 * 2 * 32],
+                channels: 32,
+            }];
+            let err = conv3x3(isa, &filter, &wide, (1, 2, 2), true, &mut out).unwrap_err();
+            assert_eq!(
+                err,
+                Unfit::Shape {
+                    got: 32,
+                    expected: 16
+                }
+            );
+        }
+    }
+}
