@@ -47,17 +47,22 @@ fn build_memory_shim(lib: &std::path::Path) {
         .compile("probunet_memory");
 }
 
-/// src/model/intraop.cpp: `at::parallel_for` for probunet's own CPU kernels. It is
-/// OpenMP code, as libtorch's is, and links the `libgomp.so.1` that libtorch loads (the
-/// rpath finds libtorch's own), so both share one thread pool.
+/// src/model/intraop.cpp: `at::parallel_for` for probunet's own CPU kernels, and
+/// src/model/winograd.cpp: their autograd node. It is OpenMP code, as libtorch's is, and
+/// links the `libgomp.so.1` that libtorch loads (the rpath finds libtorch's own), so both
+/// share one thread pool.
 fn build_intraop_shim(lib: &std::path::Path) {
-    let source = "src/model/intraop.cpp";
-    println!("cargo:rerun-if-changed={source}");
+    let sources = ["src/model/intraop.cpp", "src/model/winograd.cpp"];
+    for source in sources {
+        println!("cargo:rerun-if-changed={source}");
+    }
+    let include = lib.with_file_name("include");
     cc::Build::new()
         .cpp(true)
         .std("c++17")
-        .file(source)
-        .include(lib.with_file_name("include"))
+        .files(sources)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi())
         .flag("-fopenmp")
         .flag_if_supported("-Wno-unused-parameter")

@@ -133,9 +133,12 @@ impl Conv2d {
                 t.f_to_kind(xs.kind())
             }
         };
-        let bias = bias.map(cast).transpose()?;
+        let (weight, bias) = (cast(weight)?, bias.map(cast).transpose()?);
+        if let Some(out) = winograd_trainable(xs, &weight, bias.as_ref())? {
+            return Ok(out);
+        }
         xs.f_conv2d(
-            &cast(weight)?,
+            &weight,
             bias.as_ref(),
             [1, 1],
             [self.padding, self.padding],
@@ -228,8 +231,79 @@ fn winograd_input(x: &Tensor, (n, h, w): (i64, i64, i64)) -> bool {
         && c % winograd::LANES as i64 == 0
         && x.kind() == Kind::Float
         && x.device() == Device::Cpu
-        && !x.requires_grad()
         && x.stride() == [h * w * c, 1, w * c, c]
+}
+
+extern "C" {
+    fn probunet_winograd_autograd(
+        kernel: winograd::AutogradKernel,
+        nchw_weight_gradient: i32,
+        input: *const torch_sys::C_tensor,
+        weight: *const torch_sys::C_tensor,
+        bias: *const torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+    ) -> i32;
+    fn probunet_winograd_error(buffer: *mut std::ffi::c_char, size: usize);
+}
+
+/// What the last failed `probunet_winograd_autograd` on this thread said.
+fn winograd_error() -> String {
+    let mut buffer = [0 as std::ffi::c_char; 1024];
+    // SAFETY: plain FFI writing at most `buffer.len()` bytes, NUL-terminated.
+    unsafe { probunet_winograd_error(buffer.as_mut_ptr(), buffer.len()) };
+    // SAFETY: the buffer is NUL-terminated within its length.
+    unsafe { std::ffi::CStr::from_ptr(buffer.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `conv(xs, weight) + bias` as one autograd node (winograd.cpp) whose forward pass and
+/// input gradient run [`winograd`], and whose weight and bias gradients stay with
+/// libtorch (from NCHW copies on AVX2, where oneDNN's channels-last weight gradient is
+/// slow); `None` where it does not fit: a 3x3 float32 filter bank on the CPU in whole
+/// lanes of channels, a channels-last input, a vector unit.
+fn winograd_trainable(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>, TchError> {
+    let size = weight.size();
+    let (Some(&outputs), Ok((n, c, h, w))) = (size.first(), xs.size4()) else {
+        return Ok(None);
+    };
+    let Some(isa) = Isa::available() else {
+        return Ok(None);
+    };
+    let fits = weight.kind() == Kind::Float
+        && weight.device() == Device::Cpu
+        && size[1..] == [c, 3, 3]
+        && outputs % winograd::LANES as i64 == 0
+        && winograd_input(xs, (n, h, w));
+    if !fits {
+        return Ok(None);
+    }
+    let mut out = std::ptr::null_mut();
+    // SAFETY: plain FFI on live tensors; winograd.cpp catches every C++ exception and
+    // hands back a new tensor it allocated, which `from_ptr` then owns.
+    let rc = unsafe {
+        probunet_winograd_autograd(
+            winograd::autograd_kernel,
+            i32::from(!isa.is_avx512()),
+            xs.as_ptr(),
+            weight.as_ptr(),
+            bias.map_or(std::ptr::null(), Tensor::as_ptr),
+            &mut out,
+        )
+    };
+    if rc != 0 || out.is_null() {
+        return Err(TchError::Torch(format!(
+            "probunet's Winograd convolution of a {:?} input: {}",
+            xs.size(),
+            winograd_error()
+        )));
+    }
+    // SAFETY: `out` is the new tensor winograd.cpp allocated for us alone.
+    Ok(Some(unsafe { Tensor::from_ptr(out) }))
 }
 
 /// Convolutions prepared for [`winograd`] while this lives: a sampling pass holds one, so
@@ -372,5 +446,45 @@ mod tests {
         let _prepared = Prepared::new([&unfit]).unwrap();
         let x = channels_last(1, 16, 4, 4);
         tch::no_grad(|| assert!(unfit.winograd_relu(&[&x]).unwrap().is_none()));
+    }
+
+    #[test]
+    fn trainable_winograd_convs_match_libtorch_with_their_gradients() {
+        if Isa::available().is_none() {
+            return;
+        }
+        tch::manual_seed(7);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let conv = Conv2d::new(vs.root(), 32 + 16, 16, 3, ConvInit::KaimingTruncated).unwrap();
+        let _ = tch::no_grad(|| conv.bias.shallow_clone().normal_(0.0, 1.0));
+        let a = channels_last(2, 32, 7, 10).set_requires_grad(true);
+        let b = channels_last(2, 16, 7, 10).set_requires_grad(true);
+        // NCHW copies take libtorch's path.
+        let a_nchw = a.detach().contiguous().set_requires_grad(true);
+        let b_nchw = b.detach().contiguous().set_requires_grad(true);
+        let grads = |a: &Tensor, b: &Tensor| {
+            let out = conv.forward_split(a, b).unwrap().relu();
+            let inputs = [a, b, &conv.weight, &conv.bias];
+            let grads = Tensor::run_backward(&[out.sum(Kind::Float)], &inputs, false, false);
+            (out.detach(), grads)
+        };
+        let x = Tensor::cat(&[&a, &b], 1);
+        let (n, c, h, w) = x.size4().unwrap();
+        assert!(winograd_trainable(&x, &conv.weight, Some(&conv.bias))
+            .unwrap()
+            .is_some());
+        assert!(winograd_input(&a, (n, h, w)) && !winograd_input(&a_nchw, (n, h, w)));
+        assert_eq!(c, 48);
+        let (winograd, winograd_grads) = grads(&a, &b);
+        let (libtorch, libtorch_grads) = grads(&a_nchw, &b_nchw);
+        assert!((winograd - libtorch).abs().max().double_value(&[]) < 1e-4);
+        for (name, (w, l)) in ["a", "b", "weight", "bias"]
+            .iter()
+            .zip(winograd_grads.iter().zip(&libtorch_grads))
+        {
+            let scale = l.abs().max().double_value(&[]).max(1.0);
+            let diff = (w - l).abs().max().double_value(&[]);
+            assert!(diff < 1e-4 * scale, "gradient of {name}: {diff} of {scale}");
+        }
     }
 }

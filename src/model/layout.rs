@@ -2,13 +2,18 @@
 //!
 //! oneDNN runs convolutions in a channel-blocked layout. From NCHW tensors libtorch converts
 //! each convolution's input into it and the output back; from channels-last tensors it runs
-//! kernels that read and write that layout directly. Which is faster depends on the ISA
-//! (docs/performance.md, measured with `ONEDNN_VERBOSE`):
-//! - AVX-512: channels-last trains faster; the conversions were a quarter of an NCHW step.
-//! - AVX2: the channels-last weight-gradient kernel runs at 34-77 GFLOP/s against 74-95 for
-//!   the blocked one, which outweighs the conversions: NCHW trains 1.27x faster.
-//! - Sampling (forward only, with fcomb's 1x1 convolutions over every sample) is faster
+//! kernels that read and write that layout directly, and probunet's own Winograd kernel
+//! (`super::winograd`) reads and writes channels-last only. So on a CPU with AVX2 or
+//! AVX-512 both passes run channels-last (docs/performance.md):
+//! - AVX-512: channels-last trained faster even before the Winograd kernel; the conversions
+//!   were a quarter of an NCHW step.
+//! - AVX2: oneDNN's channels-last weight-gradient kernel runs at 34-77 GFLOP/s against
+//!   74-95 for the blocked one, so before the Winograd kernel NCHW trained 1.27x faster.
+//!   Now the forward pass and the input gradient are Winograd's, and only the weight
+//!   gradient takes NCHW copies.
+//! - Sampling (forward only, with fcomb's 1x1 convolutions over every sample) was faster
 //!   channels-last on both.
+//! - Without either (no Winograd kernel), training stays NCHW.
 //!
 //! `PROBUNET_CPU_LAYOUT=nchw` or `channels-last` fixes one layout for every pass (to compare
 //! them); unset or `auto` chooses as above.
@@ -103,7 +108,7 @@ pub fn cpu_layouts() -> Layouts {
 fn resolve(choice: CpuLayout, isa: &str) -> Layouts {
     match choice {
         CpuLayout::Fixed(layout) => Layouts::both(layout),
-        CpuLayout::Auto if isa == "AVX512" => Layouts::both(Layout::ChannelsLast),
+        CpuLayout::Auto if isa == "AVX512" || isa == "AVX2" => Layouts::both(Layout::ChannelsLast),
         CpuLayout::Auto => Layouts {
             elbo: Layout::Nchw,
             sample: Layout::ChannelsLast,
@@ -129,9 +134,13 @@ mod tests {
     }
 
     #[test]
-    fn avx2_trains_nchw_and_samples_channels_last() {
+    fn vector_units_run_channels_last_and_others_train_nchw() {
         assert_eq!(
             resolve(CpuLayout::Auto, "AVX2"),
+            Layouts::both(Layout::ChannelsLast)
+        );
+        assert_eq!(
+            resolve(CpuLayout::Auto, "other"),
             Layouts {
                 elbo: Layout::Nchw,
                 sample: Layout::ChannelsLast

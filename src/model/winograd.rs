@@ -14,6 +14,7 @@
 use super::simd::x86;
 pub use super::simd::LANES;
 use super::simd::{parallel_for, Isa, Lane, SharedOut, Unit, Vector};
+use std::cell::RefCell;
 
 /// Points of a transformed 4x4 tile.
 const POINTS: usize = 16;
@@ -116,6 +117,24 @@ impl Filter {
         })
     }
 
+    /// The filters of the input's gradient for `weight` `[outputs, inputs, 3, 3]`: a
+    /// convolution from `outputs` channels to `inputs` with every filter turned half a
+    /// circle, and no bias.
+    pub fn transposed(weight: &[f32], outputs: usize, inputs: usize) -> Result<Self, Unfit> {
+        check_len(weight.len(), outputs * inputs * 9)?;
+        let mut turned = vec![0.0; weight.len()];
+        for o in 0..outputs {
+            for i in 0..inputs {
+                let from = &weight[(o * inputs + i) * 9..][..9];
+                let to = &mut turned[(i * outputs + o) * 9..][..9];
+                for (k, value) in from.iter().enumerate() {
+                    to[8 - k] = *value;
+                }
+            }
+        }
+        Self::new(&turned, &vec![0.0; inputs], outputs)
+    }
+
     fn outputs(&self) -> usize {
         self.output_lanes * LANES
     }
@@ -162,6 +181,83 @@ impl Grid {
     }
 }
 
+/// What winograd.cpp calls for the forward pass and the input's gradient of a training
+/// step's convolution: `out = conv3x3(input) (+ bias)` on channels-last float32 images,
+/// with `weight` `[outputs, inputs, 3, 3]`, or with the input gradient's filters of
+/// `weight` `[inputs, outputs, 3, 3]` when `transposed`. 1 when anything does not fit
+/// or a vector unit is missing; it never unwinds into C++.
+pub type AutogradKernel = extern "C" fn(
+    *const f32,
+    i64,
+    i64,
+    i64,
+    i64,
+    *const f32,
+    *const f32,
+    i64,
+    i32,
+    *mut f32,
+) -> i32;
+
+/// The [`AutogradKernel`] winograd.cpp calls.
+pub extern "C" fn autograd_kernel(
+    input: *const f32,
+    n: i64,
+    h: i64,
+    w: i64,
+    inputs: i64,
+    weight: *const f32,
+    bias: *const f32,
+    outputs: i64,
+    transposed: i32,
+    out: *mut f32,
+) -> i32 {
+    let run = || -> Option<()> {
+        let isa = Isa::available()?;
+        let size = |v: i64| usize::try_from(v).ok();
+        let (n, h, w) = (size(n)?, size(h)?, size(w)?);
+        let (inputs, outputs) = (size(inputs)?, size(outputs)?);
+        let filters = inputs.checked_mul(outputs)?.checked_mul(9)?;
+        let pixels = n.checked_mul(h)?.checked_mul(w)?;
+        if input.is_null() || weight.is_null() || out.is_null() {
+            return None;
+        }
+        // SAFETY: winograd.cpp passes contiguous tensors of exactly these sizes: `input`
+        // [n, h, w, inputs], `weight` of `filters` floats, `bias` (if any) [outputs],
+        // `out` [n, h, w, outputs], which it made and nothing else touches.
+        let (input, weight, bias, out) = unsafe {
+            (
+                std::slice::from_raw_parts(input, pixels.checked_mul(inputs)?),
+                std::slice::from_raw_parts(weight, filters),
+                (!bias.is_null()).then(|| std::slice::from_raw_parts(bias, outputs)),
+                std::slice::from_raw_parts_mut(out, pixels.checked_mul(outputs)?),
+            )
+        };
+        let filter = if transposed != 0 {
+            Filter::transposed(weight, inputs, outputs).ok()?
+        } else {
+            let zeros;
+            let bias = match bias {
+                Some(bias) => bias,
+                None => {
+                    zeros = vec![0.0; outputs];
+                    &zeros
+                }
+            };
+            Filter::new(weight, bias, inputs).ok()?
+        };
+        let source = [Source {
+            pixels: input,
+            channels: inputs,
+        }];
+        conv3x3(isa, &filter, &source, (n, h, w), false, out).ok()
+    };
+    match std::panic::catch_unwind(run) {
+        Ok(Some(())) => 0,
+        _ => 1,
+    }
+}
+
 /// Channels-last images `[n, h, w, channels]`: one of the inputs whose concatenation
 /// along channels a convolution takes.
 #[derive(Debug, Clone, Copy)]
@@ -193,39 +289,60 @@ pub fn conv3x3(
     }
     let base = SharedOut(out.as_mut_ptr());
     parallel_for(n * grid.blocks, &|begin, end| {
-        let mut scratch = Scratch::new(filter);
-        let mut images = Vec::with_capacity(sources.len());
-        for job in begin..end {
-            let (image, block) = (job / grid.blocks, job % grid.blocks);
-            let first = block * BLOCK;
-            let count = BLOCK.min(grid.tiles - first);
-            images.clear();
-            images.extend(sources.iter().map(|source| {
-                let len = h * w * source.channels;
-                Source {
-                    pixels: &source.pixels[image * len..(image + 1) * len],
-                    channels: source.channels,
-                }
-            }));
-            let image_out = base.at(image * h * w * filter.outputs());
-            // SAFETY: `out` holds n images of h * w * outputs floats; this block writes
-            // only the pixels of its own tiles of its own image, which no other job
-            // writes, and `isa` proves the CPU runs its kernels.
-            unsafe {
-                block_on(
-                    isa,
-                    filter,
-                    &grid,
-                    &images,
-                    (first, count),
-                    relu,
-                    &mut scratch,
-                    image_out,
-                )
-            };
-        }
+        with_scratch(filter, |scratch| {
+            let mut images = Vec::with_capacity(sources.len());
+            for job in begin..end {
+                let (image, block) = (job / grid.blocks, job % grid.blocks);
+                let first = block * BLOCK;
+                let count = BLOCK.min(grid.tiles - first);
+                images.clear();
+                images.extend(sources.iter().map(|source| {
+                    let len = h * w * source.channels;
+                    Source {
+                        pixels: &source.pixels[image * len..(image + 1) * len],
+                        channels: source.channels,
+                    }
+                }));
+                let image_out = base.at(image * h * w * filter.outputs());
+                let tiles = (first, count);
+                // SAFETY: `out` holds n images of h * w * outputs floats; this block
+                // writes only the pixels of its own tiles of its own image, which no
+                // other job writes, and `isa` proves the CPU runs its kernels.
+                unsafe { block_on(isa, filter, &grid, &images, tiles, relu, scratch, image_out) };
+            }
+        })
     })
     .map_err(|()| Unfit::Threads)
+}
+
+thread_local! {
+    /// Each thread's scratch, kept from call to call: allocating and zeroing it afresh
+    /// for every convolution cost 2-3% of a training step.
+    static SCRATCH: RefCell<Scratch> = const {
+        RefCell::new(Scratch {
+            v: Vec::new(),
+            m: Vec::new(),
+        })
+    };
+}
+
+/// Runs `body` with this thread's scratch, grown to fit `filter`.
+fn with_scratch(filter: &Filter, body: impl FnOnce(&mut Scratch)) {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => {
+            scratch.fit(filter);
+            body(&mut scratch)
+        }
+        // Only a call from inside `body` could find it taken; it gets one of its own.
+        Err(_) => {
+            let mut scratch = Scratch {
+                v: Vec::new(),
+                m: Vec::new(),
+            };
+            scratch.fit(filter);
+            body(&mut scratch)
+        }
+    })
 }
 
 /// One thread's transformed inputs `[point][tile][inputs]` and products
@@ -236,10 +353,16 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(filter: &Filter) -> Self {
-        Self {
-            v: vec![[0.0; LANES]; POINTS * BLOCK * filter.inputs / LANES],
-            m: vec![[0.0; LANES]; POINTS * BLOCK * filter.output_lanes],
+    /// Grows the buffers to hold `filter`'s block (never shrinks them: the lanes past a
+    /// block's are not read).
+    fn fit(&mut self, filter: &Filter) {
+        let v = POINTS * BLOCK * filter.inputs / LANES;
+        let m = POINTS * BLOCK * filter.output_lanes;
+        if self.v.len() < v {
+            self.v.resize(v, [0.0; LANES]);
+        }
+        if self.m.len() < m {
+            self.m.resize(m, [0.0; LANES]);
         }
     }
 }
