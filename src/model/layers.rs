@@ -119,7 +119,8 @@ impl Conv2d {
     }
 
     /// `xs` convolved with `weight` (and `bias`) at this layer's padding, the parameters
-    /// cast to `xs`'s kind where they differ (bf16 autocast on CUDA).
+    /// cast to `xs`'s kind where they differ (bf16 autocast on CUDA); by [`winograd`]
+    /// inside autograd where that fits ([`winograd_trainable`]).
     fn convolve(
         &self,
         xs: &Tensor,
