@@ -1,5 +1,5 @@
 //! 3x3 convolutions (stride 1, padding 1) by Winograd's minimal filtering F(2x2, 3x3)
-//! (Lavin & Gray 2016), for inference on the CPU.
+//! (Lavin & Gray 2016), on the CPU.
 //!
 //! A direct 3x3 convolution spends 36 multiplications on a 2x2 patch of outputs per pair
 //! of channels; F(2x2, 3x3) spends 16: the 4x4 input patch and the filter are each
@@ -8,8 +8,11 @@
 //! oneDNN 3.x has no float32 Winograd on x86, and its direct kernels already run these
 //! layers near the FMA peak, so fewer multiplications is what is left to win. The
 //! transforms use only 0, ±1 and ±1/2, so the sums differ from a direct convolution's by
-//! rounding alone. Inference only (no autograd), float32, channels in whole lanes of 16;
-//! [`Conv2d`](super::Conv2d) keeps libtorch's path for everything else.
+//! rounding alone. Sampling runs its forward passes here (ReLU fused); training runs the
+//! forward pass and the input's gradient here, inside an autograd node that winograd.cpp
+//! makes, and leaves the weight's gradient to oneDNN. Float32, channels-last, channels in
+//! whole lanes of 16; [`Conv2d`](super::Conv2d) keeps libtorch's path for everything
+//! else.
 #[cfg(target_arch = "x86_64")]
 use super::simd::x86;
 pub use super::simd::LANES;
