@@ -303,15 +303,8 @@ unsafe fn dot<V: Vector, const NB: usize>(x: &[Lane; NB], w: &[Lane]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::simd::units;
+    use super::super::simd::{units, values};
     use super::*;
-
-    /// Small, varied values, the same on every run.
-    fn values(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 7919 + seed * 104_729) % 211) as f32 / 211.0 - 0.45)
-            .collect()
-    }
 
     /// Fcomb after its first layer, one float at a time.
     fn reference(

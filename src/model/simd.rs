@@ -224,3 +224,11 @@ pub fn units() -> Vec<Isa> {
     }
     units
 }
+
+/// Small, varied values, the same on every run: kernels' test inputs.
+#[cfg(test)]
+pub fn values(len: usize, seed: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919 + seed * 104_729) % 211) as f32 / 211.0 - 0.45)
+        .collect()
+}

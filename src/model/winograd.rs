@@ -637,15 +637,8 @@ unsafe fn output_transform<V: Vector>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::simd::units;
+    use super::super::simd::{units, values};
     use super::*;
-
-    /// Small, varied values, the same on every run.
-    fn values(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 7919 + seed * 104_729) % 211) as f32 / 211.0 - 0.45)
-            .collect()
-    }
 
     /// The direct convolution, one float at a time: `input` `[n, h, w, inputs]`,
     /// `weight` `[outputs, inputs, 3, 3]`.
