@@ -238,7 +238,7 @@ fn winograd_input(x: &Tensor, (n, h, w): (i64, i64, i64)) -> bool {
 extern "C" {
     fn probunet_winograd_autograd(
         kernel: winograd::AutogradKernel,
-        nchw_weight_gradient: i32,
+        weight_kernel: winograd::WeightGradientKernel,
         input: *const torch_sys::C_tensor,
         weight: *const torch_sys::C_tensor,
         bias: *const torch_sys::C_tensor,
@@ -259,9 +259,8 @@ fn winograd_error() -> String {
 }
 
 /// `conv(xs, weight) + bias` as one autograd node (winograd.cpp) whose forward pass and
-/// input gradient run [`winograd`], and whose weight and bias gradients stay with
-/// libtorch (from NCHW copies on AVX2, where oneDNN's channels-last weight gradient is
-/// slow); `None` where it does not fit: a 3x3 float32 filter bank on the CPU in whole
+/// input and weight gradients run [`winograd`], and whose bias gradient is libtorch's
+/// sum; `None` where it does not fit: a 3x3 float32 filter bank on the CPU in whole
 /// lanes of channels, a channels-last input, a vector unit.
 fn winograd_trainable(
     xs: &Tensor,
@@ -272,9 +271,9 @@ fn winograd_trainable(
     let (Some(&outputs), Ok((n, c, h, w))) = (size.first(), xs.size4()) else {
         return Ok(None);
     };
-    let Some(isa) = Isa::available() else {
+    if Isa::available().is_none() {
         return Ok(None);
-    };
+    }
     let fits = weight.kind() == Kind::Float
         && weight.device() == Device::Cpu
         && size[1..] == [c, 3, 3]
@@ -289,7 +288,7 @@ fn winograd_trainable(
     let rc = unsafe {
         probunet_winograd_autograd(
             winograd::autograd_kernel,
-            i32::from(!isa.is_avx512()),
+            winograd::weight_gradient_kernel,
             xs.as_ptr(),
             weight.as_ptr(),
             bias.map_or(std::ptr::null(), Tensor::as_ptr),

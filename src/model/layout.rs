@@ -9,8 +9,7 @@
 //!   were a quarter of an NCHW step.
 //! - AVX2: oneDNN's channels-last weight-gradient kernel runs at 34-77 GFLOP/s against
 //!   74-95 for the blocked one, so before the Winograd kernel NCHW trained 1.27x faster.
-//!   Now the forward pass and the input gradient are Winograd's, and only the weight
-//!   gradient takes NCHW copies.
+//!   Now all three of a convolution's passes in training are Winograd's.
 //! - Sampling (forward only, with fcomb's 1x1 convolutions over every sample) was faster
 //!   channels-last on both.
 //! - Without either (no Winograd kernel), training stays NCHW.

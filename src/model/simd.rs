@@ -65,10 +65,6 @@ pub(super) enum Unit {
 }
 
 impl Isa {
-    pub fn is_avx512(self) -> bool {
-        self.0 == Unit::Avx512
-    }
-
     /// `None` where the CPU has neither (fcomb then stays with libtorch).
     pub fn available() -> Option<Isa> {
         static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();

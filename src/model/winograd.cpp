@@ -1,10 +1,9 @@
 // Winograd 3x3 convolutions inside autograd, for training on the CPU.
 //
-// The forward pass and the input's gradient (a convolution of the output's gradient with
-// the filters transposed and turned half a circle) run probunet's Winograd kernel
-// (src/model/winograd.rs); the weight's and the bias's gradients stay with libtorch's
-// convolution_backward (oneDNN). Only libtorch can add a node to its autograd graph, so
-// the node is made here.
+// The forward pass, the input's gradient (a convolution of the output's gradient with the
+// filters transposed and turned half a circle) and the weight's gradient run probunet's
+// Winograd kernels (src/model/winograd/); the bias's gradient is a sum over libtorch.
+// Only libtorch can add a node to its autograd graph, so the node is made here.
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -22,6 +21,12 @@
 typedef int (*Kernel)(const float *input, int64_t n, int64_t h, int64_t w, int64_t inputs,
                       const float *weight, const float *bias, int64_t outputs, int transposed,
                       float *out);
+
+// The weight's gradient (src/model/winograd/weight.rs): out [outputs, inputs, 3, 3] from
+// channels-last float32 `input` [n, h, w, inputs] and `grad` [n, h, w, outputs]. 0 on
+// success.
+typedef int (*WeightKernel)(const float *input, const float *grad, int64_t n, int64_t h,
+                            int64_t w, int64_t inputs, int64_t outputs, float *out);
 
 namespace {
 
@@ -59,19 +64,19 @@ torch::autograd::tensor_list gradients(torch::autograd::AutogradContext *ctx,
   if (ctx->needs_input_grad(0)) {
     grad_input = winograd(kernel, grad, weight, at::Tensor(), true);
   }
-  const bool wants_weight = ctx->needs_input_grad(1);
-  const bool wants_bias = bias && ctx->needs_input_grad(2);
-  if (wants_weight || wants_bias) {
-    const std::vector<int64_t> bias_sizes{weight.size(0)};
-    // oneDNN's channels-last weight gradient is slow on AVX2 (docs/performance.md), so
-    // there it takes NCHW copies.
-    const bool nchw = ctx->saved_data["nchw_weight_gradient"].toBool();
-    auto grads = at::convolution_backward(
-        nchw ? grad.contiguous() : grad, nchw ? input.contiguous() : input, weight,
-        bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), {1, 1},
-        {1, 1}, {1, 1}, false, {0, 0}, 1, {false, wants_weight, wants_bias});
-    grad_weight = std::get<1>(grads);
-    grad_bias = std::get<2>(grads);
+  if (ctx->needs_input_grad(1)) {
+    const auto weight_kernel =
+        reinterpret_cast<WeightKernel>(ctx->saved_data["weight_kernel"].toInt());
+    auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    grad_weight = at::empty(weight.sizes(), weight.options());
+    const int rc = weight_kernel(x.const_data_ptr<float>(), grad.const_data_ptr<float>(),
+                                 x.size(0), x.size(2), x.size(3), x.size(1), grad.size(1),
+                                 grad_weight.mutable_data_ptr<float>());
+    TORCH_CHECK(rc == 0, "probunet's Winograd weight gradient refused a ", x.sizes(),
+                " input");
+  }
+  if (bias && ctx->needs_input_grad(2)) {
+    grad_bias = grad.sum({0, 2, 3});
   }
   return {grad_input, grad_weight, grad_bias};
 }
@@ -80,29 +85,29 @@ torch::autograd::tensor_list gradients(torch::autograd::AutogradContext *ctx,
 // (the second half of a split one) is a node of its own kind.
 struct WinogradConv : public torch::autograd::Function<WinogradConv> {
   static at::Tensor forward(torch::autograd::AutogradContext *ctx, int64_t kernel,
-                            bool nchw_weight_gradient, const at::Tensor &input,
+                            int64_t weight_kernel, const at::Tensor &input,
                             const at::Tensor &weight, const at::Tensor &bias) {
     ctx->save_for_backward({input, weight});
     ctx->saved_data["kernel"] = kernel;
-    ctx->saved_data["nchw_weight_gradient"] = nchw_weight_gradient;
+    ctx->saved_data["weight_kernel"] = weight_kernel;
     return winograd(reinterpret_cast<Kernel>(kernel), input, weight, bias, false);
   }
 
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext *ctx,
                                                torch::autograd::tensor_list grads) {
     auto g = gradients(ctx, grads[0], true);
-    // One per argument after ctx: none for the kernel and the flag.
+    // One per argument after ctx: none for the two kernels.
     return {at::Tensor(), at::Tensor(), g[0], g[1], g[2]};
   }
 };
 
 struct WinogradConvNoBias : public torch::autograd::Function<WinogradConvNoBias> {
   static at::Tensor forward(torch::autograd::AutogradContext *ctx, int64_t kernel,
-                            bool nchw_weight_gradient, const at::Tensor &input,
+                            int64_t weight_kernel, const at::Tensor &input,
                             const at::Tensor &weight) {
     ctx->save_for_backward({input, weight});
     ctx->saved_data["kernel"] = kernel;
-    ctx->saved_data["nchw_weight_gradient"] = nchw_weight_gradient;
+    ctx->saved_data["weight_kernel"] = weight_kernel;
     return winograd(reinterpret_cast<Kernel>(kernel), input, weight, at::Tensor(), false);
   }
 
@@ -116,17 +121,16 @@ struct WinogradConvNoBias : public torch::autograd::Function<WinogradConvNoBias>
 } // namespace
 
 // conv3x3(input, weight) + bias (bias may be null) by `kernel`, as an autograd node whose
-// weight gradient takes NCHW copies if `nchw_weight_gradient`; the result is a new tensor
-// in *out. 0 on success.
-extern "C" int probunet_winograd_autograd(Kernel kernel, int nchw_weight_gradient,
+// weight gradient `weight_kernel` computes; the result is a new tensor in *out. 0 on
+// success.
+extern "C" int probunet_winograd_autograd(Kernel kernel, WeightKernel weight_kernel,
                                           const at::Tensor *input, const at::Tensor *weight,
                                           const at::Tensor *bias, at::Tensor **out) {
   try {
     const auto k = reinterpret_cast<int64_t>(kernel);
-    const bool nchw = nchw_weight_gradient != 0;
-    *out = new at::Tensor(bias != nullptr
-                              ? WinogradConv::apply(k, nchw, *input, *weight, *bias)
-                              : WinogradConvNoBias::apply(k, nchw, *input, *weight));
+    const auto wk = reinterpret_cast<int64_t>(weight_kernel);
+    *out = new at::Tensor(bias != nullptr ? WinogradConv::apply(k, wk, *input, *weight, *bias)
+                                          : WinogradConvNoBias::apply(k, wk, *input, *weight));
     return 0;
   } catch (const std::exception &e) {
     last_error() = e.what();

@@ -9,15 +9,17 @@
 //! layers near the FMA peak, so fewer multiplications is what is left to win. The
 //! transforms use only 0, ±1 and ±1/2, so the sums differ from a direct convolution's by
 //! rounding alone. Sampling runs its forward passes here (ReLU fused); training runs the
-//! forward pass and the input's gradient here, inside an autograd node that winograd.cpp
-//! makes, and leaves the weight's gradient to oneDNN. Float32, channels-last, channels in
-//! whole lanes of 16; [`Conv2d`](super::Conv2d) keeps libtorch's path for everything
-//! else.
+//! forward pass, the input's gradient and ([`weight`]) the weight's gradient here, inside
+//! an autograd node that winograd.cpp makes. Float32, channels-last, channels in whole
+//! lanes of 16; [`Conv2d`](super::Conv2d) keeps libtorch's path for everything else.
 #[cfg(target_arch = "x86_64")]
 use super::simd::x86;
 pub use super::simd::LANES;
 use super::simd::{parallel_for, Isa, Lane, SharedOut, Unit, Vector};
 use std::cell::RefCell;
+pub use weight::{weight_gradient_kernel, WeightGradientKernel};
+
+mod weight;
 
 /// Points of a transformed 4x4 tile.
 const POINTS: usize = 16;
@@ -269,6 +271,17 @@ pub struct Source<'a> {
     pub channels: usize,
 }
 
+impl<'a> Source<'a> {
+    /// Image `image` of these images of `pixels` pixels each.
+    fn image(self, image: usize, pixels: usize) -> Source<'a> {
+        let len = pixels * self.channels;
+        Source {
+            pixels: &self.pixels[image * len..(image + 1) * len],
+            channels: self.channels,
+        }
+    }
+}
+
 /// `out = conv3x3(input) + bias`, then ReLU if `relu`, with stride 1 and padding 1, on
 /// channels-last images: `input` is the concatenation of `sources` along channels (never
 /// built), `out` is `[n, h, w, outputs]`. Runs on libtorch's intra-op threads.
@@ -292,20 +305,14 @@ pub fn conv3x3(
     }
     let base = SharedOut(out.as_mut_ptr());
     parallel_for(n * grid.blocks, &|begin, end| {
-        with_scratch(filter, |scratch| {
+        with_scratch(filter.inputs, filter.output_lanes, |scratch| {
             let mut images = Vec::with_capacity(sources.len());
             for job in begin..end {
                 let (image, block) = (job / grid.blocks, job % grid.blocks);
                 let first = block * BLOCK;
                 let count = BLOCK.min(grid.tiles - first);
                 images.clear();
-                images.extend(sources.iter().map(|source| {
-                    let len = h * w * source.channels;
-                    Source {
-                        pixels: &source.pixels[image * len..(image + 1) * len],
-                        channels: source.channels,
-                    }
-                }));
+                images.extend(sources.iter().map(|source| source.image(image, h * w)));
                 let image_out = base.at(image * h * w * filter.outputs());
                 let tiles = (first, count);
                 // SAFETY: `out` holds n images of h * w * outputs floats; this block
@@ -329,11 +336,12 @@ thread_local! {
     };
 }
 
-/// Runs `body` with this thread's scratch, grown to fit `filter`.
-fn with_scratch(filter: &Filter, body: impl FnOnce(&mut Scratch)) {
+/// Runs `body` with this thread's scratch, grown to fit a block of `inputs` channels
+/// and `output_lanes` lanes.
+fn with_scratch(inputs: usize, output_lanes: usize, body: impl FnOnce(&mut Scratch)) {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut scratch) => {
-            scratch.fit(filter);
+            scratch.fit(inputs, output_lanes);
             body(&mut scratch)
         }
         // Only a call from inside `body` could find it taken; it gets one of its own.
@@ -342,7 +350,7 @@ fn with_scratch(filter: &Filter, body: impl FnOnce(&mut Scratch)) {
                 v: Vec::new(),
                 m: Vec::new(),
             };
-            scratch.fit(filter);
+            scratch.fit(inputs, output_lanes);
             body(&mut scratch)
         }
     })
@@ -356,11 +364,11 @@ struct Scratch {
 }
 
 impl Scratch {
-    /// Grows the buffers to hold `filter`'s block (never shrinks them: the lanes past a
-    /// block's are not read).
-    fn fit(&mut self, filter: &Filter) {
-        let v = POINTS * BLOCK * filter.inputs / LANES;
-        let m = POINTS * BLOCK * filter.output_lanes;
+    /// Grows the buffers to hold a block of `inputs` channels and `output_lanes` lanes
+    /// (never shrinks them: the lanes past a block's are not read).
+    fn fit(&mut self, inputs: usize, output_lanes: usize) {
+        let v = POINTS * BLOCK * inputs / LANES;
+        let m = POINTS * BLOCK * output_lanes;
         if self.v.len() < v {
             self.v.resize(v, [0.0; LANES]);
         }
@@ -405,7 +413,7 @@ unsafe fn block_avx512(
     scratch: &mut Scratch,
     out: *mut f32,
 ) {
-    input_transform::<x86::Zmm>(filter, grid, images, tiles, &mut scratch.v);
+    input_transform::<x86::Zmm>(filter.inputs, grid, images, tiles, &mut scratch.v);
     // 24 of the 32 registers accumulate: 6 tiles x 4 lanes, 12 x 2 or 24 x 1.
     match filter.output_lanes {
         l if l % 4 == 0 => products::<x86::Zmm, 4, 6>(filter, scratch),
@@ -426,7 +434,7 @@ unsafe fn block_avx2(
     scratch: &mut Scratch,
     out: *mut f32,
 ) {
-    input_transform::<x86::Ymm2>(filter, grid, images, tiles, &mut scratch.v);
+    input_transform::<x86::Ymm2>(filter.inputs, grid, images, tiles, &mut scratch.v);
     // 12 of the 16 registers accumulate: 6 tiles x one lane of two registers.
     products::<x86::Ymm2, 1, 6>(filter, scratch);
     output_transform::<x86::Ymm2>(filter, grid, tiles, relu, &scratch.m, out);
@@ -453,13 +461,12 @@ unsafe fn inverse_1d<V: Vector>(a: [V; 4]) -> [V; 2] {
 /// lane of input channels, source after source, into `v` `[point][tile][inputs]`.
 #[inline(always)]
 unsafe fn input_transform<V: Vector>(
-    filter: &Filter,
+    inputs: usize,
     grid: &Grid,
     images: &[Source],
     (first, count): (usize, usize),
     v: &mut [Lane],
 ) {
-    let inputs = filter.inputs;
     let zero = [0.0f32; LANES];
     for t in 0..count {
         let (y, x) = grid.origin(first + t);
