@@ -14,6 +14,7 @@ use super::{
     input_transform, parallel_for, whole_lanes, with_scratch, Grid, Isa, Lane, Scratch, Source,
     Unfit, Unit, Vector, BLOCK, LANES, POINTS,
 };
+use std::cell::RefCell;
 
 /// Most floats the parts' sums may hold together (64 MiB): more threads than that
 /// allows share parts.
@@ -30,7 +31,8 @@ pub fn weight_gradient(
     (n, h, w): (usize, usize, usize),
     out: &mut [f32],
 ) -> Result<(), Unfit> {
-    let (input_lanes, output_lanes) = (whole_lanes(input.channels)?, whole_lanes(grad.channels)?);
+    let input_lanes = whole_lanes(input.channels)?;
+    whole_lanes(grad.channels)?;
     super::check_len(input.pixels.len(), n * h * w * input.channels)?;
     super::check_len(grad.pixels.len(), n * h * w * grad.channels)?;
     super::check_len(out.len(), grad.channels * input.channels * 9)?;
@@ -41,7 +43,6 @@ pub fn weight_gradient(
         .min(tch::get_num_threads().max(1) as usize)
         .min((MAX_SUM_FLOATS / sum_floats).max(1))
         .max(1);
-    let mut sums = vec![[0.0f32; LANES]; parts * POINTS * grad.channels * input_lanes];
     let shape = Shape {
         grid,
         input,
@@ -51,9 +52,30 @@ pub fn weight_gradient(
         jobs,
         parts,
     };
+    let len = parts * POINTS * grad.channels * input_lanes;
+    SUMS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut sums) => {
+            if sums.len() < len {
+                sums.resize(len, [0.0; LANES]);
+            }
+            sum_parts(isa, shape, &mut sums[..len], out)
+        }
+        Err(_) => sum_parts(isa, shape, &mut vec![[0.0; LANES]; len], out),
+    })
+}
+
+thread_local! {
+    /// The calling thread's buffer for the parts' sums, kept from call to call: zeroing
+    /// a fresh one for every convolution cost more than the sums themselves.
+    static SUMS: RefCell<Vec<Lane>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Each part's sums on libtorch's threads, then their total transformed into `out`.
+fn sum_parts(isa: Isa, shape: Shape, sums: &mut [Lane], out: &mut [f32]) -> Result<(), Unfit> {
+    let (input, grad) = (shape.input, shape.grad);
     let base = super::SharedLanes(sums.as_mut_ptr());
-    parallel_for(parts, &|begin, end| {
-        with_scratch(input.channels, output_lanes, |scratch| {
+    parallel_for(shape.parts, &|begin, end| {
+        with_scratch(input.channels, grad.channels / LANES, |scratch| {
             for part in begin..end {
                 let len = sums_len(&shape);
                 // SAFETY: `sums` holds `parts` runs of `len` lanes, and only this part
@@ -65,7 +87,7 @@ pub fn weight_gradient(
         })
     })
     .map_err(|()| Unfit::Threads)?;
-    finish(&sums, parts, grad.channels, input.channels, out)
+    finish(sums, shape.parts, grad.channels, input.channels, out)
 }
 
 /// What winograd.cpp calls for a training step's weight gradient: [`weight_gradient`] of
@@ -194,7 +216,7 @@ unsafe fn part_with<V: Vector, const NB: usize, const R: usize>(
         let tiles = (first, count);
         input_transform::<V>(input.channels, grid, &[input], tiles, &mut scratch.v);
         grad_transform::<V>(grid, grad, tiles, &mut scratch.m);
-        products::<V, NB, R>(shape, count, scratch, sums);
+        products::<V, NB, R>(shape, count, job == begin, scratch, sums);
     }
 }
 
@@ -244,12 +266,13 @@ unsafe fn grad_transform<V: Vector>(
 }
 
 /// `sums[point] += mᵀ[point] . v[point]` over the block's `count` tiles, for every
-/// point: `R` outputs by `NB` lanes of inputs at a time, the sums in registers while
-/// the tiles stream past.
+/// point (`=` for a part's first block, so the sums need no zeroing): `R` outputs by
+/// `NB` lanes of inputs at a time, the sums in registers while the tiles stream past.
 #[inline(always)]
 unsafe fn products<V: Vector, const NB: usize, const R: usize>(
     shape: &Shape,
     count: usize,
+    first: bool,
     scratch: &Scratch,
     sums: &mut [Lane],
 ) {
@@ -265,7 +288,7 @@ unsafe fn products<V: Vector, const NB: usize, const R: usize>(
                     input_lanes,
                     &m[o..],
                     outputs,
-                    count,
+                    (count, first),
                     &mut sums[o * input_lanes + lane..],
                     lane,
                 );
@@ -274,16 +297,16 @@ unsafe fn products<V: Vector, const NB: usize, const R: usize>(
     }
 }
 
-/// `R` rows (outputs) by `NB` lanes (inputs from `lane`) of the sums, plus the products
-/// over `count` tiles of `m`'s `R` outputs (rows of `outputs` floats) with `v`'s lanes
-/// (rows of `input_lanes`).
+/// `R` rows (outputs) by `NB` lanes (inputs from `lane`) of the sums, plus (or, if
+/// `first`, set to) the products over `count` tiles of `m`'s `R` outputs (rows of
+/// `outputs` floats) with `v`'s lanes (rows of `input_lanes`).
 #[inline(always)]
 unsafe fn tile_sum<V: Vector, const NB: usize, const R: usize>(
     v: &[Lane],
     input_lanes: usize,
     m: &[f32],
     outputs: usize,
-    count: usize,
+    (count, first): (usize, bool),
     sums: &mut [Lane],
     lane: usize,
 ) {
@@ -297,9 +320,11 @@ unsafe fn tile_sum<V: Vector, const NB: usize, const R: usize>(
         return;
     }
     let mut acc = [[V::splat(0.0); NB]; R];
-    for (r, row) in acc.iter_mut().enumerate() {
-        for (j, a) in row.iter_mut().enumerate() {
-            *a = V::load(&sums[r * input_lanes + j]);
+    if !first {
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (j, a) in row.iter_mut().enumerate() {
+                *a = V::load(&sums[r * input_lanes + j]);
+            }
         }
     }
     for k in 0..count {
@@ -323,14 +348,21 @@ unsafe fn tile_sum<V: Vector, const NB: usize, const R: usize>(
     }
 }
 
-/// `(a0 + ½(a1 + a2), ½(a1 - a2), ½(a1 + a2) + a3)`: one dimension of `Gᵀ s G`.
-fn shrink_1d(a: [f32; 4]) -> [f32; 3] {
-    let (plus, minus) = (0.5 * (a[1] + a[2]), 0.5 * (a[1] - a[2]));
-    [a[0] + plus, minus, plus + a[3]]
+/// `(a0 + ½(a1 + a2), ½(a1 - a2), ½(a1 + a2) + a3)` lane by lane: one dimension of
+/// `Gᵀ s G`.
+fn shrink_1d(a: [&Lane; 4]) -> [Lane; 3] {
+    let mut out = [[0.0; LANES]; 3];
+    for k in 0..LANES {
+        let (plus, minus) = (0.5 * (a[1][k] + a[2][k]), 0.5 * (a[1][k] - a[2][k]));
+        out[0][k] = a[0][k] + plus;
+        out[1][k] = minus;
+        out[2][k] = plus + a[3][k];
+    }
+    out
 }
 
-/// `out[o, i] = Gᵀ (Σ_parts sums[o, i]) G` for every channel pair, output by output on
-/// libtorch's threads.
+/// `out[o, i] = Gᵀ (Σ_parts sums[o, i]) G` for every channel pair, a lane of inputs at
+/// a time, output by output on libtorch's threads.
 fn finish(
     sums: &[Lane],
     parts: usize,
@@ -347,21 +379,27 @@ fn finish(
             // inputs * 9 is written by this job alone.
             let out =
                 unsafe { std::slice::from_raw_parts_mut(base.at(o * inputs * 9), inputs * 9) };
-            for i in 0..inputs {
-                let (lane, k) = (i / LANES, i % LANES);
-                let mut s = [[0.0f32; 4]; 4];
-                for (point, value) in s.as_flattened_mut().iter_mut().enumerate() {
-                    let at = (point * outputs + o) * input_lanes + lane;
-                    *value = (0..parts).map(|p| sums[p * part_len + at][k]).sum();
+            for lane in 0..input_lanes {
+                let mut s = [[0.0f32; LANES]; POINTS];
+                for part in sums.chunks_exact(part_len).take(parts) {
+                    for (point, sum) in s.iter_mut().enumerate() {
+                        let lanes = &part[(point * outputs + o) * input_lanes + lane];
+                        for (a, b) in sum.iter_mut().zip(lanes) {
+                            *a += b;
+                        }
+                    }
                 }
-                let mut rows = [[0.0f32; 3]; 4];
-                for (row, s) in rows.iter_mut().zip(s) {
-                    *row = shrink_1d(s);
+                let mut rows = [[[0.0; LANES]; 3]; 4];
+                for (row, s) in rows.iter_mut().zip(s.chunks_exact(4)) {
+                    *row = shrink_1d([&s[0], &s[1], &s[2], &s[3]]);
                 }
                 for kx in 0..3 {
-                    let column = shrink_1d([rows[0][kx], rows[1][kx], rows[2][kx], rows[3][kx]]);
-                    for (ky, value) in column.into_iter().enumerate() {
-                        out[i * 9 + ky * 3 + kx] = value;
+                    let column =
+                        shrink_1d([&rows[0][kx], &rows[1][kx], &rows[2][kx], &rows[3][kx]]);
+                    for (ky, values) in column.iter().enumerate() {
+                        for (k, value) in values.iter().enumerate() {
+                            out[(lane * LANES + k) * 9 + ky * 3 + kx] = *value;
+                        }
                     }
                 }
             }
