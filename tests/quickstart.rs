@@ -3,7 +3,8 @@
 //! reference. (Shortened to 300 steps, a shorter cosine schedule, it ended at 0.33 or at
 //! 0.58 depending on float rounding alone, too near any bound to pin; the full run ended at
 //! 0.318 and 0.487 for the same two builds, 2-core Zen 5, 2026-12-02; with the Winograd
-//! convolutions 0.297, 2-core Zen 4, 2026-12-03.)
+//! convolutions 0.297, and with their weight gradients too 0.372, 2-core Zen 4,
+//! 2026-12-03.)
 mod common;
 
 fn val_ged(stdout: &str) -> f64 {
