@@ -569,30 +569,53 @@ unsafe fn tile_product<V: Vector, const NB: usize, const R: usize>(
     lanes: usize,
     m: &mut [Lane],
 ) {
-    // The bounds, checked once: the loop below indexes without checks.
-    if v.len() < R * c || u.len() < (c.max(1) - 1) * lanes + NB || m.len() < (R - 1) * lanes + NB {
-        return;
-    }
     let mut acc = [[V::splat(0.0); NB]; R];
-    for k in 0..c {
-        let mut w = [V::splat(0.0); NB];
-        for (j, wj) in w.iter_mut().enumerate() {
-            // SAFETY: k * lanes + j < (c - 1) * lanes + NB <= u.len(), checked above.
-            *wj = V::load(u.get_unchecked(k * lanes + j));
-        }
-        for (r, row) in acc.iter_mut().enumerate() {
-            // SAFETY: r * c + k < R * c <= v.len(), checked above.
-            let x = V::splat(*v.get_unchecked(r * c + k));
-            for (a, wj) in row.iter_mut().zip(&w) {
-                *a = wj.mul_add(x, *a);
-            }
-        }
+    if m.len() < (R - 1) * lanes + NB || !rank_one_updates(&mut acc, v, (c, 1), u, lanes, c) {
+        return;
     }
     for (r, row) in acc.iter().enumerate() {
         for (j, a) in row.iter().enumerate() {
             a.store(&mut m[r * lanes + j]);
         }
     }
+}
+
+/// `acc[r][j] += Σ_k a[r * row_step + k * k_step] · b[k * b_step + j]` over `count`
+/// values of `k`: `R` broadcast floats by `NB` loaded lanes a step, what both products
+/// (the forward pass's and the weight gradient's) are made of. False, with nothing
+/// done, where `a` or `b` is too short for that.
+#[inline(always)]
+unsafe fn rank_one_updates<V: Vector, const NB: usize, const R: usize>(
+    acc: &mut [[V; NB]; R],
+    a: &[f32],
+    (row_step, k_step): (usize, usize),
+    b: &[Lane],
+    b_step: usize,
+    count: usize,
+) -> bool {
+    let Some(last) = count.checked_sub(1) else {
+        return true;
+    };
+    // The bounds, checked once: the loop below indexes without checks.
+    if a.len() <= (R - 1) * row_step + last * k_step || b.len() < last * b_step + NB {
+        return false;
+    }
+    for k in 0..count {
+        let mut x = [V::splat(0.0); NB];
+        for (j, xj) in x.iter_mut().enumerate() {
+            // SAFETY: k * b_step + j < last * b_step + NB <= b.len(), checked above.
+            *xj = V::load(b.get_unchecked(k * b_step + j));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            // SAFETY: r * row_step + k * k_step <= (R - 1) * row_step + last * k_step
+            // < a.len(), checked above.
+            let y = V::splat(*a.get_unchecked(r * row_step + k * k_step));
+            for (sum, xj) in row.iter_mut().zip(&x) {
+                *sum = xj.mul_add(y, *sum);
+            }
+        }
+    }
+    true
 }
 
 /// `Y = Aᵀ m A + bias` (then ReLU) for each tile, written to the image's pixels that

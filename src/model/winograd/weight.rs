@@ -11,8 +11,8 @@
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{
-    input_transform, parallel_for, whole_lanes, with_scratch, Grid, Isa, Lane, Scratch, Source,
-    Unfit, Unit, Vector, BLOCK, LANES, POINTS,
+    input_transform, parallel_for, rank_one_updates, whole_lanes, with_scratch, Grid, Isa, Lane,
+    Scratch, Source, Unfit, Unit, Vector, BLOCK, LANES, POINTS,
 };
 use std::cell::RefCell;
 
@@ -310,13 +310,7 @@ unsafe fn tile_sum<V: Vector, const NB: usize, const R: usize>(
     sums: &mut [Lane],
     lane: usize,
 ) {
-    // The bounds, checked once: the loop below indexes without checks.
-    let rows = count.max(1) - 1;
-    if count == 0
-        || v.len() < rows * input_lanes + lane + NB
-        || m.len() < rows * outputs + R
-        || sums.len() < (R - 1) * input_lanes + NB
-    {
+    if sums.len() < (R - 1) * input_lanes + NB {
         return;
     }
     let mut acc = [[V::splat(0.0); NB]; R];
@@ -327,19 +321,9 @@ unsafe fn tile_sum<V: Vector, const NB: usize, const R: usize>(
             }
         }
     }
-    for k in 0..count {
-        let mut x = [V::splat(0.0); NB];
-        for (j, xj) in x.iter_mut().enumerate() {
-            // SAFETY: k * input_lanes + lane + j < v.len(), checked above.
-            *xj = V::load(v.get_unchecked(k * input_lanes + lane + j));
-        }
-        for (r, row) in acc.iter_mut().enumerate() {
-            // SAFETY: k * outputs + r < m.len(), checked above.
-            let e = V::splat(*m.get_unchecked(k * outputs + r));
-            for (a, xj) in row.iter_mut().zip(&x) {
-                *a = xj.mul_add(e, *a);
-            }
-        }
+    let v = v.get(lane..).unwrap_or_default();
+    if !rank_one_updates(&mut acc, m, (1, outputs), v, input_lanes, count) {
+        return;
     }
     for (r, row) in acc.iter().enumerate() {
         for (j, a) in row.iter().enumerate() {
