@@ -221,6 +221,17 @@ pub fn units() -> Vec<Isa> {
     units
 }
 
+/// The largest `|out - expected|` over `scale(expected)`, element by element: how far a
+/// kernel's result is from its reference.
+#[cfg(test)]
+pub fn worst_error(out: &[f32], expected: &[f32], scale: impl Fn(f32) -> f32) -> f32 {
+    assert_eq!(out.len(), expected.len());
+    out.iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs() / scale(*b))
+        .fold(0.0, f32::max)
+}
+
 /// Small, varied values, the same on every run: kernels' test inputs.
 #[cfg(test)]
 pub fn values(len: usize, seed: usize) -> Vec<f32> {

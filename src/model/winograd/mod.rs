@@ -217,13 +217,17 @@ pub extern "C" fn autograd_kernel(
     transposed: i32,
     out: *mut f32,
 ) -> i32 {
-    let run = || -> Option<()> {
-        let isa = Isa::available()?;
-        let size = |v: i64| usize::try_from(v).ok();
-        let (n, h, w) = (size(n)?, size(h)?, size(w)?);
-        let (inputs, outputs) = (size(inputs)?, size(outputs)?);
-        let filters = inputs.checked_mul(outputs)?.checked_mul(9)?;
-        let pixels = n.checked_mul(h)?.checked_mul(w)?;
+    status(|| {
+        let Call {
+            isa,
+            n,
+            h,
+            w,
+            inputs,
+            outputs,
+            pixels,
+            filters,
+        } = Call::new([n, h, w, inputs, outputs])?;
         if input.is_null() || weight.is_null() || out.is_null() {
             return None;
         }
@@ -256,7 +260,44 @@ pub extern "C" fn autograd_kernel(
             channels: inputs,
         }];
         conv3x3(isa, &filter, &source, (n, h, w), false, out).ok()
-    };
+    })
+}
+
+/// A call from winograd.cpp, its sizes checked: non-negative, and products that fit.
+struct Call {
+    isa: Isa,
+    n: usize,
+    h: usize,
+    w: usize,
+    inputs: usize,
+    outputs: usize,
+    /// `n * h * w`
+    pixels: usize,
+    /// `inputs * outputs * 9`, a filter bank's floats.
+    filters: usize,
+}
+
+impl Call {
+    /// `None` where a size is negative, a product overflows, or no vector unit serves.
+    fn new(sizes: [i64; 5]) -> Option<Self> {
+        let [n, h, w, inputs, outputs] = sizes.map(|v| usize::try_from(v).ok());
+        let (n, h, w, inputs, outputs) = (n?, h?, w?, inputs?, outputs?);
+        Some(Self {
+            isa: Isa::available()?,
+            n,
+            h,
+            w,
+            inputs,
+            outputs,
+            pixels: n.checked_mul(h)?.checked_mul(w)?,
+            filters: inputs.checked_mul(outputs)?.checked_mul(9)?,
+        })
+    }
+}
+
+/// What winograd.cpp reads of a kernel's run: 0 on success, 1 on a refusal or a panic,
+/// which never unwinds into C++.
+fn status(run: impl FnOnce() -> Option<()> + std::panic::UnwindSafe) -> i32 {
     match std::panic::catch_unwind(run) {
         Ok(Some(())) => 0,
         _ => 1,
@@ -667,7 +708,7 @@ unsafe fn output_transform<V: Vector>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::simd::{units, values};
+    use super::super::simd::{units, values, worst_error};
     use super::*;
 
     /// The direct convolution, one float at a time: `input` `[n, h, w, inputs]`,
@@ -737,11 +778,7 @@ mod tests {
             for isa in units() {
                 let mut out = vec![f32::NAN; expected.len()];
                 conv3x3(isa, &filter, &sources, (n, h, w), relu, &mut out).unwrap();
-                let worst = out
-                    .iter()
-                    .zip(&expected)
-                    .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
-                    .fold(0.0f32, f32::max);
+                let worst = worst_error(&out, &expected, |b| b.abs().max(1.0));
                 assert!(
                     worst < 1e-5,
                     "{isa:?}, {h}x{w}, {inputs}->{outputs}: off by {worst}"

@@ -11,8 +11,8 @@
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{
-    input_transform, parallel_for, rank_one_updates, whole_lanes, with_scratch, Grid, Isa, Lane,
-    Scratch, Source, Unfit, Unit, Vector, BLOCK, LANES, POINTS,
+    input_transform, parallel_for, rank_one_updates, status, whole_lanes, with_scratch, Call, Grid,
+    Isa, Lane, Scratch, Source, Unfit, Unit, Vector, BLOCK, LANES, POINTS,
 };
 use std::cell::RefCell;
 
@@ -108,39 +108,33 @@ pub extern "C" fn weight_gradient_kernel(
     outputs: i64,
     out: *mut f32,
 ) -> i32 {
-    let run = || -> Option<()> {
-        let isa = Isa::available()?;
-        let size = |v: i64| usize::try_from(v).ok();
-        let (n, h, w) = (size(n)?, size(h)?, size(w)?);
-        let (inputs, outputs) = (size(inputs)?, size(outputs)?);
-        let pixels = n.checked_mul(h)?.checked_mul(w)?;
-        let filters = inputs.checked_mul(outputs)?.checked_mul(9)?;
+    status(|| {
+        let call = Call::new([n, h, w, inputs, outputs])?;
         if input.is_null() || grad.is_null() || out.is_null() {
             return None;
         }
+        let (inputs, outputs) = (call.inputs, call.outputs);
         // SAFETY: winograd.cpp passes contiguous tensors of exactly these sizes, which it
         // holds for the call; only `out`, new, is written.
         let (input, grad, out) = unsafe {
             (
-                std::slice::from_raw_parts(input, pixels.checked_mul(inputs)?),
-                std::slice::from_raw_parts(grad, pixels.checked_mul(outputs)?),
-                std::slice::from_raw_parts_mut(out, filters),
+                std::slice::from_raw_parts(input, call.pixels.checked_mul(inputs)?),
+                std::slice::from_raw_parts(grad, call.pixels.checked_mul(outputs)?),
+                std::slice::from_raw_parts_mut(out, call.filters),
             )
         };
-        let input = Source {
-            pixels: input,
-            channels: inputs,
-        };
-        let grad = Source {
-            pixels: grad,
-            channels: outputs,
-        };
-        weight_gradient(isa, input, grad, (n, h, w), out).ok()
-    };
-    match std::panic::catch_unwind(run) {
-        Ok(Some(())) => 0,
-        _ => 1,
-    }
+        let (input, grad) = (
+            Source {
+                pixels: input,
+                channels: inputs,
+            },
+            Source {
+                pixels: grad,
+                channels: outputs,
+            },
+        );
+        weight_gradient(call.isa, input, grad, (call.n, call.h, call.w), out).ok()
+    })
 }
 
 /// What every part of one weight gradient reads.
@@ -394,7 +388,7 @@ fn finish(
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::simd::{units, values};
+    use super::super::super::simd::{units, values, worst_error};
     use super::*;
 
     /// The direct sum, one float at a time: `input` `[n, h, w, inputs]`, `grad`
@@ -451,11 +445,7 @@ mod tests {
                 let mut out = vec![f32::NAN; expected.len()];
                 weight_gradient(isa, input, grad, (n, h, w), &mut out).unwrap();
                 let scale = expected.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-                let worst = out
-                    .iter()
-                    .zip(&expected)
-                    .map(|(a, b)| (a - b).abs() / scale)
-                    .fold(0.0f32, f32::max);
+                let worst = worst_error(&out, &expected, |_| scale);
                 assert!(
                     worst < 1e-5,
                     "{isa:?}, {n}x{h}x{w}, {inputs}->{outputs}: off by {worst}"
