@@ -38,6 +38,11 @@ pub fn weight_gradient(
     super::check_len(out.len(), grad.channels * input.channels * 9)?;
     let grid = Grid::new(h, w);
     let jobs = n * grid.blocks;
+    if jobs == 0 {
+        // No tile: no part would set its sums, so none may be read.
+        out.fill(0.0);
+        return Ok(());
+    }
     let sum_floats = POINTS * grad.channels * input.channels;
     let parts = jobs
         .min(tch::get_num_threads().max(1) as usize)
@@ -429,6 +434,8 @@ mod tests {
             (3, 4, 5, 48, 64),
             (1, 1, 1, 32, 16),
             (2, 20, 18, 32, 32),
+            // No images, after calls that left sums behind: zeros.
+            (0, 4, 4, 16, 16),
         ] {
             let input = values(n * h * w * inputs, 1);
             let grad = values(n * h * w * outputs, 2);
