@@ -184,6 +184,24 @@ impl Grid {
     fn origin(&self, t: usize) -> (usize, usize) {
         (2 * (t / self.tiles_wide), 2 * (t % self.tiles_wide))
     }
+
+    /// Lane `lane` of pixel `(py, px)` of one image's `pixels` (`lanes` lanes each), or
+    /// zeros where the pixel lies outside the image (padding, partial tiles).
+    #[inline(always)]
+    fn lane<'a>(
+        &self,
+        pixels: &'a [Lane],
+        lanes: usize,
+        (py, px): (usize, usize),
+        lane: usize,
+    ) -> &'a Lane {
+        static ZERO: Lane = [0.0; LANES];
+        if py < self.h && px < self.w {
+            &pixels[(py * self.w + px) * lanes + lane]
+        } else {
+            &ZERO
+        }
+    }
 }
 
 /// What winograd.cpp calls for the forward pass and the input's gradient of a training
@@ -508,7 +526,6 @@ unsafe fn input_transform<V: Vector>(
     (first, count): (usize, usize),
     v: &mut [Lane],
 ) {
-    let zero = [0.0f32; LANES];
     for t in 0..count {
         let (y, x) = grid.origin(first + t);
         let mut offset = 0;
@@ -523,13 +540,8 @@ unsafe fn input_transform<V: Vector>(
                 let mut d = [[V::splat(0.0); 4]; 4];
                 for (i, row) in d.iter_mut().enumerate() {
                     for (j, value) in row.iter_mut().enumerate() {
-                        let (py, px) = ((y + i).wrapping_sub(1), (x + j).wrapping_sub(1));
-                        let at = if py < grid.h && px < grid.w {
-                            &pixels[(py * grid.w + px) * c / LANES + lane]
-                        } else {
-                            &zero
-                        };
-                        *value = V::load(at);
+                        let at = ((y + i).wrapping_sub(1), (x + j).wrapping_sub(1));
+                        *value = V::load(grid.lane(pixels, c / LANES, at, lane));
                     }
                 }
                 let lane = (offset + lane * LANES) / LANES;

@@ -31,7 +31,7 @@ pub fn weight_gradient(
     (n, h, w): (usize, usize, usize),
     out: &mut [f32],
 ) -> Result<(), Unfit> {
-    let input_lanes = whole_lanes(input.channels)?;
+    whole_lanes(input.channels)?;
     whole_lanes(grad.channels)?;
     super::check_len(input.pixels.len(), n * h * w * input.channels)?;
     super::check_len(grad.pixels.len(), n * h * w * grad.channels)?;
@@ -43,21 +43,19 @@ pub fn weight_gradient(
         out.fill(0.0);
         return Ok(());
     }
-    let sum_floats = POINTS * grad.channels * input.channels;
+    let part_len = part_lanes(input, grad);
     let parts = jobs
         .min(tch::get_num_threads().max(1) as usize)
-        .min((MAX_SUM_FLOATS / sum_floats).max(1))
+        .min((MAX_SUM_FLOATS / (part_len * LANES)).max(1))
         .max(1);
     let shape = Shape {
         grid,
         input,
         grad,
-        h,
-        w,
         jobs,
         parts,
     };
-    let len = parts * POINTS * grad.channels * input_lanes;
+    let len = parts * part_len;
     SUMS.with(|cell| match cell.try_borrow_mut() {
         Ok(mut sums) => {
             if sums.len() < len {
@@ -82,7 +80,7 @@ fn sum_parts(isa: Isa, shape: Shape, sums: &mut [Lane], out: &mut [f32]) -> Resu
     parallel_for(shape.parts, &|begin, end| {
         with_scratch(input.channels, grad.channels / LANES, |scratch| {
             for part in begin..end {
-                let len = sums_len(&shape);
+                let len = part_lanes(input, grad);
                 // SAFETY: `sums` holds `parts` runs of `len` lanes, and only this part
                 // touches its own.
                 let sums = unsafe { std::slice::from_raw_parts_mut(base.at(part * len), len) };
@@ -92,7 +90,7 @@ fn sum_parts(isa: Isa, shape: Shape, sums: &mut [Lane], out: &mut [f32]) -> Resu
         })
     })
     .map_err(|()| Unfit::Threads)?;
-    finish(sums, shape.parts, grad.channels, input.channels, out)
+    finish(sums, &shape, out)
 }
 
 /// What winograd.cpp calls for a training step's weight gradient: [`weight_gradient`] of
@@ -147,15 +145,13 @@ struct Shape<'a> {
     grid: Grid,
     input: Source<'a>,
     grad: Source<'a>,
-    h: usize,
-    w: usize,
     jobs: usize,
     parts: usize,
 }
 
 /// Lanes of one part's sums `[point][outputs][input lanes]`.
-fn sums_len(shape: &Shape) -> usize {
-    POINTS * shape.grad.channels * shape.input.channels / LANES
+fn part_lanes(input: Source, grad: Source) -> usize {
+    POINTS * grad.channels * input.channels / LANES
 }
 
 /// Adds the products of part `part`'s blocks (a fixed share of the jobs) into `sums`.
@@ -207,7 +203,7 @@ unsafe fn part_with<V: Vector, const NB: usize, const R: usize>(
         let (image, block) = (job / grid.blocks, job % grid.blocks);
         let first = block * BLOCK;
         let count = BLOCK.min(grid.tiles - first);
-        let pixels = shape.h * shape.w;
+        let pixels = grid.h * grid.w;
         let (input, grad) = (
             shape.input.image(image, pixels),
             shape.grad.image(image, pixels),
@@ -236,20 +232,13 @@ unsafe fn grad_transform<V: Vector>(
 ) {
     let lanes = grad.channels / LANES;
     let pixels = grad.pixels.as_chunks::<LANES>().0;
-    let zero = [0.0f32; LANES];
     for t in 0..count {
         let (y, x) = grid.origin(first + t);
         for lane in 0..lanes {
             let mut e = [[V::splat(0.0); 2]; 2];
             for (a, row) in e.iter_mut().enumerate() {
                 for (b, value) in row.iter_mut().enumerate() {
-                    let (py, px) = (y + a, x + b);
-                    let at = if py < grid.h && px < grid.w {
-                        &pixels[(py * grid.w + px) * lanes + lane]
-                    } else {
-                        &zero
-                    };
-                    *value = V::load(at);
+                    *value = V::load(grid.lane(pixels, lanes, (y + a, x + b), lane));
                 }
             }
             let top = expand_1d(e[0][0], e[0][1]);
@@ -346,15 +335,11 @@ fn shrink_1d(a: [&Lane; 4]) -> [Lane; 3] {
 
 /// `out[o, i] = Gᵀ (Σ_parts sums[o, i]) G` for every channel pair, a lane of inputs at
 /// a time, output by output on libtorch's threads.
-fn finish(
-    sums: &[Lane],
-    parts: usize,
-    outputs: usize,
-    inputs: usize,
-    out: &mut [f32],
-) -> Result<(), Unfit> {
+fn finish(sums: &[Lane], shape: &Shape, out: &mut [f32]) -> Result<(), Unfit> {
+    let (inputs, outputs) = (shape.input.channels, shape.grad.channels);
     let input_lanes = inputs / LANES;
-    let part_len = POINTS * outputs * input_lanes;
+    let part_len = part_lanes(shape.input, shape.grad);
+    let parts = shape.parts;
     let base = super::SharedOut(out.as_mut_ptr());
     parallel_for(outputs, &|begin, end| {
         for o in begin..end {
